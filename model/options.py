@@ -31,7 +31,7 @@ class MethodOptions:
     grid: Literal["ntt", "amg"] = "ntt"  # "amg": SAM AMG cell-centre grid instead of the border grid
     antialias: bool = False             # antialias the torch bicubic resizes (reference: no antialias)
     merge_max_side: int = 0             # >0: soft merge at reduced resolution (huge photos), 0 = full res
-    bf16: bool = False                  # CUDA bf16 autocast for the encoders (reference: fp32)
+    bf16: bool = False                  # CUDA bf16 autocast for encoders + decoder (reference: fp32)
 
     def to_dict(self) -> dict:
         return asdict(self)

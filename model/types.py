@@ -86,20 +86,22 @@ class Proposals:
         return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Proposals":
+    def from_bytes(cls, data: bytes, device: torch.device | str | None = None) -> "Proposals":
+        """Decode to_bytes output, directly onto `device` (the sign-boundary pass runs there)."""
+        device = torch.device(device or "cpu")
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             header = json.loads(z["header"].tobytes().decode())
             if header.get("format") != _FORMAT:
                 raise ValueError(f"unsupported proposals format {header.get('format')}")
             shape = tuple(header["shape"])
-            signs = torch.from_numpy(np.unpackbits(z["signs"], axis=-1, count=shape[-1]).astype(bool))
-            signs = signs.reshape(shape)
-            logits = torch.where(signs, torch.tensor(1.0), torch.tensor(-1.0))
+            signs = torch.from_numpy(np.unpackbits(z["signs"], axis=-1, count=shape[-1]).view(bool))
+            signs = signs.reshape(shape).to(device)
+            logits = signs.float() * 2 - 1
             if shape[0]:
                 boundary = _sign_boundary(signs, int(header["radius"]))
-                logits[boundary] = torch.from_numpy(z["boundary_values"])
-            return cls(logits=logits.float(), iou=torch.from_numpy(z["iou"]),
-                       descriptors=torch.from_numpy(z["descriptors"]),
+                logits[boundary] = torch.from_numpy(z["boundary_values"]).to(device)
+            return cls(logits=logits, iou=torch.from_numpy(z["iou"]).to(device),
+                       descriptors=torch.from_numpy(z["descriptors"]).to(device),
                        image_size=tuple(header["image_size"]), meta=header.get("meta", {}))
 
 

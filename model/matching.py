@@ -1,0 +1,306 @@
+"""Matching proposals against the memory bank (method doc §6.5-6.9).
+
+Steps, as the reference does them:
+  1. s[i, c] = max(0, f_i · p_c); label = argmax, score = max (§6.5).
+  2. Class-aware box NMS on the low-res masks ranked by SAM's predicted IoU, keep the first
+     pre_merge_factor × K survivors, drop score <= 0 (§6.6).
+  3. Full-resolution masks: bilinear (antialias, align_corners=False) upsampling of the logits, > 0
+     (§6.7) — done only in `upsample_mask_crops`.
+  4. Soft merging in NMS order: IoS(i) = max_{j before i, same label} |M_i ∩ M_j| / |M_i| ·
+     max(0, f_i · f_j); score_i *= (1 - IoS(i)) ** merge_exponent (§6.8).
+  5. Sort by decayed score (stable, ties keep NMS order), top K, then the score threshold (§6.9).
+
+Differences from the reference, all at degenerate inputs: nothing left gives empty Detections
+instead of raising; a candidate whose full-resolution mask is empty is dropped (the reference
+divides by |M_i| = 0 and gets NaN); IoS is clipped to 1 (unit descriptors can have a dot product a
+hair above 1, which would make (1 - IoS) ** 0.5 NaN).
+
+Lazy top-K (opts.lazy_topk, exact): the decay never raises a score, so candidates are evaluated in
+descending undecayed score; once K decayed scores exist and the next undecayed score is below the
+K-th best (or below the threshold), nobody left can enter the output. Evaluating candidate i needs
+the high-resolution masks of i and of the earlier same-label masks j with f_i · f_j > 0 whose
+conservative box (low-res box grown by the bilinear taps' reach) overlaps i's mask, and only until
+the running maximum of IoS reaches the upper bound of the partners not yet seen. Masks are kept as
+crops, intersections are exact integer counts, and decayed scores come from the same function in
+both modes, so lazy and eager (opts.lazy_topk=False, the reference order) outputs are identical;
+the MatchStats counters show the work saved.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sam2.utils.amg import batched_mask_to_box
+from torchvision.ops import batched_nms
+
+from .bank import MemoryBank
+from .options import MethodOptions
+from .types import Detections, Proposals
+
+Crop = tuple[int, int, np.ndarray]  # (x0, y0, bool mask of the tight bounding box); empty: 0×0
+_CHUNK_PIXELS = 1 << 25             # upsampled pixels per interpolate call (memory bound)
+_MIN_ROUND = 8                      # lazy mode: fewest candidates evaluated per upsampling round
+_PARTNER_GROUP = 8                  # partner masks upsampled together while computing one IoS
+
+
+@dataclass
+class MatchStats:
+    """Work done by one match call (the lazy path is judged by `upsampled`)."""
+
+    proposals: int = 0
+    candidates: int = 0   # after NMS, cap and score > 0
+    evaluated: int = 0    # candidates whose decayed score was computed
+    upsampled: int = 0    # masks upsampled (merge resolution plus output resolution if different)
+    pairs: int = 0        # mask intersections counted
+
+
+def upsample_mask_crops(logits: torch.Tensor, size: tuple[int, int], within: np.ndarray | None = None,
+                        max_pixels: int = _CHUNK_PIXELS) -> list[Crop]:
+    """Low-res logits [n, h, w] -> masks at `size` (§6.7), as tight crops on the CPU.
+
+    The only place masks change resolution. Works in chunks of masks so that at most `max_pixels`
+    upsampled values exist at once; each mask's result does not depend on the chunking.
+    `within`: optional [n, 4] inclusive boxes at `size` known to contain the masks (see
+    _reach_boxes); thresholding and cropping then only look there.
+    """
+    H, W = size
+    chunk = max(1, max_pixels // (H * W))
+    crops: list[Crop] = []
+    for start in range(0, logits.shape[0], chunk):
+        x = logits[start:start + chunk, None].float()
+        up = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False, antialias=True)[:, 0]
+        for k in range(up.shape[0]):
+            x0, y0, x1, y1 = (0, 0, W - 1, H - 1) if within is None else within[start + k].tolist()
+            m = (up[k, y0:y1 + 1, x0:x1 + 1] > 0).cpu().numpy()   # numpy's any() is much faster
+            ys, xs = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+            if ys.size == 0:
+                crops.append((0, 0, np.zeros((0, 0), dtype=bool)))
+                continue
+            crop = m[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1].copy()
+            crops.append((x0 + int(xs[0]), y0 + int(ys[0]), crop))
+    return crops
+
+
+def merge_size(image_size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """Resolution of the soft-merge masks: full size, or longer side = max_side (deviation)."""
+    H, W = image_size
+    if max_side <= 0 or max(H, W) <= max_side:
+        return H, W
+    s = max_side / max(H, W)
+    return max(1, round(H * s)), max(1, round(W * s))
+
+
+def match(proposals: Proposals, bank: MemoryBank, opts: MethodOptions,
+          score_threshold: float | None = None, max_detections: int | None = None) -> Detections:
+    """Detections of the bank's classes among the proposals, best first (see module docstring)."""
+    return match_with_stats(proposals, bank, opts, score_threshold, max_detections)[0]
+
+
+def match_with_stats(proposals: Proposals, bank: MemoryBank, opts: MethodOptions,
+                     score_threshold: float | None = None, max_detections: int | None = None,
+                     ) -> tuple[Detections, MatchStats]:
+    """`match` plus a record of the work done (for tests and benchmarks)."""
+    stats = MatchStats(proposals=len(proposals))
+    k = opts.max_detections if max_detections is None else max_detections
+    threshold = opts.score_threshold if score_threshold is None else score_threshold
+    if len(proposals) == 0 or len(bank) == 0 or k <= 0:
+        return Detections.empty(proposals.image_size), stats
+    names, cand = _candidates(proposals, bank, opts, k)
+    stats.candidates = cand.n
+    if cand.n == 0:
+        return Detections.empty(proposals.image_size), stats
+    merger = _Merger(proposals, cand, opts, stats)
+    records = merger.run_lazy(k, threshold) if opts.lazy_topk else merger.run_all()
+    records.sort(key=lambda t: (-t[0], t[1]))
+    chosen = [(d, r) for d, r in records[:k] if d > 0 and (threshold <= 0 or d >= threshold)]
+    out = [merger.output_crop(r) for _, r in chosen]
+    boxes = np.array([[x, y, x + m.shape[1] - 1, y + m.shape[0] - 1] for x, y, m in out],
+                     dtype=np.float32).reshape(-1, 4)
+    return Detections(image_size=tuple(proposals.image_size), boxes=boxes,
+                      scores=np.array([d for d, _ in chosen], dtype=np.float32),
+                      labels=[names[cand.labels[r]] for _, r in chosen], masks=out), stats
+
+
+@dataclass
+class _Candidates:
+    """NMS survivors in NMS order (rank r), everything the merge needs, on the CPU."""
+
+    index: torch.Tensor       # [n] proposal index (on the proposals' device)
+    labels: np.ndarray        # [n] class index
+    scores: np.ndarray        # [n] undecayed score (float32 values)
+    boxes: np.ndarray         # [n, 4] inclusive low-res boxes
+    sims: np.ndarray          # [n, n] f_i · f_j
+
+    @property
+    def n(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def _candidates(proposals: Proposals, bank: MemoryBank, opts: MethodOptions,
+                k: int) -> tuple[list[str], _Candidates]:
+    """Scoring (§6.5) and NMS + cap + score filter (§6.6)."""
+    desc = proposals.descriptors.float()
+    names, protos = bank.prototypes(desc.device)
+    if desc.shape[1] != protos.shape[1]:
+        raise ValueError(f"proposal descriptors have dimension {desc.shape[1]}, "
+                         f"memory bank has {protos.shape[1]}: different DINOv2 models?")
+    sims = (desc @ protos.T).clamp(min=0)                       # NaN stays NaN, dropped below
+    labels = sims.argmax(1)
+    scores = sims.gather(1, labels[:, None])[:, 0]
+    lowres = proposals.logits > 0
+    boxes = batched_mask_to_box(lowres)
+    keep = batched_nms(boxes.float(), proposals.iou.float(), labels, opts.nms_threshold)
+    keep = keep[:opts.pre_merge_factor * k]
+    keep = keep[scores[keep] > 0]
+    kept = desc[keep]
+    return names, _Candidates(
+        index=keep, labels=labels[keep].cpu().numpy(), scores=scores[keep].double().cpu().numpy(),
+        boxes=boxes[keep].long().cpu().numpy(), sims=(kept @ kept.T).double().cpu().numpy())
+
+
+def _reach_boxes(boxes: np.ndarray, low: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """Inclusive boxes at `size` that surely contain the upsampled masks of low-res `boxes`.
+
+    An output pixel reads low-res pixels within support + 1 of its centre, support = max(1, scale)
+    (scale = low-res pixels per output pixel); a margin of ceil(support) + 1 plus one output pixel
+    of rounding on each side is therefore safe.
+    """
+    out = np.empty_like(boxes)
+    for lo_col, hi_col, n_low, n_out in ((0, 2, low[1], size[1]), (1, 3, low[0], size[0])):
+        s = n_low / n_out
+        m = math.ceil(max(1.0, s)) + 1
+        out[:, lo_col] = np.clip(np.floor((boxes[:, lo_col] - m) / s) - 1, 0, n_out - 1)
+        out[:, hi_col] = np.clip(np.ceil((boxes[:, hi_col] + 1 + m) / s) + 1, 0, n_out - 1)
+    return out
+
+
+def _intersection(a: Crop, b: Crop) -> int:
+    """|A ∩ B| of two cropped masks, exact."""
+    (ax, ay, am), (bx, by, bm) = a, b
+    x0, y0 = max(ax, bx), max(ay, by)
+    x1, y1 = min(ax + am.shape[1], bx + bm.shape[1]), min(ay + am.shape[0], by + bm.shape[0])
+    if x1 <= x0 or y1 <= y0:
+        return 0
+    return int(np.count_nonzero(am[y0 - ay:y1 - ay, x0 - ax:x1 - ax] & bm[y0 - by:y1 - by, x0 - bx:x1 - bx]))
+
+
+class _MaskCache:
+    """Cropped masks of candidates at one resolution, computed on demand in batches."""
+
+    def __init__(self, logits: torch.Tensor, index: torch.Tensor, size: tuple[int, int],
+                 reach: np.ndarray, stats: MatchStats) -> None:
+        self.logits, self.index, self.size, self.reach, self.stats = logits, index, size, reach, stats
+        self.crops: dict[int, Crop] = {}
+        self.areas: dict[int, int] = {}
+
+    def ensure(self, ranks: list[int]) -> None:
+        missing = sorted(set(ranks) - self.crops.keys())
+        if not missing:
+            return
+        sel = self.index[torch.as_tensor(missing, device=self.index.device)]
+        for r, crop in zip(missing, upsample_mask_crops(self.logits[sel], self.size, self.reach[missing])):
+            self.crops[r] = crop
+            self.areas[r] = int(np.count_nonzero(crop[2]))
+        self.stats.upsampled += len(missing)
+
+
+class _Merger:
+    """Semantic-aware soft merging (§6.8) over the candidates, eager or lazy."""
+
+    def __init__(self, proposals: Proposals, cand: _Candidates, opts: MethodOptions,
+                 stats: MatchStats) -> None:
+        self.cand, self.exponent, self.stats = cand, opts.merge_exponent, stats
+        size, msize = tuple(proposals.image_size), merge_size(proposals.image_size, opts.merge_max_side)
+        low = tuple(proposals.logits.shape[-2:])
+        reach = _reach_boxes(cand.boxes, low, msize)
+        self.merge = _MaskCache(proposals.logits, cand.index, msize, reach, stats)
+        self.out = self.merge if msize == size else _MaskCache(
+            proposals.logits, cand.index, size, _reach_boxes(cand.boxes, low, size), stats)
+        overlap = ((reach[:, None, 0] <= reach[None, :, 2]) & (reach[None, :, 0] <= reach[:, None, 2])
+                   & (reach[:, None, 1] <= reach[None, :, 3]) & (reach[None, :, 1] <= reach[:, None, 3]))
+        same = cand.labels[:, None] == cand.labels[None, :]
+        earlier = np.tril(np.ones((cand.n, cand.n), dtype=bool), k=-1)
+        # partners[i]: the masks j whose overlap with i can be non-zero in IoS(i)
+        self.partners = [np.flatnonzero(row) for row in (overlap & same & earlier & (cand.sims > 0))]
+
+    def output_crop(self, r: int) -> Crop:
+        self.out.ensure([r])
+        return self.out.crops[r]
+
+    def _decayed(self, r: int) -> float | None:
+        """Decayed score of candidate r (a float32 value), None if its mask is empty.
+
+        Partners are visited by decreasing upper bound of their IoS term (overlap of their reach
+        box with i's mask box, over |M_i|, times the cosine); once the running maximum reaches the
+        next bound the rest cannot change it, and their masks are never computed.
+        """
+        self.merge.ensure([r])
+        self.out.ensure([r])
+        area = self.merge.areas[r]
+        if area == 0 or self.out.areas[r] == 0:
+            return None
+        self.stats.evaluated += 1
+        x, y, m = self.merge.crops[r]
+        js = self.partners[r]
+        reach = self.merge.reach[js]
+        w = np.minimum(reach[:, 2], x + m.shape[1] - 1) - np.maximum(reach[:, 0], x) + 1
+        h = np.minimum(reach[:, 3], y + m.shape[0] - 1) - np.maximum(reach[:, 1], y) + 1
+        bound = np.minimum(w.clip(0) * h.clip(0) / area, 1.0) * self.cand.sims[r, js]
+        order = np.argsort(-bound, kind="stable")
+        js, bound = js[order], bound[order]
+        ios = 0.0
+        for start in range(0, len(js), _PARTNER_GROUP):
+            group = [j for j, b in zip(js[start:start + _PARTNER_GROUP], bound[start:start + _PARTNER_GROUP])
+                     if b > ios]
+            if not group:
+                break                                   # bounds are sorted: nothing left can win
+            self.merge.ensure(group)
+            for j in group:
+                self.stats.pairs += 1
+                inter = _intersection(self.merge.crops[r], self.merge.crops[j])
+                ios = max(ios, inter / area * float(self.cand.sims[r, j]))
+        score = float(self.cand.scores[r]) * (1.0 - min(ios, 1.0)) ** self.exponent
+        return float(np.float32(score))
+
+    def run_all(self) -> list[tuple[float, int]]:
+        """Reference order: every candidate's mask, every decayed score."""
+        ranks = list(range(self.cand.n))
+        self.merge.ensure(ranks)
+        self.out.ensure(ranks)
+        return [(d, r) for r in ranks if (d := self._decayed(r)) is not None]
+
+    def run_lazy(self, k: int, threshold: float) -> list[tuple[float, int]]:
+        """Decayed scores of (a superset of) the candidates that can reach the output."""
+        scores = self.cand.scores
+        order = sorted(range(self.cand.n), key=lambda r: -scores[r])
+        best: list[float] = []        # min-heap of the k best decayed scores
+        records: list[tuple[float, int]] = []
+
+        def may_enter(r: int) -> bool:
+            return ((len(best) < k or scores[r] >= best[0])
+                    and (threshold <= 0 or scores[r] >= threshold))
+
+        pos = 0
+        while pos < len(order) and may_enter(order[pos]):
+            want = max(k - len(best), _MIN_ROUND)
+            batch = []
+            for r in order[pos:]:
+                if len(batch) == want or not may_enter(r):
+                    break
+                batch.append(r)
+            self.merge.ensure(batch)
+            self.out.ensure(batch)
+            for r in batch:
+                if not may_enter(r):
+                    return records
+                pos += 1
+                d = self._decayed(r)
+                if d is None:
+                    continue
+                records.append((d, r))
+                (heapq.heappush if len(best) < k else heapq.heappushpop)(best, d)
+        return records

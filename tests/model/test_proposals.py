@@ -1,0 +1,154 @@
+"""Point grid, SAM2 point decoding, IoU filter, mask-pooled descriptors, whole proposal step."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from model.dino import dino_patch_tokens
+from model.preprocess import to_dino_input, to_sam_input
+from model.proposals import (build_proposals, compute_proposals, decode_points, encode_image,
+                             filter_by_iou, point_grid, pool_descriptors)
+from model.types import Proposals
+
+
+# ------------------------------------------------------------------ point grid
+def test_ntt_grid_hand_values_and_reference_order():
+    expected = [[0.5, 0.5], [0.5, 512.0], [0.5, 1023.5],
+                [512.0, 0.5], [512.0, 512.0], [512.0, 1023.5],
+                [1023.5, 0.5], [1023.5, 512.0], [1023.5, 1023.5]]
+    grid = point_grid(3, 1024)
+    assert grid.dtype == torch.float32
+    assert grid.tolist() == expected
+
+
+def test_ntt_grid_headline_covers_both_axes_with_33px_spacing():
+    grid = point_grid(32, 1024)
+    assert grid.shape == (1024, 2)
+    assert grid[1].tolist() == [0.5, 33.5] and grid[32].tolist() == [33.5, 0.5]
+    axis = [0.5 + 33 * k for k in range(32)]
+    assert sorted(set(grid[:, 0].tolist())) == axis and sorted(set(grid[:, 1].tolist())) == axis
+    assert len({tuple(p) for p in grid.tolist()}) == 1024
+
+
+def test_amg_grid_is_cell_centres():
+    assert point_grid(2, 256, "amg").tolist() == [[64.0, 64.0], [192.0, 64.0], [64.0, 192.0], [192.0, 192.0]]
+    with pytest.raises(ValueError, match="unknown point grid"):
+        point_grid(2, 256, "random")
+
+
+# ------------------------------------------------------------------ IoU filter
+def test_filter_by_iou_is_strict_and_drops_empty_masks():
+    logits = -torch.ones(4, 4, 4)
+    logits[0, 0, 0] = logits[1, 1, 1] = logits[2, 2, 2] = 3.0
+    logits[3, 3, 3] = 0.0  # a zero logit is not foreground: mask 3 is empty
+    iou = torch.tensor([0.3, 0.4, 0.5, 0.9])
+    kept_logits, kept_iou = filter_by_iou(logits, iou, 0.4)
+    assert kept_iou.tolist() == [0.5]
+    assert torch.equal(kept_logits, logits[2:3])
+
+
+# ------------------------------------------------------------------ descriptors
+def _tokens() -> torch.Tensor:
+    # [h=2, w=2, D=3]; bilinear 2 -> 4 (align_corners=False) weights per axis:
+    # rows [1, 0], [.75, .25], [.25, .75], [0, 1]
+    return torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]], [[0, 0, 1.0], [1.0, 1.0, 1.0]]])
+
+
+def test_pool_descriptors_hand_computed_means():
+    logits = -torch.ones(5, 4, 4)
+    logits[0, 0, 0] = 2.0           # pixel (0, 0) = t00
+    logits[0, 3, 3] = 0.0           # not > 0
+    logits[1] = 1.0                 # whole map: mean of the 4 tokens
+    logits[2, 0, :] = 1.0           # top row: (t00 + t01) / 2
+    logits[3, 1, 2] = 1.0           # .75*.25 t00 + .75*.75 t01 + .25*.25 t10 + .25*.75 t11
+    got = pool_descriptors(_tokens(), logits)           # mask 4 is empty
+    s2, s3 = math.sqrt(2), math.sqrt(3)
+    v3 = torch.tensor([0.375, 0.75, 0.25])
+    expected = torch.stack([torch.tensor([1.0, 0, 0]), torch.tensor([1 / s3] * 3),
+                            torch.tensor([1 / s2, 1 / s2, 0]), v3 / v3.norm(), torch.zeros(3)])
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(pool_descriptors(_tokens(), logits, chunk=2), got)
+
+
+def test_build_proposals_from_hand_made_decoder_outputs(small_opts):
+    logits = -torch.ones(3, 4, 4)
+    logits[0] = 1.0
+    logits[1, 0, 0] = 1.0
+    logits[2, 0, :] = 1.0
+    iou = torch.tensor([0.9, 0.2, 0.8])
+    props = build_proposals(logits, iou, _tokens(), (30, 40), replace(small_opts, iou_threshold=0.4))
+    assert isinstance(props, Proposals) and len(props) == 2 and props.image_size == (30, 40)
+    assert torch.equal(props.logits, logits[[0, 2]])
+    torch.testing.assert_close(props.iou, torch.tensor([0.9, 0.8]))
+    torch.testing.assert_close(props.descriptors, pool_descriptors(_tokens(), logits[[0, 2]]))
+    assert {t.dtype for t in (props.logits, props.iou, props.descriptors)} == {torch.float32}
+
+
+# ------------------------------------------------------------------ SAM2 decoding
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarning")
+def test_decode_points_matches_sam2_predictor_best_of_three(sam_t):
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    state = encode_image(sam_t, torch.rand(1, 3, 256, 256))
+    points = point_grid(3, 256)
+    logits, iou = decode_points(sam_t, state, points, batch_size=4)  # 4 + 4 + 1: remainder kept
+    assert logits.shape == (9, 64, 64) and iou.shape == (9,)
+
+    predictor = SAM2ImagePredictor(sam_t)
+    predictor._bb_feat_sizes = [(64, 64), (32, 32), (16, 16)]
+    predictor._features = {"image_embed": state.image_embed, "high_res_feats": state.high_res_feats}
+    predictor._orig_hw = [(256, 256)]
+    predictor._is_image_set = True
+    with torch.inference_mode():
+        _, ref_iou, ref_lowres = predictor._predict(points[:, None, :], torch.ones(9, 1, dtype=torch.int32),
+                                                    multimask_output=True)
+    best = ref_iou.argmax(dim=1)
+    rows = torch.arange(9)
+    torch.testing.assert_close(iou, ref_iou[rows, best])
+    torch.testing.assert_close(logits.clamp(-32, 32), ref_lowres[rows, best])  # predictor clamps
+    one_batch = decode_points(sam_t, state, points, batch_size=64)
+    torch.testing.assert_close(one_batch[0], logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(one_batch[1], iou, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ whole step
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+
+
+def test_compute_proposals_smoke_and_serialisation(sam_t, dino_s, small_opts, image):
+    props = compute_proposals(sam_t, dino_s, image, small_opts)
+    assert 1 <= len(props) <= 4 and props.image_size == (96, 128)
+    assert props.logits.shape == (len(props), 64, 64) and props.descriptors.shape == (len(props), 384)
+    assert {t.dtype for t in (props.logits, props.iou, props.descriptors)} == {torch.float32}
+    assert all(torch.isfinite(t).all() for t in (props.logits, props.iou, props.descriptors))
+    assert bool((props.iou > small_opts.iou_threshold).all())
+    assert bool((props.logits > 0).flatten(1).any(dim=1).all())
+    torch.testing.assert_close(props.descriptors.norm(dim=1), torch.ones(len(props)))
+
+    back = Proposals.from_bytes(props.to_bytes())
+    assert back.image_size == (96, 128)
+    assert torch.equal(back.logits > 0, props.logits > 0)
+    assert torch.equal(back.iou, props.iou) and torch.equal(back.descriptors, props.descriptors)
+
+
+def test_compute_proposals_is_the_documented_pipeline(sam_t, dino_s, small_opts, image):
+    x = to_sam_input(image, 256)
+    with torch.inference_mode():
+        tokens = dino_patch_tokens(dino_s, to_dino_input(x, 112))[0]
+    logits, iou = decode_points(sam_t, encode_image(sam_t, x), point_grid(2, 256), 64)
+    expected = build_proposals(logits, iou, tokens, (96, 128), small_opts)
+    got = compute_proposals(sam_t, dino_s, image, replace(small_opts, bf16=True))  # bf16: CUDA only
+    torch.testing.assert_close(got.logits, expected.logits)
+    torch.testing.assert_close(got.descriptors, expected.descriptors)
+    torch.testing.assert_close(got.iou, expected.iou)
+
+
+def test_compute_proposals_checks_sam_input_size(sam_t, dino_s, small_opts, image):
+    with pytest.raises(ValueError, match="sam_image_size=1024"):
+        compute_proposals(sam_t, dino_s, image, replace(small_opts, sam_image_size=1024))
