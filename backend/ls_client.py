@@ -1,0 +1,236 @@
+"""Authentication against Label Studio and the few REST calls the backend makes.
+
+Plain `requests` rather than the SDK client: the SDK reads LABEL_STUDIO_API_KEY at import time and
+raises at construction for an expired personal access token, and we need bounded retries and
+messages that never contain the key.
+
+Two kinds of API key exist (LS docs "access tokens"; ls_protocol.md §4.2):
+* legacy token (opaque, usually 40 hex): `Authorization: Token <key>`;
+* personal access token (a JWT refresh token): exchanged at POST /api/token/refresh/ for a
+  short-lived access JWT (300 s in LS 1.23), sent as `Authorization: Bearer <access>`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jwt
+import requests
+from urllib3.exceptions import NewConnectionError
+
+from backend.errors import LabelStudioAPIError
+
+log = logging.getLogger(__name__)
+
+_REFRESH_MARGIN_S = 30.0
+_STATUS_HINTS = {
+    401: "check LABEL_STUDIO_API_KEY (legacy token vs personal access token)",
+    403: "the API key's user lacks access to this project",
+    404: "check LABEL_STUDIO_URL and the id",
+}
+
+
+def _jwt_claims(token: str) -> dict | None:
+    """Claims of a JWT (not verified: LS verifies, we only read `exp`), or None if not a JWT."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+class LSAuth:
+    """Authorization header for Label Studio; thread-safe, caches the access token of a PAT
+    until 30 s before its `exp`."""
+
+    def __init__(self, api_key: str, ls_url: str | None = None, *,
+                 timeout: tuple[float, float] = (5, 30), session: requests.Session | None = None):
+        self._key = (api_key or "").strip()
+        if not self._key:
+            raise ValueError("empty Label Studio API key")
+        self.kind = "pat" if _jwt_claims(self._key) is not None else "legacy"
+        self._ls_url = ls_url.rstrip("/") if ls_url else None
+        self._timeout = timeout
+        self._session = session or requests.Session()
+        self._lock = threading.Lock()
+        self._access: str | None = None
+        self._access_until = 0.0
+
+    def __repr__(self) -> str:
+        return f"LSAuth(kind={self.kind!r})"
+
+    @property
+    def refreshable(self) -> bool:
+        """Whether a 401 can be cured by asking for a new access token."""
+        return self.kind == "pat"
+
+    def redact(self, text: str) -> str:
+        """`text` with the key and the current access token masked."""
+        for secret in (self._key, self._access):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+    def headers(self, rejected: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Headers to send to LS. `rejected`: headers LS just answered 401 to; forces one refresh
+        unless another thread already replaced that token."""
+        if self.kind == "legacy":
+            return {"Authorization": f"Token {self._key}"}
+        with self._lock:
+            stale = rejected is not None and rejected.get("Authorization") == f"Bearer {self._access}"
+            if stale or self._access is None or time.time() >= self._access_until:
+                self._refresh()
+            return {"Authorization": f"Bearer {self._access}"}
+
+    def _refresh(self) -> None:
+        if not self._ls_url:
+            raise LabelStudioAPIError("a personal access token must be exchanged at LABEL_STUDIO_URL, "
+                                      "which is not set")
+        url = f"{self._ls_url}/api/token/refresh/"
+        try:
+            resp = self._session.post(url, json={"refresh": self._key}, timeout=self._timeout)
+        except requests.RequestException as e:
+            raise LabelStudioAPIError(f"token refresh at {url} failed ({type(e).__name__}); "
+                                      "LABEL_STUDIO_URL not reachable from the backend") from None
+        if resp.status_code != 200:
+            raise LabelStudioAPIError(
+                "personal access token rejected by /api/token/refresh/ (expired, revoked, or from another "
+                "Label Studio); check LABEL_STUDIO_API_KEY", status=resp.status_code)
+        try:
+            access = resp.json()["access"]
+        except (ValueError, KeyError, TypeError):
+            raise LabelStudioAPIError("/api/token/refresh/ answered without an access token",
+                                      status=resp.status_code) from None
+        exp = (_jwt_claims(access) or {}).get("exp")
+        self._access = access
+        self._access_until = float(exp) - _REFRESH_MARGIN_S if exp else math.inf
+        log.debug("refreshed Label Studio access token")
+
+
+def _never_sent(e: requests.RequestException) -> bool:
+    """True when the request cannot have reached the server (safe to retry a POST)."""
+    reason = getattr(e.args[0], "reason", None) if e.args else None
+    return isinstance(e, requests.ConnectTimeout) or isinstance(reason, NewConnectionError)
+
+
+class LabelStudioClient:
+    """The REST calls the backend needs. Retries connection errors, 5xx and 429 with exponential
+    backoff (bounded by `retries`); a POST is only retried when it cannot have been processed
+    (connection never made, or 429/502/503/504), so predictions are not created twice."""
+
+    def __init__(self, url: str, auth: LSAuth | None, timeout: tuple[float, float] = (5, 30),
+                 retries: int = 3, backoff: float = 0.5):
+        if not url or not url.startswith(("http://", "https://")):
+            raise ValueError(f"LABEL_STUDIO_URL must start with http:// or https://, got {url!r}")
+        self.url = url.rstrip("/")
+        self.auth = auth
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self._session = requests.Session()
+
+    def _sleep(self, attempt: int) -> None:
+        time.sleep(self.backoff * 2 ** attempt)
+
+    def _request(self, method: str, path: str, *, params: dict | None = None, json: Any = None) -> Any:
+        url = f"{self.url}/{path}"
+        what = f"{method} /{path}"
+        headers = self.auth.headers() if self.auth else {}
+        attempt, refreshed = 0, False
+        while True:
+            try:
+                resp = self._session.request(method, url, params=params, json=json, headers=headers,
+                                             timeout=self.timeout)
+            except (requests.ConnectionError, requests.Timeout) as e:
+                if attempt < self.retries and (method != "POST" or _never_sent(e)):
+                    self._sleep(attempt)
+                    attempt += 1
+                    continue
+                raise LabelStudioAPIError(f"{what} failed ({type(e).__name__}); LABEL_STUDIO_URL not "
+                                          "reachable from the backend") from None
+            status = resp.status_code
+            if status == 401 and self.auth is not None and self.auth.refreshable and not refreshed:
+                headers, refreshed = self.auth.headers(rejected=headers), True
+                continue
+            if (status == 429 or status >= 500) and attempt < self.retries and (
+                    method != "POST" or status in (429, 502, 503, 504)):
+                self._sleep(attempt)
+                attempt += 1
+                continue
+            if status >= 400:
+                detail = resp.text[:300]
+                if self.auth is not None:
+                    detail = self.auth.redact(detail)
+                hint = _STATUS_HINTS.get(status)
+                raise LabelStudioAPIError(f"{what} failed: {detail}" + (f"; {hint}" if hint else ""), status=status)
+            if status == 204 or not resp.content:
+                return None
+            try:
+                return resp.json()
+            except ValueError:
+                raise LabelStudioAPIError(f"{what} answered with non-JSON content", status=status) from None
+
+    def get_project(self, project_id: int) -> dict:
+        return self._request("GET", f"api/projects/{int(project_id)}/")
+
+    def get_task(self, task_id: int) -> dict:
+        """Task with annotations and predictions.
+
+        Beware: LS runs ML predictions for a task without predictions when it is opened this way
+        (show_collab_predictions, on by default), i.e. it may call this backend's /predict before
+        answering; do not call this while holding resources /predict needs.
+        """
+        return self._request("GET", f"api/tasks/{int(task_id)}/")
+
+    def iter_tasks(self, project_id: int, page_size: int = 100) -> Iterator[dict]:
+        """All tasks of a project, with annotations and predictions (`fields=all`; LS's default
+        `task_only` leaves them out). LS answers `{"total", "tasks": [...]}` per page and 404 past
+        the last page. With `evaluate_predictions_automatically` on, LS may call /predict for the
+        page's unpredicted tasks before answering."""
+        page, seen = 1, 0
+        while True:
+            params = {"project": int(project_id), "page": page, "page_size": page_size, "fields": "all"}
+            try:
+                body = self._request("GET", "api/tasks/", params=params)
+            except LabelStudioAPIError as e:
+                if e.status == 404 and page > 1:
+                    return
+                raise
+            if isinstance(body, list):  # unpaginated answer: that was everything
+                yield from body
+                return
+            tasks = (body or {}).get("tasks") or []
+            yield from tasks
+            seen += len(tasks)
+            total = (body or {}).get("total")
+            if len(tasks) < page_size or (total is not None and seen >= int(total)):
+                return
+            page += 1
+
+    def list_predictions(self, task_id: int) -> list[dict]:
+        body = self._request("GET", "api/predictions/", params={"task": int(task_id)})
+        return body.get("results", []) if isinstance(body, dict) else list(body or [])
+
+    def create_prediction(self, task_id: int, result: list[dict], score: float | None,
+                          model_version: str) -> dict:
+        return self._request("POST", "api/predictions/", json={
+            "task": int(task_id), "result": result, "score": score, "model_version": model_version})
+
+    def update_prediction(self, prediction_id: int, *, result: list[dict] | None = None,
+                          score: float | None = None, model_version: str | None = None) -> dict:
+        """PATCH only the given fields."""
+        body = {k: v for k, v in (("result", result), ("score", score), ("model_version", model_version))
+                if v is not None}
+        return self._request("PATCH", f"api/predictions/{int(prediction_id)}/", json=body)
+
+    def delete_prediction(self, prediction_id: int) -> None:
+        """Delete; an already missing prediction counts as deleted (a retried DELETE sees 404)."""
+        try:
+            self._request("DELETE", f"api/predictions/{int(prediction_id)}/")
+        except LabelStudioAPIError as e:
+            if e.status != 404:
+                raise

@@ -1,0 +1,212 @@
+import logging
+import socket
+import threading
+import time
+
+import jwt
+import pytest
+
+from backend.errors import LabelStudioAPIError
+from backend.ls_client import LabelStudioClient, LSAuth
+from tests.backend.fixtures import LEGACY_TOKEN, FakeHTTPServer
+
+JWT_KEY = "test-signing-key-with-at-least-32-bytes!!"
+
+
+def make_jwt(token_type: str, ttl: float, **claims) -> str:
+    return jwt.encode({"token_type": token_type, "exp": int(time.time() + ttl), **claims}, JWT_KEY)
+
+
+@pytest.fixture
+def server():
+    s = FakeHTTPServer()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def pat(server):
+    """A PAT and a refresh endpoint issuing access tokens with a settable lifetime."""
+    state = {"pat": make_jwt("refresh", 3600, jti="pat"), "ttl": 300.0, "issued": []}
+
+    def refresh(req):
+        if req["body"] != {"refresh": state["pat"]}:
+            return 401, {}, {"detail": "Token is invalid or expired", "code": "token_not_valid"}
+        state["issued"].append(make_jwt("access", state["ttl"], n=len(state["issued"])))
+        return 200, {}, {"access": state["issued"][-1]}
+
+    server.route("/api/token/refresh/", refresh)
+    return state
+
+
+def client(server, auth=None, **kw):
+    kw.setdefault("backoff", 0.01)
+    return LabelStudioClient(server.url, auth if auth is not None else LSAuth(LEGACY_TOKEN), **kw)
+
+
+# ---------------------------------------------------------------------------------------- LSAuth
+def test_legacy_token_header():
+    auth = LSAuth(LEGACY_TOKEN)
+    assert auth.kind == "legacy" and not auth.refreshable
+    assert auth.headers() == {"Authorization": f"Token {LEGACY_TOKEN}"}
+    assert LEGACY_TOKEN not in repr(auth)
+    assert LSAuth("my-custom-token").headers() == {"Authorization": "Token my-custom-token"}  # non-JWT = legacy
+    with pytest.raises(ValueError):
+        LSAuth("  ")
+
+
+def test_pat_is_exchanged_for_a_bearer_access_token_and_cached(server, pat):
+    auth = LSAuth(pat["pat"], server.url + "/")
+    assert auth.kind == "pat" and auth.refreshable
+    h1, h2 = auth.headers(), auth.headers()
+    assert h1 == h2 == {"Authorization": f"Bearer {pat['issued'][0]}"}
+    (req,) = server.hits("/api/token/refresh/")
+    assert req["method"] == "POST" and req["body"] == {"refresh": pat["pat"]}
+    assert "Authorization" not in req["headers"]
+    assert pat["pat"] not in repr(auth)
+
+
+def test_access_token_refreshed_30s_before_exp(server, pat):
+    pat["ttl"] = 20  # expires within the 30 s margin: every call refreshes
+    auth = LSAuth(pat["pat"], server.url)
+    auth.headers()
+    auth.headers()
+    assert len(pat["issued"]) == 2
+
+
+def test_forced_refresh_once_per_rejected_token(server, pat):
+    auth = LSAuth(pat["pat"], server.url)
+    old = auth.headers()
+    new = auth.headers(rejected=old)
+    assert new != old and len(pat["issued"]) == 2
+    assert auth.headers(rejected=old) == new  # another thread already replaced the rejected token
+    assert len(pat["issued"]) == 2
+
+
+def test_concurrent_first_use_refreshes_once(server, pat):
+    auth = LSAuth(pat["pat"], server.url)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(auth.headers())) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(pat["issued"]) == 1 and len({r["Authorization"] for r in results}) == 1
+
+
+def test_rejected_pat_is_a_clear_error_without_the_key(server, pat):
+    expired = make_jwt("refresh", -60, jti="old")
+    with pytest.raises(LabelStudioAPIError) as e:
+        LSAuth(expired, server.url).headers()
+    assert e.value.status == 401 and "personal access token rejected" in str(e.value)
+    assert expired not in str(e.value)
+    with pytest.raises(LabelStudioAPIError, match="LABEL_STUDIO_URL"):
+        LSAuth(pat["pat"]).headers()
+
+
+# ---------------------------------------------------------------------------------------- client
+def test_iter_tasks_pages_with_all_fields(server):
+    tasks = [{"id": i, "data": {"image": f"/data/upload/1/{i}.png"}, "annotations": [], "predictions": []}
+             for i in range(1, 6)]
+    for page in (1, 2, 3):
+        server.route(f"/api/tasks/?project=1&page={page}&page_size=2&fields=all",
+                     (200, {}, {"total": 5, "total_annotations": 0, "total_predictions": 0,
+                                "tasks": tasks[2 * (page - 1):2 * page]}))
+    assert [t["id"] for t in client(server).iter_tasks(1, page_size=2)] == [1, 2, 3, 4, 5]
+    assert len(server.requests) == 3
+    assert all(r["headers"]["Authorization"] == f"Token {LEGACY_TOKEN}" for r in server.requests)
+
+
+def test_iter_tasks_stops_at_404_past_the_last_page(server):
+    for page in (1, 2):
+        server.route(f"/api/tasks/?project=3&page={page}&page_size=2&fields=all",
+                     (200, {}, {"tasks": [{"id": 2 * page - 1}, {"id": 2 * page}]}))
+    server.route("/api/tasks/?project=3&page=3&page_size=2&fields=all", (404, {}, {"detail": "Invalid page."}))
+    assert [t["id"] for t in client(server).iter_tasks(3, page_size=2)] == [1, 2, 3, 4]
+    server.route("/api/tasks/?project=4&page=1&page_size=2&fields=all", (404, {}, {"detail": "Not found."}))
+    with pytest.raises(LabelStudioAPIError) as e:
+        list(client(server).iter_tasks(4, page_size=2))
+    assert e.value.status == 404
+
+
+def test_project_task_and_predictions_calls(server):
+    server.route("/api/projects/1/", (200, {}, {"id": 1, "label_config": "<View/>"}))
+    server.route("/api/tasks/2/", (200, {}, {"id": 2, "annotations": []}))
+    server.route("/api/predictions/?task=2", (200, {}, [{"id": 9, "model_version": "v1"}]))
+    server.route("/api/predictions/?task=3", (200, {}, {"results": [{"id": 10}]}))
+    server.route("/api/predictions/", (201, {}, {"id": 11, "task": 2}))
+    server.route("/api/predictions/11/", lambda req: {"PATCH": (200, {}, {"id": 11}),
+                                                      "DELETE": (204, {}, b"")}[req["method"]])
+    server.route("/api/predictions/12/", (404, {}, {"detail": "Not found."}))
+    c = client(server)
+    assert c.get_project(1)["label_config"] == "<View/>"
+    assert c.get_task(2)["id"] == 2
+    assert c.list_predictions(2) == [{"id": 9, "model_version": "v1"}]
+    assert c.list_predictions(3) == [{"id": 10}]
+    result = [{"id": "r1", "type": "rectanglelabels", "value": {"x": 1.5}}]
+    assert c.create_prediction(2, result, 0.5, "m/refs-1") == {"id": 11, "task": 2}
+    assert server.hits("/api/predictions/")[0]["body"] == {
+        "task": 2, "result": result, "score": 0.5, "model_version": "m/refs-1"}
+    assert c.update_prediction(11, score=0.7) == {"id": 11}
+    assert c.update_prediction(11, result=[], model_version="m/refs-2") == {"id": 11}
+    patches = [r["body"] for r in server.hits("/api/predictions/11/") if r["method"] == "PATCH"]
+    assert patches == [{"score": 0.7}, {"result": [], "model_version": "m/refs-2"}]
+    assert c.delete_prediction(11) is None
+    assert c.delete_prediction(12) is None  # already gone
+
+
+def test_get_retries_5xx_and_429(server):
+    server.route("/api/projects/1/", (503, {}, b""), (429, {}, b""), (200, {}, {"id": 1}))
+    assert client(server, retries=3).get_project(1) == {"id": 1}
+    assert len(server.requests) == 3
+    server.route("/api/projects/2/", (500, {}, {"detail": "boom"}))
+    with pytest.raises(LabelStudioAPIError) as e:
+        client(server, retries=2).get_project(2)
+    assert e.value.status == 500 and len(server.hits("/api/projects/2/")) == 3
+
+
+def test_post_is_not_retried_when_it_may_have_been_processed(server):
+    server.route("/api/predictions/", (500, {}, {"detail": "boom"}))
+    with pytest.raises(LabelStudioAPIError) as e:
+        client(server).create_prediction(1, [], 0.0, "v")
+    assert e.value.status == 500 and len(server.requests) == 1
+    server.route("/api/predictions/", (503, {}, b""), (201, {}, {"id": 5}))
+    assert client(server).create_prediction(1, [], 0.0, "v") == {"id": 5}
+    assert len(server.requests) == 3
+
+
+def test_unreachable_ls():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(LabelStudioAPIError) as e:
+        LabelStudioClient(f"http://127.0.0.1:{port}", LSAuth(LEGACY_TOKEN), retries=1, backoff=0.01).get_task(1)
+    assert e.value.status is None and "not reachable" in str(e.value)
+    with pytest.raises(ValueError, match="http"):
+        LabelStudioClient("localhost:8080", None)
+
+
+def test_401_with_pat_refreshes_once_and_retries(server, pat):
+    accepted = set()
+    server.route("/api/projects/1/", lambda req: (200, {}, {"id": 1})
+                 if req["headers"].get("Authorization") in accepted else (401, {}, {"detail": "expired"}))
+    auth = LSAuth(pat["pat"], server.url)
+    first = auth.headers()["Authorization"]
+    accepted.add(f"Bearer {make_jwt('access', 300, n='x')}")  # LS no longer accepts `first`
+    with pytest.raises(LabelStudioAPIError) as e:
+        client(server, auth).get_project(1)
+    assert e.value.status == 401 and "LABEL_STUDIO_API_KEY" in str(e.value)
+    assert len(pat["issued"]) == 2 and len(server.hits("/api/projects/1/")) == 2  # one forced refresh
+    accepted.add(f"Bearer {pat['issued'][-1]}")
+    assert auth.headers()["Authorization"] != first
+    assert client(server, auth).get_project(1) == {"id": 1}
+
+
+def test_legacy_401_is_not_retried_and_messages_hide_the_key(server, caplog):
+    server.route("/api/projects/1/", (401, {}, {"detail": f"Invalid token {LEGACY_TOKEN}"}))
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(LabelStudioAPIError) as e:
+            client(server).get_project(1)
+    assert e.value.status == 401 and len(server.requests) == 1
+    assert "check LABEL_STUDIO_API_KEY" in str(e.value) and "Invalid token ***" in str(e.value)
+    assert LEGACY_TOKEN not in str(e.value) and LEGACY_TOKEN not in caplog.text
