@@ -1,0 +1,465 @@
+"""The work the queues run (RQ workers, or the embedded worker thread), as plain functions.
+
+* apply_webhook   annotation/project events -> one atomic bank update -> refresh_project queued
+* rebuild_bank    a fresh bank from every annotated task, read through the LS API
+* train_project   START_TRAINING: rebuild, then pre-annotate every unlabelled task via the LS API
+* predict_task    the unit of /predict work, with late delivery through the LS API
+* refresh_project after a bank change: re-score every processed task from its cached proposals
+                  (no SAM2/DINOv2 run) and post only the predictions whose result changed
+
+Jobs may run twice (retries, spool replays): each one is idempotent, and every prediction goes to
+Label Studio through `_deliver`, which PATCHes our existing prediction instead of adding another
+and skips a result our own earlier post already delivered. Every job returns a small JSON-able dict.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+
+from backend import queueing, runtime
+from backend.annotations import regions_to_references
+from backend.bank_store import bank_version
+from backend.errors import BadRequest, LabelStudioAPIError
+from backend.images import LoadedImage
+from backend.label_config import SUPPORTED_CONTROLS, LabelConfig, parse_label_config
+from backend.ls_client import LabelStudioClient
+from backend.proposal_cache import cache_key
+from backend.results import detections_to_regions, prediction_item
+from backend.tasks_registry import TaskRecord, result_hash
+from model.bank import MemoryBank
+from model.types import Proposals
+
+log = logging.getLogger(__name__)
+
+ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+DELIVERY_TTL_S = 24 * 3600   # late-delivery claims outlive any queued predict job
+REFRESH_BATCH = 50           # tasks re-scored, posted and recorded per round (progress granularity)
+LOG_EVERY = 25               # train_project logs a progress line every N tasks
+OUR_VERSION_PREFIX = "ntt-"  # model_version prefix of the predictions this backend made
+REBUILD_DEDUP_S = 600        # at most one engine-change rebuild queued per project in this window
+
+
+def _progress(done: int, total: int, **fields) -> None:
+    """Progress in the running job's meta (GET /jobs); a no-op outside a job."""
+    queueing.update_meta(done=done, total=total, **fields)
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _basis(xml: str) -> dict:
+    """What the bank's references depend on: the engine and the label config."""
+    return {"engine": runtime.engine_name(), "config": hashlib.sha256(xml.encode()).hexdigest()[:16]}
+
+
+def _image_url(task: dict, config: LabelConfig) -> str:
+    url = (task.get("data") or {}).get(config.value_key)
+    if not isinstance(url, str) or not url.strip():
+        raise BadRequest(f"task {task.get('id')} has no image URL in data.{config.value_key}")
+    return url
+
+
+def _current_bank(pid: int) -> MemoryBank:
+    """The bank to predict with. References computed by another engine (the operator changed the
+    models) cannot be matched: queue a rebuild and predict with an empty bank meanwhile."""
+    bank = runtime.get_bank_store().get(pid)
+    basis = runtime.get_bank_store().basis(pid)
+    if len(bank) and basis and basis.get("engine") != runtime.engine_name():
+        log.warning("project %s: the bank was built with %s, the workers run %s; rebuilding it",
+                    pid, basis.get("engine"), runtime.engine_name())
+        if runtime.get_store().setnx(f"rebuild-pending:{pid}", "1", ttl=REBUILD_DEDUP_S):
+            queueing.enqueue("backend.jobs.rebuild_bank", pid, queue="bank", job_id=f"rebuild-{pid}-engine")
+        return MemoryBank()
+    return bank
+
+
+def _schedule_refresh(pid: int, version: str) -> str:
+    return queueing.enqueue("backend.jobs.refresh_project", pid, queue="predict",
+                            job_id=f"refresh-{pid}-{version}", meta={"project": pid})
+
+
+def _proposals(image: LoadedImage) -> tuple[Proposals, str]:
+    """(proposals, cache key): from the proposal cache, else computed once and cached."""
+    engine = runtime.get_engine()
+    cache = runtime.get_proposal_cache()
+    key = cache_key(image.sha256, engine.name, engine.options)
+    proposals = cache.get(key)
+    if proposals is None:
+        proposals = engine.propose(image.array)
+        cache.put(key, proposals)
+    return proposals, key
+
+
+def _match_item(proposals: Proposals, bank: MemoryBank, config: LabelConfig, mv: str) -> dict:
+    """Prediction item of one image; the match keeps enough for the laxest control."""
+    if len(bank) == 0:
+        return prediction_item([], mv)
+    s = runtime.get_settings()
+    threshold = min(s.score_threshold if c.score_threshold is None else c.score_threshold
+                    for c in config.controls)
+    limit = max(c.max_detections or s.max_detections for c in config.controls)
+    det = runtime.get_engine().match(proposals, bank, score_threshold=threshold, max_detections=limit)
+    regions = detections_to_regions(det, config, score_threshold=s.score_threshold,
+                                    polygon_tolerance=s.polygon_tolerance, max_detections=s.max_detections)
+    return prediction_item(regions, mv)
+
+
+def _predict_one(pid: int, task_id: int, url: str, config: LabelConfig, bank: MemoryBank) -> tuple[dict, dict]:
+    """(prediction item, registry fields) of one task; an empty bank runs no model at all."""
+    mv = runtime.model_version(pid, bank_version(bank))
+    if len(bank) == 0:
+        return prediction_item([], mv), {"image_url": url}
+    image = runtime.get_fetcher(pid).fetch(url, task_id=task_id)
+    proposals, key = _proposals(image)
+    return (_match_item(proposals, bank, config, mv),
+            {"image_url": url, "image_sha256": image.sha256, "proposal_key": key})
+
+
+def _find_ours(client: LabelStudioClient, task_id: int) -> int | None:
+    """Id of our newest prediction on a task (one LS stored from a /predict answer)."""
+    ours = [p for p in client.list_predictions(task_id)
+            if str(p.get("model_version") or "").startswith(OUR_VERSION_PREFIX) and p.get("id") is not None]
+    return max(int(p["id"]) for p in ours) if ours else None
+
+
+def _post(client: LabelStudioClient, task_id: int, item: dict, known_id: int | None) -> int:
+    """PATCH our prediction of the task when there is one, else create it; returns its id."""
+    prediction_id = known_id if known_id is not None else _find_ours(client, task_id)
+    if prediction_id is not None:
+        try:
+            client.update_prediction(prediction_id, result=item["result"], score=item["score"],
+                                     model_version=item["model_version"])
+            return prediction_id
+        except LabelStudioAPIError as exc:
+            if exc.status != 404:  # deleted in LS meanwhile: create a new one below
+                raise
+    created = client.create_prediction(task_id, item["result"], item["score"], item["model_version"])
+    return int(created["id"])
+
+
+def _deliver(pid: int, items: dict[int, dict]) -> dict:
+    """Post items to Label Studio unless our own earlier post already holds that result under that
+    model_version. (A result the web process returned is not trusted to be stored: LS does not
+    store interactive answers, nor one that arrives after its timeout.)
+
+    One failing task is logged and counted; the others proceed. Registry records (which must
+    exist) get the prediction id and delivered hash in one write.
+    """
+    registry = runtime.get_registry()
+    client = runtime.get_ls_client(pid)
+    counts = {"posted": 0, "skipped": 0, "failed": 0}
+    delivered: dict[int, dict] = {}
+    for task_id, item in items.items():
+        record = registry.get(pid, task_id)
+        digest = result_hash(item["result"])
+        if (record and record.prediction_id is not None and record.result_hash == digest
+                and record.model_version == item["model_version"]):
+            counts["skipped"] += 1
+            continue
+        try:
+            prediction_id = _post(client, task_id, item, record.prediction_id if record else None)
+        except LabelStudioAPIError as exc:
+            counts["failed"] += 1
+            log.error("project %s task %s: posting the prediction to Label Studio failed: %s", pid, task_id, exc)
+            continue
+        delivered[task_id] = {"prediction_id": prediction_id, "result_hash": digest,
+                              "model_version": item["model_version"]}
+        counts["posted"] += 1
+    if delivered:
+        registry.update(pid, delivered)
+    return counts
+
+
+def _has_regions(annotation: dict) -> bool:
+    return any(isinstance(r, dict) and r.get("type") in SUPPORTED_CONTROLS for r in annotation.get("result") or [])
+
+
+def _encode_annotation(image: LoadedImage, annotation: dict, config: LabelConfig) -> list[tuple[str, str, object]]:
+    """(class, ref_id, descriptor) of every usable region of one annotation."""
+    refs = regions_to_references(annotation.get("result") or [], config, image_size=(image.width, image.height),
+                                 annotation_id=annotation["id"])
+    if not refs:
+        return []
+    descriptors = runtime.get_engine().encode_references(
+        image.array, masks=[r.mask for r in refs], boxes=[r.box for r in refs])
+    dropped = [r.ref_id for r, d in zip(refs, descriptors) if d is None]
+    if dropped:
+        log.warning("references %s cover no DINOv2 patch and are skipped", dropped)
+    return [(r.label, r.ref_id, d) for r, d in zip(refs, descriptors) if d is not None]
+
+
+def _task_references(pid: int, task: dict, annotations: list[dict], config: LabelConfig) -> dict[str, list]:
+    """annotation id (group) -> its references, for the annotations of one task (one image fetch)."""
+    out: dict[str, list] = {str(a["id"]): [] for a in annotations}
+    todo = [a for a in annotations if not a.get("was_cancelled") and _has_regions(a)]
+    if todo:
+        image = runtime.get_fetcher(pid).fetch(_image_url(task, config), task_id=task.get("id"))
+        for annotation in todo:
+            out[str(annotation["id"])] = _encode_annotation(image, annotation, config)
+    return out
+
+
+def _labelled(task: dict) -> bool:
+    return any(not a.get("was_cancelled") for a in task.get("annotations") or [])
+
+
+# ------------------------------------------------------------------------------------ jobs
+def apply_webhook(pid: int, event: str, payload: dict) -> dict:
+    """Apply one Label Studio webhook to the project's bank; queue a refresh when it changed."""
+    t0 = time.monotonic()
+    banks = runtime.get_bank_store()
+    before = banks.version(pid)
+    project = payload.get("project") if isinstance(payload.get("project"), dict) else {}
+    xml = project.get("label_config") or banks.label_config(pid)
+
+    if event in ANNOTATION_EVENTS:
+        if not xml:
+            raise BadRequest(f"project {pid}: no label config known yet (the project was never set up)")
+        if xml != banks.label_config(pid):
+            banks.set_label_config(pid, xml)
+        stored = banks.basis(pid)
+        if stored is not None and stored != _basis(xml):  # config or models changed: start over
+            return {"event": event, "rebuild": rebuild_bank(pid)}
+        annotation, task = payload.get("annotation") or {}, payload.get("task") or {}
+        if "id" not in annotation:
+            raise BadRequest(f"{event} without annotation id")
+        if "data" not in task and "id" in task:
+            task = runtime.get_ls_client(pid).get_task(int(task["id"]))
+        config = parse_label_config(xml)
+        group = str(annotation["id"])
+        refs = _task_references(pid, task, [annotation], config)[group]
+
+        def replace_annotation(bank: MemoryBank) -> None:
+            bank.remove_group(group)
+            for label, ref_id, descriptor in refs:
+                bank.add(label, ref_id, descriptor, group=group)
+
+        version = banks.update(pid, replace_annotation, basis=_basis(xml))
+        result = {"event": event, "annotation": annotation["id"], "references": len(refs)}
+    elif event == "ANNOTATIONS_DELETED":
+        ids = [str(a["id"]) for a in payload.get("annotations") or [] if isinstance(a, dict) and "id" in a]
+
+        def remove_annotations(bank: MemoryBank) -> None:
+            for group in ids:
+                bank.remove_group(group)
+
+        version = banks.update(pid, remove_annotations)
+        result = {"event": event, "annotations": len(ids)}
+    elif event == "ANNOTATIONS_CREATED":  # bulk import: tasks are not in the payload
+        return {"event": event, "rebuild": rebuild_bank(pid)}
+    elif event == "PROJECT_UPDATED":
+        if not xml:
+            return {"event": event, "status": "no label config in the payload"}
+        banks.set_label_config(pid, xml)
+        if banks.basis(pid) == _basis(xml):
+            return {"event": event, "status": "label config unchanged"}
+        return {"event": event, "rebuild": rebuild_bank(pid)}
+    elif event == "TASKS_DELETED":
+        ids = [int(t["id"]) for t in payload.get("tasks") or [] if isinstance(t, dict) and "id" in t]
+        return {"event": event, "forgotten": runtime.get_registry().remove(pid, *ids) if ids else 0}
+    else:
+        return {"event": event, "status": "ignored"}
+
+    result.update(version=version, changed=version != before, seconds=round(time.monotonic() - t0, 3))
+    if version != before:
+        result["refresh_job"] = _schedule_refresh(pid, version)
+    return result
+
+
+def rebuild_bank(pid: int, refresh: bool = True) -> dict:
+    """Replace the project's bank by one built from every annotated task (read through the LS API).
+
+    A task whose image cannot be loaded keeps its annotations' previous references (logged), so a
+    transient error never loses references.
+    """
+    t0 = time.monotonic()
+    banks = runtime.get_bank_store()
+    client = runtime.get_ls_client(pid)
+    xml = client.get_project(pid).get("label_config") or banks.label_config(pid)
+    if not xml:
+        raise BadRequest(f"project {pid} has no label config")
+    banks.set_label_config(pid, xml)
+    config = parse_label_config(xml)
+    fresh = MemoryBank()
+    kept: set[str] = set()
+    tasks = annotations = failed = 0
+    for task in client.iter_tasks(pid):
+        anns = [a for a in task.get("annotations") or [] if "id" in a]
+        if not anns:
+            continue
+        tasks += 1
+        annotations += len(anns)
+        try:
+            for group, refs in _task_references(pid, task, anns, config).items():
+                for label, ref_id, descriptor in refs:
+                    fresh.add(label, ref_id, descriptor, group=group)
+        except Exception as exc:  # noqa: BLE001 - one task must not stop the rebuild
+            failed += 1
+            kept.update(str(a["id"]) for a in anns)
+            log.error("project %s task %s: references not recomputed, previous ones kept: %s",
+                      pid, task.get("id"), exc)
+        _progress(tasks, None, stage="rebuild", references=len(fresh))
+
+    def swap(old: MemoryBank) -> MemoryBank:
+        for name in old.classes:
+            for ref in old.refs(name):
+                if ref.group in kept and ref.ref_id not in fresh:
+                    fresh.add(ref.class_name, ref.ref_id, ref.descriptor, ref.group)
+        return fresh
+
+    before = banks.version(pid)
+    version = banks.replace(pid, swap, basis=_basis(xml))
+    result = {"tasks": tasks, "annotations": annotations, "references": len(fresh), "failed_tasks": failed,
+              "version": version, "changed": version != before, "seconds": round(time.monotonic() - t0, 3)}
+    log.info("project %s: bank rebuilt from %d annotated tasks: %d references, version %s (%d tasks failed)",
+             pid, tasks, len(fresh), version, failed)
+    if refresh and version != before:
+        result["refresh_job"] = _schedule_refresh(pid, version)
+    return result
+
+
+def train_project(pid: int) -> dict:
+    """START_TRAINING: rebuild the bank, then pre-annotate every unlabelled task through the LS API."""
+    t0 = time.monotonic()
+    rebuilt = rebuild_bank(pid, refresh=False)
+    client = runtime.get_ls_client(pid)
+    registry = runtime.get_registry()
+    config = parse_label_config(runtime.get_bank_store().label_config(pid))
+    bank = _current_bank(pid)
+    todo = [t for t in client.iter_tasks(pid) if not _labelled(t)]
+    counts = {"posted": 0, "skipped": 0, "failed": 0}
+    for n, task in enumerate(todo, 1):
+        task_id = int(task["id"])
+        try:
+            item, fields = _predict_one(pid, task_id, _image_url(task, config), config, bank)
+            registry.update(pid, {task_id: fields})
+            for key, value in _deliver(pid, {task_id: item}).items():
+                counts[key] += value
+        except Exception as exc:  # noqa: BLE001 - one task must not stop the batch
+            counts["failed"] += 1
+            log.error("project %s task %s: pre-annotation failed: %s", pid, task_id, exc)
+        _progress(n, len(todo), stage="pre-annotate", **counts)
+        if n % LOG_EVERY == 0 or n == len(todo):
+            log.info("project %s: pre-annotated %d/%d tasks (%d posted, %d unchanged, %d failed)",
+                     pid, n, len(todo), counts["posted"], counts["skipped"], counts["failed"])
+    # tasks labelled meanwhile but predicted before still deserve the new bank
+    refresh_job = _schedule_refresh(pid, bank_version(bank)) if rebuilt["changed"] else None
+    return {"rebuild": rebuilt, "tasks": len(todo), **counts, "refresh_job": refresh_job,
+            "seconds": round(time.monotonic() - t0, 3)}
+
+
+def predict_task(pid: int, task: dict, label_config: str, delivery_key: str | None = None) -> dict:
+    """Prediction item of one task; registers the task for later refreshes.
+
+    Late delivery: the web process waits for this job within its /predict budget, then claims
+    `delivery_key` for "api". Here the job claims it for "web": whoever claims first wins. If the
+    web won, it already answered LS without this result, so the job posts it through the LS API.
+    """
+    task_id = int(task["id"])
+    config = parse_label_config(label_config)
+    url = _image_url(task, config)
+    item, fields = _predict_one(pid, task_id, url, config, _current_bank(pid))
+    registry = runtime.get_registry()
+    if delivery_key is None or runtime.get_store().claim(delivery_key, "web", DELIVERY_TTL_S) == "web":
+        # LS stores the item the web returns as a new prediction whose id we do not learn
+        registry.update(pid, {task_id: {**fields, "prediction_id": None, "model_version": item["model_version"],
+                                        "result_hash": result_hash(item["result"])}})
+        return item
+    registry.update(pid, {task_id: fields})
+    counts = _deliver(pid, {task_id: item})
+    if counts["failed"]:
+        raise LabelStudioAPIError(f"project {pid} task {task_id}: late prediction could not be posted")
+    return item
+
+
+def rescore_cached(pid: int, bank: MemoryBank, records: dict[int, TaskRecord] | None = None,
+                   config: LabelConfig | None = None) -> list[tuple[int, dict, bool]]:
+    """(task id, new item, changed) for every registered task whose proposals are cached.
+
+    No model runs: cached proposals are re-matched against `bank`. `changed` compares the result
+    with the one last delivered. With an empty bank every task gets an empty result.
+    """
+    if config is None:
+        xml = runtime.get_bank_store().label_config(pid)
+        if not xml:
+            return []
+        config = parse_label_config(xml)
+    if records is None:
+        records = runtime.get_registry().all(pid)
+    mv = runtime.model_version(pid, bank_version(bank))
+    cache = runtime.get_proposal_cache()
+    out = []
+    for task_id, record in records.items():
+        if len(bank) == 0:
+            item = prediction_item([], mv)
+        else:
+            proposals = cache.get(record.proposal_key) if record.proposal_key else None
+            if proposals is None:
+                continue
+            item = _match_item(proposals, bank, config, mv)
+        out.append((task_id, item, result_hash(item["result"]) != record.result_hash))
+    return out
+
+
+def _enqueue_predictions(pid: int, records: dict[int, TaskRecord], xml: str, value_key: str, version: str) -> int:
+    """Queue predict jobs (delivering through the LS API) for registered tasks without cached
+    proposals; at most once per task and bank version."""
+    store = runtime.get_store()
+    queued = 0
+    for task_id, record in records.items():
+        key = f"delivery:{pid}:refresh-{task_id}-{version}"
+        if not store.setnx(key, "api", DELIVERY_TTL_S):  # pre-claimed: the job posts to LS itself
+            continue
+        task = {"id": task_id, "data": {value_key: record.image_url}}
+        try:
+            queueing.enqueue("backend.jobs.predict_task", pid, task, xml, key, queue="predict",
+                             job_id=f"predict-{pid}-{task_id}-{version}", meta={"project": pid, "task": task_id})
+        except Exception:
+            store.delete(key)  # not queued: the next refresh must be able to try again
+            raise
+        queued += 1
+    return queued
+
+
+def refresh_project(pid: int) -> dict:
+    """Re-label every processed task of the project with the current bank (see module docstring).
+
+    Tasks already delivered with the current model_version are skipped; the rest are re-scored from
+    cached proposals in batches and the changed ones posted. Tasks without cached proposals get a
+    predict job. Stops early when the bank changes again (that change queued its own refresh).
+    """
+    t0 = time.monotonic()
+    xml = runtime.get_bank_store().label_config(pid)
+    if not xml:
+        return {"status": "project was never set up", "seconds": 0.0}
+    config = parse_label_config(xml)
+    bank = _current_bank(pid)
+    version = bank_version(bank)
+    mv = runtime.model_version(pid, version)
+    registered = runtime.get_registry().all(pid)
+    stale = {tid: rec for tid, rec in sorted(registered.items()) if rec.model_version != mv}
+    counts = {"tasks": len(registered), "current": len(registered) - len(stale), "rescored": 0, "changed": 0,
+              "posted": 0, "failed": 0, "enqueued": 0}
+    ids = list(stale)
+    superseded = False
+    for start in range(0, len(ids), REFRESH_BATCH):
+        batch = {tid: stale[tid] for tid in ids[start:start + REFRESH_BATCH]}
+        rescored = rescore_cached(pid, bank, records=batch, config=config)
+        counts["rescored"] += len(rescored)
+        changed = {tid: item for tid, item, is_changed in rescored if is_changed}
+        counts["changed"] += len(changed)
+        if changed:
+            delivered = _deliver(pid, changed)
+            counts["posted"] += delivered["posted"]
+            counts["failed"] += delivered["failed"]
+        missing = {tid: batch[tid] for tid in set(batch) - {tid for tid, _, _ in rescored}}
+        counts["enqueued"] += _enqueue_predictions(pid, missing, xml, config.value_key, version)
+        _progress(start + len(batch), len(ids), stage="refresh", model_version=mv, **counts)
+        if runtime.get_bank_store().version(pid) != version:
+            superseded = True
+            break
+    result = {**counts, "model_version": mv, "superseded": superseded,
+              "seconds": round(time.monotonic() - t0, 3)}
+    log.info("project %s: refresh to %s: %d re-scored, %d changed, %d posted, %d failed, %d queued%s (%.2f s)",
+             pid, mv, counts["rescored"], counts["changed"], counts["posted"], counts["failed"],
+             counts["enqueued"], ", superseded" if superseded else "", result["seconds"])
+    return result

@@ -1,0 +1,131 @@
+"""On-disk cache of per-image proposals (SAM2 masks + DINOv2 descriptors), shared by workers.
+
+Proposals do not depend on the memory bank, so an image that was proposed once is re-scored
+against any later bank in milliseconds. Entries are Proposals.to_bytes() files (compressed,
+thresholded masks exact) named by a key that covers the image content, the models and every
+option that changes proposals. Writes are atomic (temp file + os.replace), so workers on a shared
+folder never read half a file; a hit touches the file's mtime, and eviction removes the least
+recently used files once the folder holds more than `max_bytes`.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from model.options import MethodOptions
+from model.types import Proposals
+
+log = logging.getLogger(__name__)
+
+_SUFFIX = ".ntp"
+
+
+def cache_key(image_sha256: str, engine_name: str, options: MethodOptions) -> str:
+    """Key of one image's proposals for one engine and option set."""
+    raw = f"{image_sha256}|{engine_name}|{options.cache_key()}"
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+class ProposalCache:
+    """LRU-by-bytes folder of proposals; safe for several processes sharing the folder."""
+
+    def __init__(self, directory: str | os.PathLike, max_bytes: int, low_water: float = 0.9) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = int(max_bytes)
+        self.low_water = low_water
+        self._lock = threading.Lock()
+        self._total: int | None = None  # this process's estimate; re-measured before evicting
+
+    def _path(self, key: str) -> Path:
+        if not key or not all(c in "0123456789abcdef" for c in key):
+            raise ValueError(f"bad proposal cache key {key!r}")
+        return self.dir / key[:2] / (key + _SUFFIX)
+
+    def get(self, key: str) -> Proposals | None:
+        """Cached proposals, or None on a miss; a corrupt entry is deleted and counts as a miss."""
+        path = self._path(key)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            proposals = Proposals.from_bytes(data)
+        except Exception as exc:  # zip/npz/JSON/shape errors: the file is unusable either way
+            log.warning("proposal cache: dropping corrupt entry %s (%s)", key, exc)
+            path.unlink(missing_ok=True)
+            return None
+        try:
+            os.utime(path)  # LRU touch
+        except FileNotFoundError:  # evicted by another worker meanwhile; we still have the data
+            pass
+        return proposals
+
+    def put(self, key: str, proposals: Proposals) -> int:
+        """Store proposals atomically; returns the entry's size in bytes."""
+        path = self._path(key)
+        data = proposals.to_bytes()
+        path.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        with self._lock:
+            if self._total is None:
+                self._total = self._measure()[0]
+            else:
+                self._total += len(data)
+            if self._total > self.max_bytes:
+                self._evict(keep=path)
+        return len(data)
+
+    def _entries(self) -> list[tuple[float, int, Path]]:
+        out = []
+        for path in self.dir.glob(f"*/*{_SUFFIX}"):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            out.append((st.st_mtime, st.st_size, path))
+        return out
+
+    def _measure(self) -> tuple[int, list[tuple[float, int, Path]]]:
+        entries = self._entries()
+        return sum(size for _, size, _ in entries), entries
+
+    def _evict(self, keep: Path) -> None:
+        """Delete least recently used entries (never `keep`) down to low_water * max_bytes."""
+        total, entries = self._measure()  # other workers write here too: count for real
+        target = int(self.max_bytes * self.low_water)
+        removed = 0
+        for _, size, path in sorted(entries):
+            if total <= target:
+                break
+            if path == keep:
+                continue
+            path.unlink(missing_ok=True)
+            total -= size
+            removed += 1
+        self._total = total
+        stale = time.time() - 3600
+        for tmp in self.dir.glob("*/.tmp-*"):  # left by a writer killed mid-put
+            try:
+                if tmp.stat().st_mtime < stale:
+                    tmp.unlink()
+            except FileNotFoundError:
+                pass
+        if removed:
+            log.info("proposal cache: evicted %d entries, %d bytes left", removed, total)
+
+    def total_bytes(self) -> int:
+        """Bytes currently stored (a directory scan)."""
+        return self._measure()[0]

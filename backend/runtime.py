@@ -1,0 +1,166 @@
+"""Per-process singletons: settings, store, banks, registry, caches, the engine, LS connections.
+
+A worker builds the engine once (first `get_engine()`) and keeps it for every job. The web process
+only touches the cheap ones (settings, store, banks, model_version): nothing here imports torch
+until `get_engine()` or `get_proposal_cache()` is called. Each singleton has its own lock, so a
+slow build (loading models) never blocks `/setup` reading a version.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from backend.bank_store import BankStore
+from backend.errors import LabelStudioAPIError
+from backend.settings import Settings
+from backend.store import MemoryStore, RedisStore, Store
+from backend.tasks_registry import TaskRegistry
+
+if TYPE_CHECKING:
+    from backend.images import ImageFetcher
+    from backend.ls_client import LabelStudioClient, LSAuth
+    from backend.proposal_cache import ProposalCache
+    from model.engine import Engine
+
+T = TypeVar("T")
+
+# MemoryStore keys that survive a restart of the embedded process (banks + task registry).
+PERSISTED_PREFIXES = ("bank:", "tasks:")
+
+_objects: dict[Any, Any] = {}
+_locks: dict[Any, threading.Lock] = {}
+_guard = threading.Lock()
+
+
+def _single(name: Any, build: Callable[[], T]) -> T:
+    """The process-wide object `name`, built on first use (once, even under concurrent calls)."""
+    try:
+        return _objects[name]
+    except KeyError:
+        pass
+    with _guard:
+        lock = _locks.setdefault(name, threading.Lock())
+    with lock:
+        if name not in _objects:
+            _objects[name] = build()
+        return _objects[name]
+
+
+def configure(**objects: Any) -> None:
+    """Install ready-made singletons (tests, benchmarks): settings=, store=, engine=, ..."""
+    with _guard:
+        _objects.update(objects)
+
+
+def reset() -> None:
+    """Forget every singleton (tests; after the environment changed)."""
+    with _guard:
+        _objects.clear()
+
+
+# ---------------------------------------------------------------------------------------- cheap
+def get_settings() -> Settings:
+    return _single("settings", Settings.from_env)
+
+
+def get_store() -> Store:
+    """Redis (shared with the workers) when REDIS_URL is set, else the embedded MemoryStore that
+    keeps banks and the task registry under MODEL_DIR/state."""
+    def build() -> Store:
+        s = get_settings()
+        if s.redis_url:
+            return RedisStore(s.redis_url, prefix=f"{s.queue_prefix}:")
+        return MemoryStore(s.model_dir / "state", persist_prefixes=PERSISTED_PREFIXES)
+    return _single("store", build)
+
+
+def get_bank_store() -> BankStore:
+    return _single("bank_store", lambda: BankStore(get_store()))
+
+
+def get_registry() -> TaskRegistry:
+    return _single("registry", lambda: TaskRegistry(get_store()))
+
+
+def engine_name() -> str:
+    """Model part of model_version, from the settings (no model is loaded); equals Engine.name."""
+    s = get_settings()
+    return f"{s.sam_model}+{s.dino_model}"
+
+
+def model_version(pid: int, bank_version: str | None = None) -> str:
+    """'ntt-<sam>+<dino>-<bank version>'; changes whenever the project's bank changes.
+
+    Pass `bank_version` when the caller already holds the bank it predicts with, so the version
+    stamped on a prediction is the one of the bank actually used.
+    """
+    version = bank_version if bank_version is not None else get_bank_store().version(pid)
+    return f"ntt-{engine_name()}-{version}"
+
+
+# ---------------------------------------------------------------------------------------- workers
+def get_engine() -> "Engine":
+    """SAM2 + DINOv2 from the settings, loaded once per process."""
+    def build() -> "Engine":
+        from model.engine import Engine, EngineConfig
+
+        s = get_settings()
+        random = s.random_weights
+        return Engine(EngineConfig(
+            sam_model=s.sam_model, dino_model=s.dino_model,
+            sam_checkpoint=None if random else str(s.sam_checkpoint),
+            dino_checkpoint=None if random else str(s.dino_checkpoint),
+            random_weights=random, device=s.device, options=s.method_options()))
+    return _single("engine", build)
+
+
+def get_proposal_cache() -> "ProposalCache":
+    def build() -> "ProposalCache":
+        from backend.proposal_cache import ProposalCache
+
+        s = get_settings()
+        return ProposalCache(s.cache_dir / "proposals", s.proposal_cache_mb * 2**20)
+    return _single("proposal_cache", build)
+
+
+def _connection(pid: int) -> tuple[str | None, "LSAuth | None"]:
+    """(LS URL, auth) for a project: LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY when set, else what
+    the project's /setup sent. One LSAuth per (URL, key), so a PAT's access token is shared."""
+    from backend.ls_client import LSAuth
+
+    s = get_settings()
+    hostname, token = (None, None)
+    if not (s.label_studio_url and s.label_studio_api_key):
+        hostname, token = get_bank_store().ls_connection(pid)
+    url = s.label_studio_url or hostname
+    key = s.label_studio_api_key or token
+    if not key:
+        return url, None
+    digest = hashlib.sha256(key.encode()).hexdigest()  # never keep the key itself in a dict key
+    return url, _single(("auth", url, digest), lambda: LSAuth(key, url))
+
+
+def get_ls_client(pid: int) -> "LabelStudioClient":
+    """REST client for the project's Label Studio; LabelStudioAPIError when none is configured."""
+    from backend.ls_client import LabelStudioClient
+
+    url, auth = _connection(pid)
+    if not url or auth is None:
+        raise LabelStudioAPIError(
+            f"project {pid}: no Label Studio connection; set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY "
+            "(or connect the project so that /setup sends its hostname and access token)")
+    return _single(("client", url, id(auth)), lambda: LabelStudioClient(url, auth))
+
+
+def get_fetcher(pid: int) -> "ImageFetcher":
+    """Image loader for the project's Label Studio (auth headers go to that host only)."""
+    from backend.images import ImageFetcher
+
+    url, auth = _connection(pid)
+    s = get_settings()
+    return _single(("fetcher", url, id(auth)), lambda: ImageFetcher(
+        url, auth, s.cache_dir / "images", s.image_cache_mb * 2**20,
+        local_files_root=s.local_files_document_root, allowed_hosts=set(s.allowed_image_hosts),
+        max_pixels=s.max_image_pixels, max_bytes=s.max_image_bytes))

@@ -1,0 +1,455 @@
+"""Jobs end to end with the real small engine (random weights) and a fake Label Studio.
+
+The fake LS is a local http.server implementing the routes the jobs use and recording every
+POST/PATCH of a prediction. Queueing is replaced by a recorder (the jobs' enqueue calls are
+asserted, not run), the store is the real Redis under a per-test key prefix.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from backend import jobs, queueing, runtime
+from backend.errors import LabelStudioAPIError
+from backend.settings import Settings
+from backend.store import RedisStore
+from backend.tasks_registry import result_hash
+from model.engine import Engine, EngineConfig
+from model.options import MethodOptions
+
+PID = 7
+TOKEN = "0123456789abcdef0123456789abcdef01234567"
+LABEL_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <PolygonLabels name="poly" toName="image"><Label value="Cat"/><Label value="Dog"/></PolygonLabels>
+  <RectangleLabels name="box" toName="image"><Label value="Cat"/><Label value="Dog"/></RectangleLabels>
+</View>"""
+
+
+# ------------------------------------------------------------------------------ fake Label Studio
+def _png(seed: int, size=(80, 60)) -> bytes:
+    """Background noise with two flat blobs: something for the point grid to find."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    arr = (rng.random((h, w, 3)) * 60).astype(np.uint8)
+    arr[10:35, 8:40] = (200, 40, 40)
+    arr[30:55, 45:75] = (40, 40, 200)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class FakeLS:
+    def __init__(self) -> None:
+        self.tasks: dict[int, dict] = {}
+        self.images: dict[str, bytes] = {}
+        self.predictions: dict[int, dict] = {}
+        self.calls: list[tuple[str, str, dict | None]] = []   # prediction writes: (method, path, body)
+        self._next = 100
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status, body=None, raw=None, ctype="application/json"):
+                data = raw if raw is not None else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _body(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                return json.loads(self.rfile.read(n)) if n else None
+
+            def _route(self, method):
+                if self.headers.get("Authorization") != f"Token {TOKEN}":
+                    return self._send(401, {"detail": "no auth"})
+                parts = urlsplit(self.path)
+                path, query = parts.path, parse_qs(parts.query)
+                with fake.lock:
+                    return fake.handle(self, method, path, query)
+
+            def do_GET(self):
+                self._route("GET")
+
+            def do_POST(self):
+                self._route("POST")
+
+            def do_PATCH(self):
+                self._route("PATCH")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def add_task(self, tid: int, seed: int, annotations=()) -> dict:
+        name = f"img{tid}.png"
+        self.images[name] = _png(seed)
+        task = {"id": tid, "project": PID, "data": {"image": f"/data/upload/{PID}/{name}"},
+                "annotations": list(annotations), "predictions": []}
+        self.tasks[tid] = task
+        return task
+
+    def writes(self) -> list[tuple[str, str, dict | None]]:
+        with self.lock:
+            return list(self.calls)
+
+    def handle(self, h, method, path, query):
+        if method == "GET" and (m := re.fullmatch(r"/data/upload/\d+/(.+)", path)):
+            if m.group(1) not in self.images:
+                return h._send(404, {"detail": "Not found."})
+            return h._send(200, raw=self.images[m.group(1)], ctype="image/png")
+        if method == "GET" and path == f"/api/projects/{PID}/":
+            return h._send(200, {"id": PID, "label_config": LABEL_CONFIG})
+        if method == "GET" and path == "/api/tasks/":
+            tasks = [self.tasks[t] for t in sorted(self.tasks)]
+            return h._send(200, {"total": len(tasks), "tasks": tasks})
+        if method == "GET" and (m := re.fullmatch(r"/api/tasks/(\d+)/", path)):
+            return h._send(200, self.tasks[int(m.group(1))])
+        if method == "GET" and path == "/api/predictions/":
+            tid = int(query["task"][0])
+            return h._send(200, [p for p in self.predictions.values() if p["task"] == tid])
+        if method == "POST" and path == "/api/predictions/":
+            body = h._body()
+            self.calls.append(("POST", path, body))
+            pred = {**body, "id": self._next}
+            self._next += 1
+            self.predictions[pred["id"]] = pred
+            return h._send(201, pred)
+        if method == "PATCH" and (m := re.fullmatch(r"/api/predictions/(\d+)/", path)):
+            body = h._body()
+            self.calls.append(("PATCH", path, body))
+            pid = int(m.group(1))
+            if pid not in self.predictions:
+                return h._send(404, {"detail": "Not found."})
+            self.predictions[pid].update(body)
+            return h._send(200, self.predictions[pid])
+        return h._send(404, {"detail": f"no route {method} {path}"})
+
+
+# ------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def engine():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    # iou_threshold 0: random weights predict IoUs anywhere in (0, 1)
+    eng = Engine(EngineConfig(sam_model="sam2.1-t", dino_model="dinov2-s", random_weights=True, device="cpu",
+                              options=MethodOptions(sam_image_size=256, dino_image_size=112, points_per_side=2,
+                                                    iou_threshold=0.0)))
+    eng.propose_calls = 0
+    real = eng.propose
+
+    def counting(image):
+        eng.propose_calls += 1
+        return real(image)
+
+    eng.propose = counting
+    return eng
+
+
+@pytest.fixture
+def ls():
+    fake = FakeLS()
+    yield fake
+    fake.server.shutdown()
+
+
+@pytest.fixture
+def env(engine, ls, tmp_path, monkeypatch):
+    """runtime wired to the fake LS, a fresh Redis prefix, the shared engine; enqueue recorded."""
+    settings = Settings.from_env({
+        "MODEL_DIR": str(tmp_path), "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": TOKEN,
+        "NTT_SAM_MODEL": "sam2.1-t", "NTT_DINO_MODEL": "dinov2-s", "NTT_RANDOM_WEIGHTS": "1",
+        "NTT_DEVICE": "cpu", "SCORE_THRESHOLD": "0"})
+    prefix = f"ntt-test-{uuid.uuid4().hex[:10]}:"
+    store = RedisStore("redis://127.0.0.1:6379/0", prefix=prefix)
+    runtime.reset()
+    runtime.configure(settings=settings, store=store, engine=engine)
+    enqueued: list[tuple] = []
+
+    def fake_enqueue(func_path, *args, queue="predict", job_id=None, meta=None, **kwargs):
+        enqueued.append((func_path, args, queue, job_id, kwargs))
+        return job_id or f"job-{len(enqueued)}"
+
+    monkeypatch.setattr(queueing, "enqueue", fake_enqueue)
+    engine.propose_calls = 0
+    yield enqueued
+    runtime.reset()
+    keys = list(store.redis.scan_iter(match=prefix + "*"))
+    if keys:
+        store.redis.delete(*keys)
+
+
+def polygon_region(rid: str, label: str, pts) -> dict:
+    return {"id": rid, "from_name": "poly", "to_name": "image", "type": "polygonlabels",
+            "original_width": 80, "original_height": 60, "image_rotation": 0,
+            "value": {"points": pts, "closed": True, "polygonlabels": [label]}}
+
+
+def rectangle_region(rid: str, label: str) -> dict:
+    return {"id": rid, "from_name": "box", "to_name": "image", "type": "rectanglelabels",
+            "original_width": 80, "original_height": 60, "image_rotation": 0,
+            "value": {"x": 10, "y": 16, "width": 40, "height": 42, "rotation": 0, "rectanglelabels": [label]}}
+
+
+CAT = [[10, 16], [50, 16], [50, 58], [10, 58]]     # the red blob, in percent
+DOG = [[56, 50], [94, 50], [94, 92], [56, 92]]     # the blue blob
+
+
+def annotation(aid: int, tid: int, regions, cancelled=False) -> dict:
+    return {"id": aid, "task": tid, "result": regions, "was_cancelled": cancelled}
+
+
+def webhook(ls: FakeLS, event: str, ann: dict) -> dict:
+    return jobs.apply_webhook(PID, event, {"action": event, "annotation": ann, "task": ls.tasks[ann["task"]],
+                                           "project": {"id": PID, "label_config": LABEL_CONFIG}})
+
+
+def refresh_calls(enqueued) -> list[tuple]:
+    return [e for e in enqueued if e[0] == "backend.jobs.refresh_project"]
+
+
+# ------------------------------------------------------------------------------ tests
+def test_model_version_names_the_engine_without_loading_it(env, engine):
+    assert runtime.engine_name() == engine.name == "sam2.1-t+dinov2-s"
+    assert runtime.model_version(PID) == "ntt-sam2.1-t+dinov2-s-empty"
+
+
+def test_webhooks_create_update_delete_and_cancel(env, ls):
+    ls.add_task(1, seed=1)
+    banks = runtime.get_bank_store()
+    out = webhook(ls, "ANNOTATION_CREATED", annotation(11, 1, [polygon_region("a", "Cat", CAT),
+                                                                polygon_region("b", "Dog", DOG),
+                                                                rectangle_region("r", "Cat")]))
+    assert out["references"] == 3 and out["changed"] is True
+    bank = banks.get(PID)
+    assert len(bank) == 3 and bank.classes == ["Cat", "Dog"]
+    assert sorted(r.ref_id for c in bank.classes for r in bank.refs(c)) == ["11:a", "11:b", "11:r"]
+    v1 = banks.version(PID)
+    assert out["version"] == v1 != "empty"
+    assert runtime.model_version(PID) == f"ntt-sam2.1-t+dinov2-s-{v1}"
+    assert [e[1] for e in refresh_calls(env)] == [(PID,)]
+    assert banks.label_config(PID) == LABEL_CONFIG
+
+    # the update replaces the annotation's references: one region now, not three
+    out = webhook(ls, "ANNOTATION_UPDATED", annotation(11, 1, [polygon_region("c", "Dog", DOG)]))
+    bank = banks.get(PID)
+    assert out["references"] == 1 and len(bank) == 1 and [r.ref_id for r in bank.refs("Dog")] == ["11:c"]
+    assert out["version"] != v1
+
+    # a second annotation adds; a repeat of the same event (retry) changes nothing
+    webhook(ls, "ANNOTATION_CREATED", annotation(12, 1, [polygon_region("d", "Cat", CAT)]))
+    v3 = banks.version(PID)
+    again = webhook(ls, "ANNOTATION_CREATED", annotation(12, 1, [polygon_region("d", "Cat", CAT)]))
+    assert again["changed"] is False and banks.version(PID) == v3 and len(banks.get(PID)) == 2
+
+    # a cancelled (skipped) annotation contributes nothing, and removes what it had
+    webhook(ls, "ANNOTATION_UPDATED", annotation(12, 1, [polygon_region("d", "Cat", CAT)], cancelled=True))
+    assert [r.ref_id for c in banks.get(PID).classes for r in banks.get(PID).refs(c)] == ["11:c"]
+
+    out = jobs.apply_webhook(PID, "ANNOTATIONS_DELETED", {"action": "ANNOTATIONS_DELETED",
+                                                          "annotations": [{"id": 11}, {"id": 99}]})
+    assert out["changed"] is True and len(banks.get(PID)) == 0 and banks.version(PID) == "empty"
+    assert len(refresh_calls(env)) == 5  # created, updated, created, cancelled, deleted (not the no-op retry)
+
+    assert jobs.apply_webhook(PID, "TASKS_CREATED", {"action": "TASKS_CREATED"})["status"] == "ignored"
+
+
+def test_project_updated_rebuilds_only_when_the_config_changes(env, ls):
+    ls.add_task(1, seed=1, annotations=[annotation(21, 1, [polygon_region("a", "Cat", CAT)])])
+    ls.add_task(2, seed=2, annotations=[annotation(22, 2, [polygon_region("b", "Dog", DOG)]),
+                                        annotation(23, 2, [polygon_region("c", "Dog", CAT)], cancelled=True)])
+    ls.add_task(3, seed=3)
+    payload = {"action": "PROJECT_UPDATED", "project": {"id": PID, "label_config": LABEL_CONFIG}}
+    out = jobs.apply_webhook(PID, "PROJECT_UPDATED", payload)  # first sight: build from LS
+    assert out["rebuild"]["references"] == 2 and out["rebuild"]["tasks"] == 2
+    bank = runtime.get_bank_store().get(PID)
+    assert sorted(r.ref_id for c in bank.classes for r in bank.refs(c)) == ["21:a", "22:b"]
+    assert jobs.apply_webhook(PID, "PROJECT_UPDATED", payload)["status"] == "label config unchanged"
+
+
+def test_predict_task_empty_bank_runs_no_model(env, ls, engine):
+    task = ls.add_task(1, seed=1)
+    item = jobs.predict_task(PID, task, LABEL_CONFIG)
+    assert item == {"result": [], "score": 0.0, "model_version": "ntt-sam2.1-t+dinov2-s-empty"}
+    assert engine.propose_calls == 0
+    assert runtime.get_registry().get(PID, 1).image_url == task["data"]["image"]
+
+
+def _bank_from(ls, env):
+    ls.add_task(1, seed=1)
+    webhook(ls, "ANNOTATION_CREATED", annotation(11, 1, [polygon_region("a", "Cat", CAT)]))
+    env.clear()
+
+
+def test_predict_task_cold_then_cache_hit_identical(env, ls, engine):
+    _bank_from(ls, env)
+    task = ls.add_task(2, seed=2)
+    cold = jobs.predict_task(PID, task, LABEL_CONFIG)
+    assert engine.propose_calls == 1
+    assert cold["model_version"] == runtime.model_version(PID)
+    assert len(cold["result"]) >= 2  # polygons and rectangles (threshold 0)
+    assert {r["from_name"] for r in cold["result"]} == {"poly", "box"}
+    assert all(r["value"][r["type"]] == ["Cat"] for r in cold["result"])
+    hit = jobs.predict_task(PID, task, LABEL_CONFIG)
+    assert engine.propose_calls == 1  # proposals came from the cache
+    assert result_hash(hit["result"]) == result_hash(cold["result"]) and hit["score"] == cold["score"]
+    record = runtime.get_registry().get(PID, 2)
+    assert record.proposal_key and record.result_hash == result_hash(cold["result"])
+    assert record.model_version == cold["model_version"] and record.prediction_id is None
+    assert ls.writes() == []  # delivered by the web's answer, not through the API
+
+
+def test_late_delivery_posts_through_the_api_exactly_once(env, ls):
+    _bank_from(ls, env)
+    store = runtime.get_store()
+    task = ls.add_task(3, seed=3)
+    # in time: the job wins the claim, the web returns the item, nothing is posted
+    item = jobs.predict_task(PID, task, LABEL_CONFIG, delivery_key="delivery:a")
+    assert store.claim("delivery:a", "api") == "web" and ls.writes() == []
+    # too late: the web claimed first, so the job posts it itself
+    assert store.claim("delivery:b", "api") == "api"
+    late = jobs.predict_task(PID, task, LABEL_CONFIG, delivery_key="delivery:b")
+    writes = ls.writes()
+    assert [w[0] for w in writes] == ["POST"]
+    assert writes[0][2] == {"task": 3, "result": late["result"], "score": late["score"],
+                            "model_version": late["model_version"]}
+    assert result_hash(late["result"]) == result_hash(item["result"])
+    # a retry of the same job posts nothing more
+    jobs.predict_task(PID, task, LABEL_CONFIG, delivery_key="delivery:b")
+    assert len(ls.writes()) == 1
+    assert runtime.get_registry().get(PID, 3).prediction_id == 100
+
+
+def test_refresh_rescores_cached_tasks_without_proposing(env, ls, engine):
+    _bank_from(ls, env)
+    for tid in (2, 3, 4):
+        jobs.predict_task(PID, ls.add_task(tid, seed=tid), LABEL_CONFIG)  # delivered by the web
+    uncached = ls.add_task(5, seed=5)
+    runtime.get_registry().update(PID, {5: {"image_url": uncached["data"]["image"]}})
+    # LS stored the web's answers: one of them is already ours in LS
+    ls.predictions[500] = {"id": 500, "task": 2, "result": [], "model_version": "ntt-old"}
+    assert engine.propose_calls == 3
+
+    # a new reference of another class: the bank changes, and so do (some) results
+    webhook(ls, "ANNOTATION_CREATED", annotation(12, 1, [polygon_region("b", "Dog", DOG)]))
+    bank = runtime.get_bank_store().get(PID)
+    rescored = {tid: (item, changed) for tid, item, changed in jobs.rescore_cached(PID, bank)}
+    assert set(rescored) == {2, 3, 4}
+    assert engine.propose_calls == 3
+    # pretend task 4's new result is already in LS: it must not be posted again
+    same = rescored[4][0]
+    runtime.get_registry().update(PID, {4: {"result_hash": result_hash(same["result"])}})
+    expected_posts = {tid for tid, (_, changed) in rescored.items() if changed and tid != 4}
+    assert expected_posts, "the Dog reference should change at least one result"
+
+    summary = jobs.refresh_project(PID)
+    assert engine.propose_calls == 3  # no SAM2/DINOv2 run for cached tasks
+    assert summary["rescored"] == 3 and summary["enqueued"] == 1
+    assert summary["changed"] == summary["posted"] == len(expected_posts)
+    writes = ls.writes()
+    posted_tasks = set()
+    for method, path, body in writes:
+        tid = body["task"] if method == "POST" else ls.predictions[int(path.rstrip("/").rsplit("/", 1)[1])]["task"]
+        posted_tasks.add(tid)
+        assert body["model_version"] == runtime.model_version(PID)
+        assert result_hash(body["result"]) == result_hash(rescored[tid][0]["result"])
+    assert posted_tasks == expected_posts
+    if 2 in expected_posts:  # our prediction found in LS is PATCHed, not duplicated
+        assert [p for m, p, _ in writes if m == "PATCH"] == ["/api/predictions/500/"]
+        assert not any(m == "POST" and b["task"] == 2 for m, _, b in writes)
+    # the uncached task is queued as a predict job that delivers through the API
+    (func, args, queue, job_id, _), = [e for e in env if e[0] == "backend.jobs.predict_task"]
+    assert queue == "predict" and args[0] == PID and args[1]["id"] == 5 and args[1]["data"]["image"] == uncached["data"]["image"]
+    assert runtime.get_store().claim(args[3], "web") == "api"
+
+    # a second refresh for the same bank has nothing left to do
+    again = jobs.refresh_project(PID)
+    assert again["posted"] == 0 and again["enqueued"] == 0
+    assert len(ls.writes()) == len(writes)
+
+
+def test_train_project_posts_every_unlabelled_task_once(env, ls, engine, caplog):
+    ls.add_task(1, seed=1, annotations=[annotation(31, 1, [polygon_region("a", "Cat", CAT)])])
+    ls.add_task(2, seed=2)
+    ls.add_task(3, seed=3)
+    ls.tasks[3]["data"]["image"] = "/data/upload/7/missing.png"  # 404: this task fails alone
+    ls.add_task(4, seed=4, annotations=[annotation(32, 4, [], cancelled=True)])  # skipped = unlabelled
+    out = jobs.train_project(PID)
+    assert out["rebuild"]["references"] == 1
+    assert out["tasks"] == 3 and out["posted"] == 2 and out["failed"] == 1
+    posted = sorted(body["task"] for method, _, body in ls.writes() if method == "POST")
+    assert posted == [2, 4]
+    assert engine.propose_calls == 2
+    again = jobs.train_project(PID)  # pressing the button twice posts nothing new
+    assert again["posted"] == 0 and again["skipped"] == 2 and len(ls.writes()) == 2
+    assert "task 3" in caplog.text and TOKEN not in caplog.text
+
+
+def test_ls_connection_falls_back_to_setup_values(env, ls, tmp_path):
+    runtime.configure(settings=Settings.from_env({"MODEL_DIR": str(tmp_path), "NTT_SAM_MODEL": "sam2.1-t",
+                                                  "NTT_DINO_MODEL": "dinov2-s"}))
+    with pytest.raises(LabelStudioAPIError, match="no Label Studio connection"):
+        runtime.get_ls_client(PID)
+    runtime.get_bank_store().set_ls_connection(PID, ls.url, TOKEN)  # what /setup received
+    client = runtime.get_ls_client(PID)
+    assert client.url == ls.url and client.get_project(PID)["label_config"] == LABEL_CONFIG
+    assert runtime.get_fetcher(PID).ls_url == ls.url
+
+
+def test_engine_is_built_once_from_the_settings(monkeypatch, tmp_path):
+    import model.engine
+
+    built = []
+
+    class Recorder:
+        def __init__(self, config):
+            built.append(config)
+
+    monkeypatch.setattr(model.engine, "Engine", Recorder)
+    env = {"MODEL_DIR": str(tmp_path), "NTT_SAM_MODEL": "sam2-s", "NTT_DINO_MODEL": "dinov2-b",
+           "NTT_DEVICE": "cpu", "NTT_SAM_IMAGE_SIZE": "512", "NTT_POINTS_PER_SIDE": "8"}
+    try:
+        for random in ("0", "1"):
+            runtime.reset()
+            runtime.configure(settings=Settings.from_env({**env, "NTT_RANDOM_WEIGHTS": random}))
+            first = runtime.get_engine()
+            assert runtime.get_engine() is first
+    finally:
+        runtime.reset()
+    real, rand = built
+    assert (real.sam_model, real.dino_model, real.device) == ("sam2-s", "dinov2-b", "cpu")
+    assert real.sam_checkpoint == str(tmp_path / "checkpoints" / "sam2_hiera_small.pt")
+    assert real.dino_checkpoint == str(tmp_path / "checkpoints" / "dinov2_vitb14_pretrain.pth")
+    assert real.random_weights is False
+    assert (real.options.sam_image_size, real.options.points_per_side, real.options.dino_image_size) == (512, 8, 518)
+    assert rand.random_weights is True and rand.sam_checkpoint is None and rand.dino_checkpoint is None
+
+
+def test_bank_of_another_engine_is_rebuilt_not_matched(env, ls, engine):
+    _bank_from(ls, env)
+    banks = runtime.get_bank_store()
+    banks.update(PID, lambda bank: None, basis={"engine": "sam2-l+dinov2-l", "config": "x"})
+    task = ls.add_task(2, seed=2)
+    for _ in range(2):
+        item = jobs.predict_task(PID, task, LABEL_CONFIG)
+        assert item["result"] == [] and item["model_version"].endswith("-empty")
+    assert engine.propose_calls == 0
+    assert [(e[0], e[2]) for e in env] == [("backend.jobs.rebuild_bank", "bank")]  # queued once

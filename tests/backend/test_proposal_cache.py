@@ -1,0 +1,106 @@
+"""ProposalCache: exact round trip (same matching output), LRU eviction by bytes, corrupt entries."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from backend.proposal_cache import ProposalCache, cache_key
+from model.bank import MemoryBank
+from model.matching import match
+from model.options import MethodOptions
+from model.types import Proposals
+
+
+def make_proposals(seed: int, n: int = 24, low: int = 16, size=(48, 64), dim: int = 32) -> Proposals:
+    """Blob-like random logits (smooth noise) so that masks and their boundaries are realistic."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, 1, low, low, generator=g)
+    logits = F.avg_pool2d(noise, 5, stride=1, padding=2)[:, 0] * 6 - 0.3
+    desc = F.normalize(torch.randn(n, dim, generator=g), dim=1)
+    iou = torch.rand(n, generator=g) * 0.5 + 0.5
+    return Proposals(logits=logits, iou=iou, descriptors=desc, image_size=size, meta={"seed": seed})
+
+
+def bank_for(props: Proposals) -> MemoryBank:
+    bank = MemoryBank()
+    for i, name in ((0, "cat"), (1, "cat"), (5, "dog"), (9, "bird")):
+        bank.add(name, f"r{i}", props.descriptors[i].numpy() + 0.05)
+    return bank
+
+
+def key(i: int) -> str:
+    return cache_key(f"{i:064x}", "sam2-t+dinov2-s", MethodOptions())
+
+
+def test_key_covers_image_engine_and_options():
+    sha = "ab" * 32
+    k = cache_key(sha, "sam2-t+dinov2-s", MethodOptions())
+    assert len(k) == 64 and k == cache_key(sha, "sam2-t+dinov2-s", MethodOptions())
+    assert k != cache_key("cd" * 32, "sam2-t+dinov2-s", MethodOptions())
+    assert k != cache_key(sha, "sam2-l+dinov2-s", MethodOptions())
+    assert k != cache_key(sha, "sam2-t+dinov2-s", MethodOptions(points_per_side=16))
+    # options that do not change proposals do not change the key
+    assert k == cache_key(sha, "sam2-t+dinov2-s", MethodOptions(max_detections=5, score_threshold=0.3))
+
+
+def test_put_get_gives_identical_matching(tmp_path):
+    cache = ProposalCache(tmp_path, max_bytes=10**8)
+    props = make_proposals(0)
+    assert cache.get(key(0)) is None
+    size = cache.put(key(0), props)
+    assert 0 < size == cache.total_bytes()
+    back = cache.get(key(0))
+    assert back.image_size == (48, 64) and back.meta == {"seed": 0}
+    torch.testing.assert_close(back.descriptors, props.descriptors, rtol=0, atol=0)
+    torch.testing.assert_close(back.iou, props.iou, rtol=0, atol=0)
+    bank = bank_for(props)
+    fresh = match(props, bank, MethodOptions())
+    cached = match(back, bank, MethodOptions())
+    assert len(fresh) >= 3
+    assert fresh.labels == cached.labels
+    np.testing.assert_array_equal(fresh.scores, cached.scores)
+    np.testing.assert_array_equal(fresh.boxes, cached.boxes)
+    for i in range(len(fresh)):
+        np.testing.assert_array_equal(fresh.mask(i), cached.mask(i))
+
+
+def test_shared_folder_between_instances(tmp_path):
+    ProposalCache(tmp_path, max_bytes=10**8).put(key(1), make_proposals(1))
+    assert ProposalCache(tmp_path, max_bytes=10**8).get(key(1)) is not None
+
+
+def test_eviction_keeps_total_under_max_and_drops_least_recently_used(tmp_path):
+    one = len(make_proposals(0).to_bytes())
+    cache = ProposalCache(tmp_path, max_bytes=int(3.5 * one), low_water=1.0)
+    for i in range(3):
+        cache.put(key(i), make_proposals(i))
+        os.utime(cache._path(key(i)), (time.time() - 100 + i, time.time() - 100 + i))
+    assert cache.get(key(0)) is not None  # hit: entry 0 becomes the most recent
+    cache.put(key(3), make_proposals(3))  # over the limit: the LRU entry (1) goes
+    cache.put(key(4), make_proposals(4))  # and then entry 2
+    assert cache.total_bytes() <= int(3.5 * one)
+    present = [i for i in range(5) if cache._path(key(i)).exists()]
+    assert present == [0, 3, 4]
+
+
+def test_corrupt_entry_is_a_miss_and_deleted(tmp_path):
+    cache = ProposalCache(tmp_path, max_bytes=10**8)
+    cache.put(key(0), make_proposals(0))
+    path = cache._path(key(0))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated write from a crashed process
+    assert cache.get(key(0)) is None
+    assert not path.exists()
+    cache.put(key(0), make_proposals(0))
+    assert cache.get(key(0)) is not None
+
+
+def test_rejects_path_like_keys(tmp_path):
+    cache = ProposalCache(tmp_path, max_bytes=10**8)
+    with pytest.raises(ValueError):
+        cache.get("../../etc/passwd")

@@ -1,0 +1,168 @@
+"""The Store contract, run against the real Redis on 127.0.0.1:6379 and the in-memory store."""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+import redis
+
+from backend.store import LockTimeout, MemoryStore, RedisStore
+
+
+@pytest.fixture
+def redis_store():
+    prefix = f"ntt-test-{uuid.uuid4().hex[:10]}:"
+    store = RedisStore("redis://127.0.0.1:6379/0", prefix=prefix)
+    yield store
+    keys = list(store.redis.scan_iter(match=prefix + "*"))
+    if keys:
+        store.redis.delete(*keys)
+
+
+@pytest.fixture(params=["redis", "memory"])
+def store(request, tmp_path):
+    if request.param == "redis":
+        return request.getfixturevalue("redis_store")
+    return MemoryStore(tmp_path / "state", persist_prefixes=("bank:",))
+
+
+def test_strings_and_ttl(store):
+    assert store.get("a") is None
+    store.set("a", "x")
+    assert store.get("a") == b"x"
+    store.set("a", b"\x00\xff")
+    assert store.get("a") == b"\x00\xff"
+    store.set("t", "1", ttl=0.2)
+    assert store.get("t") == b"1"
+    time.sleep(0.35)
+    assert store.get("t") is None
+    assert store.delete("a", "missing") == 1
+    assert store.get("a") is None
+
+
+def test_set_many_and_incr(store):
+    store.set_many({"k1": "1", "k2": b"2"})
+    assert (store.get("k1"), store.get("k2")) == (b"1", b"2")
+    assert [store.incr("n"), store.incr("n"), store.incr("n")] == [1, 2, 3]
+    assert store.get("n") == b"3"
+
+
+def test_setnx_with_ttl(store):
+    assert store.setnx("once", "first", ttl=0.2) is True
+    assert store.setnx("once", "second") is False
+    assert store.get("once") == b"first"
+    time.sleep(0.35)
+    assert store.setnx("once", "third") is True
+    assert store.get("once") == b"third"
+
+
+def test_hashes(store):
+    store.hset("h", {"a": "1", "b": b"2"})
+    store.hset("h", {"b": "3"})
+    assert store.hget("h", "b") == b"3"
+    assert store.hget("h", "zz") is None
+    assert store.hgetall("h") == {"a": b"1", "b": b"3"}
+    assert store.hdel("h", "a", "zz") == 1
+    assert store.hgetall("h") == {"b": b"3"}
+    assert store.hgetall("nothing") == {}
+
+
+def test_sets(store):
+    assert store.sadd("s", "x", "y") == 2
+    assert store.sadd("s", "y", "z") == 1
+    assert store.smembers("s") == {"x", "y", "z"}
+    assert store.srem("s", "x", "q") == 1
+    assert store.smembers("s") == {"y", "z"}
+    assert store.smembers("none") == set()
+
+
+def test_claim_first_caller_wins(store):
+    assert store.claim("deliver:1", "web", ttl=60) == "web"
+    assert store.claim("deliver:1", "api", ttl=60) == "web"
+    assert store.claim("deliver:2", "api", ttl=60) == "api"
+    assert store.claim("deliver:2", "web", ttl=60) == "api"
+
+
+def test_claim_race_has_one_winner(store):
+    winners = []
+    barrier = threading.Barrier(8)
+
+    def contend(i):
+        barrier.wait()
+        winners.append(store.claim("race", f"w{i}", ttl=60))
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(winners) == 8 and len(set(winners)) == 1
+
+
+def test_lock_excludes_and_times_out(store):
+    inside = []
+
+    def hold():
+        with store.lock("L", timeout=5):
+            inside.append("held")
+            time.sleep(0.4)
+            inside.append("releasing")
+
+    t = threading.Thread(target=hold)
+    t.start()
+    while not inside:
+        time.sleep(0.01)
+    with pytest.raises(LockTimeout):
+        with store.lock("L", timeout=5, blocking_timeout=0.1):
+            pass
+    with store.lock("L", timeout=5, blocking_timeout=5):
+        assert inside == ["held", "releasing"]  # got it only after the holder let go
+    t.join()
+
+
+def test_ping(store):
+    assert store.ping() is True
+
+
+def test_prefix_isolates_keys(redis_store):
+    other = RedisStore("redis://127.0.0.1:6379/0", prefix=redis_store.prefix + "other:")
+    redis_store.set("k", "mine")
+    assert other.get("k") is None
+    assert redis_store.redis.get(redis_store.prefix + "k") == b"mine"
+
+
+def test_redis_down_ping_false():
+    store = RedisStore("redis://127.0.0.1:1/0")  # nothing listens on port 1
+    assert store.ping() is False
+    with pytest.raises(redis.exceptions.ConnectionError):
+        store.get("k")
+
+
+def test_memory_store_persists_only_chosen_prefixes(tmp_path):
+    a = MemoryStore(tmp_path, persist_prefixes=("bank:", "tasks:"))
+    a.set_many({"bank:7:data": b"\x01\x02", "bank:7:version": "v1"})
+    a.hset("tasks:7", {"42": '{"x": 1}'})
+    a.sadd("bank:7:ids", "r1", "r2")
+    a.set("scratch", "gone after restart")
+    b = MemoryStore(tmp_path, persist_prefixes=("bank:", "tasks:"))
+    assert b.get("bank:7:data") == b"\x01\x02"
+    assert b.get("bank:7:version") == b"v1"
+    assert b.hgetall("tasks:7") == {"42": b'{"x": 1}'}
+    assert b.smembers("bank:7:ids") == {"r1", "r2"}
+    assert b.get("scratch") is None
+    a.delete("bank:7:data", "bank:7:version", "bank:7:ids")
+    assert MemoryStore(tmp_path, persist_prefixes=("bank:",)).get("bank:7:version") is None
+    # one file per group, no temp files left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tasks%3A7.json"]
+
+
+def test_redis_lock_of_a_dead_holder_expires(redis_store):
+    dead = redis_store.redis.lock(redis_store.prefix + "lock:L", timeout=0.3)
+    assert dead.acquire(blocking=False)  # taken and never released: the worker was SIGKILLed
+    with pytest.raises(LockTimeout):
+        with redis_store.lock("L", blocking_timeout=0.05):
+            pass
+    with redis_store.lock("L", timeout=5, blocking_timeout=3):
+        assert redis_store.redis.ttl(redis_store.prefix + "lock:L") > 1  # now held by us
