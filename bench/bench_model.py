@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--keep-all", action="store_true", help="iou threshold -1: every prompt is a proposal")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    ap.add_argument("--no-cache-stages", action="store_true",
+                    help="skip cache write/read timings (random-weight masks are noise: huge entries)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,20 +143,24 @@ def main(argv: list[str] | None = None) -> None:
                                 lambda: decode_points(engine.sam, state, pts, opts.point_batch_size))
         props = timer.run("IoU filter + descriptor pooling", lambda: build_proposals(
             logits, iou, tokens[0].float(), (h, w), opts))
-        blob = timer.run("proposals -> bytes (cache write)", props.to_bytes)
-        cached = timer.run("bytes -> proposals (cache read)", lambda: Proposals.from_bytes(blob).to(device))
+        if args.no_cache_stages:
+            blob, cached = None, props
+        else:
+            blob = timer.run("proposals -> bytes (cache write)", props.to_bytes)
+            cached = timer.run("bytes -> proposals (cache read)", lambda: Proposals.from_bytes(blob, device))
         lazy = replace(opts, lazy_topk=True)
         naive = replace(opts, lazy_topk=False)
         det, st_l = timer.run("match, lazy top-K (ours)", lambda: match_with_stats(cached, bank, lazy))
         det2, st_n = timer.run("match, reference order (all masks)", lambda: match_with_stats(cached, bank, naive))
         timer.run("cold total (engine.predict)", lambda: engine.predict(image, bank))
-        timer.run("cache-hit re-score (read + match)", lambda: engine.match(Proposals.from_bytes(blob), bank))
+        if blob is not None:
+            timer.run("cache-hit re-score (read + match)", lambda: engine.match(Proposals.from_bytes(blob, device), bank))
     same = (det.labels == det2.labels and np.array_equal(det.scores, det2.scores))
     timer.print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
                 f"{args.sam} @ {opts.sam_image_size} + {args.dino} @ {opts.dino_image_size}, "
                 f"grid {opts.points_per_side}x{opts.points_per_side}, image {h}x{w}, bf16={opts.bf16}, "
                 f"models loaded in {load_s:.1f} s")
-    print(f"proposals: {len(props)}; cache entry {len(blob) / 1024:.0f} KiB; detections {len(det)}; "
+    print(f"proposals: {len(props)}; cache entry {len(blob or b'') / 1024:.0f} KiB; detections {len(det)}; "
           f"full-res masks computed lazy/reference: {st_l.upsampled}/{st_n.upsampled}; identical: {same}")
     print(f"bank: {len(bank)} refs, {len(bank.to_bytes()) / len(bank):.0f} bytes per reference")
 

@@ -55,7 +55,9 @@ def timed(fn, repeat: int = 5):
 
 
 def parity_check() -> None:
-    """Small models: proposals on CUDA match CPU (fp32)."""
+    """Small models: proposals on CUDA match CPU (fp32, TF32 off for this check only)."""
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
     opts = replace(MethodOptions(), sam_image_size=512, dino_image_size=224, points_per_side=8,
                    iou_threshold=-1.0)
     img = synthetic_image(300, 400, seed=1)
@@ -70,6 +72,7 @@ def parity_check() -> None:
     desc_cos = torch.nn.functional.cosine_similarity(pc.descriptors, pg.descriptors.cpu()).min().item()
     print(f"[parity] CPU vs CUDA small model: {len(pc)}/{len(pg)} proposals, max |dIoU| {iou_diff:.2e}, "
           f"mask sign agreement {sign_agree:.5f}, min descriptor cosine {desc_cos:.6f}")
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def main() -> None:
@@ -83,8 +86,6 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU dry run with tiny models (checks the script)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     dev = "cpu" if args.smoke else "cuda"
     small = dict(sam_image_size=256, dino_image_size=112, points_per_side=4) if args.smoke else {}
     if args.smoke:

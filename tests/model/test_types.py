@@ -1,0 +1,75 @@
+"""Proposals' compact cache encoding: exact where it matters (thresholded full-res masks)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.types import Detections, Proposals, _sign_boundary
+
+
+def _maxpool_boundary(signs: torch.Tensor, r: int) -> torch.Tensor:
+    x = signs.float()[:, None]
+    k = 2 * r + 1
+    dil = F.max_pool2d(x, k, stride=1, padding=r)
+    ero = -F.max_pool2d(-x, k, stride=1, padding=r)
+    return (dil != ero)[:, 0]
+
+
+@pytest.mark.parametrize("radius", [1, 2, 4])
+def test_boolean_boundary_equals_maxpool_definition(radius: int) -> None:
+    g = torch.Generator().manual_seed(radius)
+    signs = torch.rand(5, 23, 31, generator=g) > 0.7
+    signs[0] = True   # uniform mask: no boundary
+    signs[1] = False
+    assert torch.equal(_sign_boundary(signs, radius), _maxpool_boundary(signs, radius))
+    assert not _sign_boundary(signs, radius)[:2].any()
+
+
+def _smooth_logits(n: int, side: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 1, 6, 6, generator=g)
+    return F.interpolate(base, (side, side), mode="bicubic", align_corners=False)[:, 0] * 5
+
+
+@pytest.mark.parametrize("size", [(480, 640), (97, 131), (40, 30), (13, 200), (256, 256)])
+def test_round_trip_reproduces_full_resolution_masks_exactly(size: tuple[int, int]) -> None:
+    logits = _smooth_logits(6, 64, seed=size[0])
+    logits[0] = -2.0                      # an all-negative mask
+    desc = F.normalize(torch.randn(6, 16), dim=1)
+    p = Proposals(logits, torch.rand(6), desc, size, meta={"k": 1})
+    q = Proposals.from_bytes(p.to_bytes())
+    up = lambda L: F.interpolate(L[:, None], size, mode="bilinear", align_corners=False, antialias=True)[:, 0] > 0
+    assert torch.equal(up(p.logits), up(q.logits))
+    assert torch.equal(p.logits > 0, q.logits > 0)
+    assert torch.equal(p.descriptors, q.descriptors) and torch.equal(p.iou, q.iou)
+    assert q.image_size == size and q.meta == {"k": 1}
+
+
+def test_empty_proposals_round_trip() -> None:
+    p = Proposals(torch.zeros(0, 64, 64), torch.zeros(0), torch.zeros(0, 8), (50, 60))
+    q = Proposals.from_bytes(p.to_bytes())
+    assert len(q) == 0 and q.logits.shape == (0, 64, 64) and q.descriptors.shape == (0, 8)
+
+
+def test_smooth_masks_are_compact() -> None:
+    logits = _smooth_logits(50, 256, seed=3)
+    p = Proposals(logits, torch.rand(50), F.normalize(torch.randn(50, 1024), dim=1), (768, 1024))
+    blob = p.to_bytes()
+    raw = logits.numel() * 4
+    # descriptors (50 x 1024 float32 = 200 KiB) dominate; masks shrink >10x vs raw float32 logits
+    assert len(blob) - 50 * 1024 * 4 < raw / 10
+
+
+def test_corrupt_or_foreign_bytes_raise() -> None:
+    with pytest.raises(Exception):
+        Proposals.from_bytes(b"not an npz")
+
+
+def test_detections_mask_from_crop() -> None:
+    crop = np.array([[True, False], [True, True]])
+    d = Detections((4, 5), np.array([[1, 2, 2, 3]], np.float32), np.array([0.9], np.float32), ["a"], [(1, 2, crop)])
+    full = d.mask(0)
+    assert full.shape == (4, 5) and full.sum() == 3 and full[2, 1] and full[3, 2] and not full[2, 2]
+    assert len(Detections.empty((3, 3))) == 0
