@@ -246,14 +246,16 @@ class ImageFetcher:
     def _store(self, path: Path, data: bytes) -> None:
         if len(data) > self.max_cache_bytes:
             return
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".tmp-")
-        try:
+        tmp = None
+        try:  # a full or read-only disk costs the cache, never the image
+            fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".tmp-")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
         except OSError as e:
             log.warning("cannot write image cache %s: %s", path, e)
-            Path(tmp).unlink(missing_ok=True)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
             return
         self._evict()
 

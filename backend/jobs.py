@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 
+import numpy as np
+
 from backend import queueing, runtime
-from backend.annotations import regions_to_references
+from backend.annotations import Reference, regions_to_references
 from backend.bank_store import bank_version
 from backend.errors import BadRequest, LabelStudioAPIError
 from backend.images import LoadedImage
@@ -38,6 +41,7 @@ REFRESH_BATCH = 50           # tasks re-scored, posted and recorded per round (p
 LOG_EVERY = 25               # train_project logs a progress line every N tasks
 OUR_VERSION_PREFIX = "ntt-"  # model_version prefix of the predictions this backend made
 REBUILD_DEDUP_S = 600        # at most one engine-change rebuild queued per project in this window
+MAX_COORDINATE = 1e4         # |percent| beyond which region coordinates are garbage (LS uses 0..100)
 
 
 def _progress(done: int, total: int, **fields) -> None:
@@ -85,7 +89,10 @@ def _proposals(image: LoadedImage) -> tuple[Proposals, str]:
     proposals = cache.get(key)
     if proposals is None:
         proposals = engine.propose(image.array)
-        cache.put(key, proposals)
+        try:
+            cache.put(key, proposals)
+        except OSError as exc:  # disk full, read-only: predict anyway, uncached
+            log.warning("proposal cache: cannot store %s (%s); predicting without caching", key[:12], exc)
     return proposals, key
 
 
@@ -127,7 +134,7 @@ def _post(client: LabelStudioClient, task_id: int, item: dict, known_id: int | N
     if prediction_id is not None:
         try:
             client.update_prediction(prediction_id, result=item["result"], score=item["score"],
-                                     model_version=item["model_version"])
+                                     model_version=item["model_version"], task_id=task_id)
             return prediction_id
         except LabelStudioAPIError as exc:
             if exc.status != 404:  # deleted in LS meanwhile: create a new one below
@@ -169,14 +176,67 @@ def _deliver(pid: int, items: dict[int, dict]) -> dict:
     return counts
 
 
+def _regions(annotation: dict) -> list:
+    result = annotation.get("result")
+    return result if isinstance(result, list) else []
+
+
 def _has_regions(annotation: dict) -> bool:
-    return any(isinstance(r, dict) and r.get("type") in SUPPORTED_CONTROLS for r in annotation.get("result") or [])
+    return any(isinstance(r, dict) and r.get("type") in SUPPORTED_CONTROLS for r in _regions(annotation))
+
+
+def _region_problem(region: object) -> str | None:
+    """Why an annotation's `result` entry is unsafe to hand to the rasterisers (None if it is not).
+
+    The entries come straight from the webhook payload. pycocotools' polygon rasteriser crashes the
+    whole process (SIGSEGV) on NaN or huge coordinates, and a brush RLE is decoded into
+    original_width x original_height pixels, so both are bounded here, before any decoding.
+    """
+    if not isinstance(region, dict):
+        return "not a region object"
+    if not all(isinstance(region.get(k), (str, type(None))) for k in ("type", "from_name", "to_name")):
+        return "type, from_name and to_name must be strings"
+    value = region.get("value")
+    if not isinstance(value, dict):
+        return None  # regions_to_references skips it as malformed
+    try:
+        numbers = [float(value[k]) for k in ("x", "y", "width", "height", "rotation") if value.get(k) is not None]
+        if value.get("points") is not None:
+            numbers += np.asarray(value["points"], dtype=np.float64).ravel().tolist()
+        size = [float(region[k]) for k in ("original_width", "original_height") if region.get(k) is not None]
+    except (TypeError, ValueError):
+        return "coordinates or size are not numbers"
+    if not all(math.isfinite(n) and abs(n) <= MAX_COORDINATE for n in numbers):
+        return f"coordinates are not finite numbers within +-{MAX_COORDINATE:g} percent"
+    if not all(math.isfinite(n) and n >= 0 for n in size) or math.prod(size) > runtime.get_settings().max_image_pixels:
+        return "original_width x original_height is not a size within MAX_IMAGE_PIXELS"
+    rle = value.get("rle")
+    if rle is not None and not (isinstance(rle, list)
+                                and all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in rle)):
+        return "brush RLE is not a list of byte values"
+    return None
+
+
+def annotation_references(annotation: dict, config: LabelConfig, image_size: tuple[int, int]) -> list[Reference]:
+    """References of one annotation's regions (image_size: W, H of the loaded image).
+
+    Entries that are not region objects, or whose numbers could crash or exhaust the rasterisers,
+    are skipped with a warning, like every other unusable region.
+    """
+    usable = []
+    for n, region in enumerate(_regions(annotation)):
+        problem = _region_problem(region)
+        if problem:
+            rid = region.get("id") if isinstance(region, dict) else None
+            log.warning("skipping region %s of annotation %s: %s", rid or n, annotation.get("id"), problem)
+            continue
+        usable.append(region if region.get("id") else {**region, "id": str(n)})  # ids as before filtering
+    return regions_to_references(usable, config, image_size=image_size, annotation_id=annotation["id"])
 
 
 def _encode_annotation(image: LoadedImage, annotation: dict, config: LabelConfig) -> list[tuple[str, str, object]]:
     """(class, ref_id, descriptor) of every usable region of one annotation."""
-    refs = regions_to_references(annotation.get("result") or [], config, image_size=(image.width, image.height),
-                                 annotation_id=annotation["id"])
+    refs = annotation_references(annotation, config, (image.width, image.height))
     if not refs:
         return []
     descriptors = runtime.get_engine().encode_references(
@@ -220,8 +280,8 @@ def apply_webhook(pid: int, event: str, payload: dict) -> dict:
         if stored is not None and stored != _basis(xml):  # config or models changed: start over
             return {"event": event, "rebuild": rebuild_bank(pid)}
         annotation, task = payload.get("annotation") or {}, payload.get("task") or {}
-        if "id" not in annotation:
-            raise BadRequest(f"{event} without annotation id")
+        if not isinstance(annotation, dict) or not isinstance(task, dict) or "id" not in annotation:
+            raise BadRequest(f"{event} without an annotation object with an id")
         if "data" not in task and "id" in task:
             task = runtime.get_ls_client(pid).get_task(int(task["id"]))
         config = parse_label_config(xml)
@@ -331,6 +391,9 @@ def train_project(pid: int) -> dict:
         task_id = int(task["id"])
         try:
             item, fields = _predict_one(pid, task_id, _image_url(task, config), config, bank)
+            stored = {p.get("model_version") for p in task.get("predictions") or [] if isinstance(p, dict)}
+            if "predictions" in task and item["model_version"] not in stored:
+                fields = {**fields, "prediction_id": None, "result_hash": None}  # deleted in LS: post again
             registry.update(pid, {task_id: fields})
             for key, value in _deliver(pid, {task_id: item}).items():
                 counts[key] += value

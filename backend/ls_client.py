@@ -221,10 +221,11 @@ class LabelStudioClient:
             "task": int(task_id), "result": result, "score": score, "model_version": model_version})
 
     def update_prediction(self, prediction_id: int, *, result: list[dict] | None = None,
-                          score: float | None = None, model_version: str | None = None) -> dict:
-        """PATCH only the given fields."""
-        body = {k: v for k, v in (("result", result), ("score", score), ("model_version", model_version))
-                if v is not None}
+                          score: float | None = None, model_version: str | None = None,
+                          task_id: int | None = None) -> dict:
+        """PATCH only the given fields (LS strict validation needs the task id with a result)."""
+        body = {k: v for k, v in (("result", result), ("score", score), ("model_version", model_version),
+                                  ("task", task_id)) if v is not None}
         return self._request("PATCH", f"api/predictions/{int(prediction_id)}/", json=body)
 
     def delete_prediction(self, prediction_id: int) -> None:

@@ -1,0 +1,10 @@
+"""WSGI entry point: `gunicorn --bind :9090 --workers 1 --threads 8 --timeout 0 _wsgi:app`."""
+import logging
+
+from backend import runtime
+from backend.app import create_app
+
+logging.basicConfig(level=runtime.get_settings().log_level,
+                    format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+app = create_app()

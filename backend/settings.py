@@ -1,0 +1,343 @@
+"""Every environment variable of the backend, read and validated in one place.
+
+`Settings.from_env()` is called once per process (web, worker); a bad value stops the process at
+start with a message naming the variable, instead of failing later inside a job. The README's
+table comes from `env_table()`, i.e. from the `help` text of each field below.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+from model.options import MethodOptions
+
+SAM_MODELS = ("sam2-t", "sam2-s", "sam2-b+", "sam2-l", "sam2.1-t", "sam2.1-s", "sam2.1-b+", "sam2.1-l")
+DINO_MODELS = ("dinov2-s", "dinov2-b", "dinov2-l", "dinov2-g")
+
+# Official file names (as downloaded from Meta) of each model's checkpoint.
+_SAM_SIZE = {"t": "tiny", "s": "small", "b+": "base_plus", "l": "large"}
+_DINO_FILE = "dinov2_vit{}14_pretrain.pth"
+
+
+class SettingsError(ValueError):
+    """A bad environment variable; the message names it."""
+
+
+def official_checkpoint_name(model: str) -> str:
+    """File name of the official checkpoint of a SAM2 or DINOv2 model name."""
+    if model.startswith("sam2"):
+        family, size = model.split("-", 1)
+        return f"{family}_hiera_{_SAM_SIZE[size]}.pt"
+    return _DINO_FILE.format(model.split("-", 1)[1])
+
+
+# ------------------------------------------------------------------------------------------ parsers
+def _str(raw: str) -> str:
+    return raw.strip()
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected a boolean (1/0, true/false, yes/no, on/off)")
+
+
+def _number(raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError("expected a number") from None
+
+
+def _positive_int(raw: str) -> int:
+    value = _number(raw)  # accepts "40e6"
+    if not (value > 0 and value.is_integer()):
+        raise ValueError("expected a positive integer")
+    return int(value)
+
+
+def _nonneg_float(raw: str) -> float:
+    value = _number(raw)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("expected a finite number >= 0")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = _nonneg_float(raw)
+    if value == 0:
+        raise ValueError("expected a number > 0")
+    return value
+
+
+def _unit_float(raw: str) -> float:
+    value = _number(raw)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("expected a number between 0 and 1")
+    return value
+
+
+def _path(raw: str) -> Path:
+    if not raw.strip():
+        raise ValueError("expected a path")
+    return Path(raw.strip()).expanduser()
+
+
+def _http_url(raw: str) -> str:
+    url = raw.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("expected an http(s) URL such as http://label-studio:8080")
+    return url
+
+
+def _redis_url(raw: str) -> str:
+    url = raw.strip()
+    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("expected redis://host:port/db, rediss://… or unix://…")
+    return url
+
+
+def _queue_prefix(raw: str) -> str:
+    value = raw.strip()
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]+", value):
+        raise ValueError("expected letters, digits, '_', '-', '.' or ':'")
+    return value
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}")
+        return value
+    return parse
+
+
+def _device(raw: str) -> str | None:
+    value = raw.strip().lower()
+    if value in ("", "auto"):
+        return None
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", value):
+        raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
+    return value
+
+
+def _hosts(raw: str) -> tuple[str, ...]:
+    return tuple(h.strip().lower() for h in raw.split(",") if h.strip())
+
+
+def _log_level(raw: str) -> str:
+    value = raw.strip().upper()
+    if not isinstance(logging.getLevelName(value), int):
+        raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return value
+
+
+def _var(env: str, default: Any, help: str, parse: Callable[[str], Any] = _str, *,
+         aliases: tuple[str, ...] = (), secret: bool = False, default_doc: str | None = None) -> Any:
+    """A dataclass field bound to an environment variable (and its aliases, tried in order)."""
+    meta = {"env": env, "aliases": aliases, "help": help, "parse": parse, "secret": secret,
+            "default_doc": default_doc}
+    return field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class Settings:
+    """Process configuration. Secrets never appear in repr() (they are masked)."""
+
+    label_studio_url: str | None = _var(
+        "LABEL_STUDIO_URL", None, "Label Studio base URL reachable from this backend; used for image "
+        "downloads and posting predictions (else the `hostname` sent by /setup).", _http_url,
+        aliases=("LABEL_STUDIO_HOST",), default_doc="unset")
+    label_studio_api_key: str | None = _var(
+        "LABEL_STUDIO_API_KEY", None, "Label Studio legacy token or personal access token (PAT); "
+        "else the `access_token` sent by /setup.", aliases=("LABEL_STUDIO_ACCESS_TOKEN",), secret=True,
+        default_doc="unset")
+    basic_auth_user: str | None = _var(
+        "BASIC_AUTH_USER", None, "HTTP Basic auth user required on every route (with BASIC_AUTH_PASS).",
+        default_doc="unset")
+    basic_auth_pass: str | None = _var(
+        "BASIC_AUTH_PASS", None, "HTTP Basic auth password.", secret=True, default_doc="unset")
+    model_dir: Path = _var(
+        "MODEL_DIR", Path("./data"), "Backend state: checkpoints, webhook spool, embedded-mode store.",
+        _path, default_doc="`./data`")
+    cache_dir: Path | None = _var(
+        "CACHE_DIR", None, "Image and proposal caches (local disk shared by the workers of one host).",
+        _path, default_doc="`$MODEL_DIR/cache`")
+    redis_url: str | None = _var(
+        "REDIS_URL", None, "Redis for the bank store and RQ queues; unset = embedded in-process worker "
+        "thread (single process, nothing shared).", _redis_url, secret=True, default_doc="unset")
+    queue_prefix: str = _var(
+        "NTT_QUEUE_PREFIX", "ntt", "Prefix of the RQ queue names (`<prefix>-bank`, `<prefix>-predict`); "
+        "lets several deployments share one Redis.", _queue_prefix, default_doc="`ntt`")
+    sam_model: str = _var(
+        "NTT_SAM_MODEL", "sam2-l", f"SAM2 model ({', '.join(SAM_MODELS)}).", _choice(SAM_MODELS),
+        default_doc="`sam2-l`")
+    dino_model: str = _var(
+        "NTT_DINO_MODEL", "dinov2-l", f"DINOv2 model ({', '.join(DINO_MODELS)}).", _choice(DINO_MODELS),
+        default_doc="`dinov2-l`")
+    sam_checkpoint: Path | None = _var(
+        "NTT_SAM_CHECKPOINT", None, "SAM2 checkpoint file (official Meta .pt).", _path,
+        default_doc="`$MODEL_DIR/checkpoints/<official file name>`")
+    dino_checkpoint: Path | None = _var(
+        "NTT_DINO_CHECKPOINT", None, "DINOv2 checkpoint file (official Meta .pth).", _path,
+        default_doc="`$MODEL_DIR/checkpoints/<official file name>`")
+    random_weights: bool = _var(
+        "NTT_RANDOM_WEIGHTS", False, "Build the models with random weights (tests and benchmarks only; "
+        "predictions are meaningless).", _bool, default_doc="`0`")
+    device: str | None = _var(
+        "NTT_DEVICE", None, "Torch device of the workers: auto, cpu, cuda, cuda:N, mps.", _device,
+        default_doc="`auto` (CUDA if present)")
+    sam_image_size: int | None = _var(
+        "NTT_SAM_IMAGE_SIZE", None, "Override of the SAM2 input side (method: 1024).", _positive_int,
+        default_doc="method default")
+    dino_image_size: int | None = _var(
+        "NTT_DINO_IMAGE_SIZE", None, "Override of the DINOv2 input side (method: 518).", _positive_int,
+        default_doc="method default")
+    points_per_side: int | None = _var(
+        "NTT_POINTS_PER_SIDE", None, "Override of the SAM2 point grid side (method: 32).", _positive_int,
+        default_doc="method default")
+    point_batch: int | None = _var(
+        "NTT_POINT_BATCH", None, "Prompts per SAM2 decoder call (memory only, results unchanged).",
+        _positive_int, default_doc="method default")
+    bf16: bool | None = _var(
+        "NTT_BF16", None, "bf16 autocast of the encoders on CUDA (deviation from the fp32 reference).",
+        _bool, default_doc="`0`")
+    score_threshold: float = _var(
+        "SCORE_THRESHOLD", 0.5, "Minimum region score in pre-annotations (the method itself has none); "
+        "a control's `model_score_threshold` attribute overrides it.", _unit_float, default_doc="`0.5`")
+    max_detections: int = _var(
+        "MAX_DETECTIONS", 100, "Maximum regions per task (`model_max_detections` attribute overrides).",
+        _positive_int, default_doc="`100`")
+    polygon_tolerance: float = _var(
+        "POLYGON_TOLERANCE", 1.5, "Polygon simplification tolerance in pixels "
+        "(`model_polygon_tolerance` attribute overrides).", _nonneg_float, default_doc="`1.5`")
+    predict_budget_s: float = _var(
+        "PREDICT_BUDGET_S", 80.0, "Time /predict waits for results; later ones are posted to Label "
+        "Studio by the workers. Keep it under LS's ML_TIMEOUT_PREDICT (100 s).", _positive_float,
+        default_doc="`80`")
+    worker_heartbeat_s: float = _var(
+        "WORKER_HEARTBEAT_S", 10.0, "RQ worker heartbeat while a job runs; a job whose worker died is "
+        "requeued by the next worker after ~3 missed beats.", _positive_float, default_doc="`10`")
+    job_timeout_s: int = _var(
+        "JOB_TIMEOUT_S", 3600, "Hard limit of one queued job (START_TRAINING batch jobs get 24 h).",
+        _positive_int, default_doc="`3600`")
+    image_cache_mb: int = _var(
+        "IMAGE_CACHE_MB", 2048, "Size bound of the on-disk image cache.", _positive_int,
+        default_doc="`2048`")
+    proposal_cache_mb: int = _var(
+        "PROPOSAL_CACHE_MB", 4096, "Size bound of the on-disk proposal cache (SAM2 masks + DINOv2 "
+        "descriptors per image).", _positive_int, default_doc="`4096`")
+    max_image_pixels: int = _var(
+        "MAX_IMAGE_PIXELS", 40_000_000, "Larger images are refused (per-task error).", _positive_int,
+        default_doc="`40000000`")
+    max_image_bytes: int = _var(
+        "MAX_IMAGE_BYTES", 64 * 2**20, "Larger image downloads are refused (per-task error).",
+        _positive_int, default_doc="`67108864`")
+    max_request_mb: float = _var(
+        "MAX_REQUEST_MB", 64.0, "Larger request bodies get 413.", _positive_float, default_doc="`64`")
+    local_files_document_root: Path | None = _var(
+        "LOCAL_FILES_DOCUMENT_ROOT", None, "Read `/data/local-files/?d=…` images from this folder "
+        "directly (same as LS's); paths cannot escape it.", _path,
+        aliases=("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT",), default_doc="unset (download from LS)")
+    allowed_image_hosts: tuple[str, ...] = _var(
+        "ALLOWED_IMAGE_HOSTS", (), "Comma-separated extra hosts images may be downloaded from (the "
+        "Label Studio host is always allowed; credentials are only sent to it).", _hosts,
+        default_doc="empty")
+    log_level: str = _var(
+        "LOG_LEVEL", "INFO", "Python log level.", _log_level, default_doc="`INFO`")
+
+    # ----------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Read and validate every variable; raise SettingsError naming the first bad one."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            meta = f.metadata
+            for name in (meta["env"], *meta["aliases"]):
+                raw = env.get(name)
+                if raw is None or not raw.strip():  # empty (e.g. `BASIC_AUTH_USER=` in compose) = unset
+                    continue
+                try:
+                    values[f.name] = meta["parse"](raw)
+                except (ValueError, TypeError) as exc:
+                    shown = _mask(raw) if meta["secret"] else repr(raw)
+                    raise SettingsError(f"Invalid {name}={shown}: {exc}") from None
+                break
+        return cls(**values)._resolved()
+
+    def _resolved(self) -> "Settings":
+        """Fill defaults that depend on other variables."""
+        if (self.basic_auth_user is None) != (self.basic_auth_pass is None):
+            raise SettingsError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
+        ckpt = self.model_dir / "checkpoints"
+        return replace(
+            self,
+            cache_dir=self.cache_dir or self.model_dir / "cache",
+            sam_checkpoint=self.sam_checkpoint or ckpt / official_checkpoint_name(self.sam_model),
+            dino_checkpoint=self.dino_checkpoint or ckpt / official_checkpoint_name(self.dino_model),
+        )
+
+    # ----------------------------------------------------------------------------------- derived
+    @property
+    def spool_dir(self) -> Path:
+        """Webhooks received while Redis was down wait here (see backend.app)."""
+        return self.model_dir / "spool"
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.basic_auth_user is not None and self.basic_auth_pass is not None)
+
+    def queue_name(self, queue: str) -> str:
+        """Full RQ queue name of a logical queue ("bank" or "predict")."""
+        return f"{self.queue_prefix}-{queue}"
+
+    def method_options(self, base: MethodOptions | None = None) -> MethodOptions:
+        """MethodOptions with the NTT_* overrides applied (unset ones keep the method's values)."""
+        overrides = {"sam_image_size": self.sam_image_size, "dino_image_size": self.dino_image_size,
+                     "points_per_side": self.points_per_side, "point_batch_size": self.point_batch,
+                     "bf16": self.bf16}
+        return replace(base or MethodOptions(), **{k: v for k, v in overrides.items() if v is not None})
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            shown.append(f"{f.name}={_mask(value) if f.metadata['secret'] else repr(value)}")
+        return f"Settings({', '.join(shown)})"
+
+    __str__ = __repr__
+
+
+def _mask(value: Any) -> str:
+    """Secrets as '***'; a URL keeps everything but its password (redis://:***@host:6379/0)."""
+    if value is None:
+        return "None"
+    parts = urlsplit(str(value))
+    if parts.scheme and parts.netloc:
+        if parts.password is None:
+            return repr(str(value))
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return repr(parts._replace(netloc=netloc).geturl())
+    return "'***'"
+
+
+def env_table() -> str:
+    """Markdown table of every variable (README)."""
+    rows = ["| Variable | Default | Description |", "|---|---|---|"]
+    for f in fields(Settings):
+        meta = f.metadata
+        name = " / ".join(f"`{n}`" for n in (meta["env"], *meta["aliases"]))
+        rows.append(f"| {name} | {meta['default_doc']} | {meta['help']} |")
+    return "\n".join(rows)

@@ -1,0 +1,302 @@
+"""backend.queueing: the embedded worker thread, RQ on the real Redis, and the webhook spool."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import replace
+
+import pytest
+import redis
+from rq import SimpleWorker
+from rq.job import Job
+
+from backend import queueing, runtime
+from backend.settings import Settings
+from backend.worker import NTTWorker
+
+MOD = __name__  # jobs below are referenced by import path, like backend.jobs functions
+
+ORDER: list[str] = []
+GATE = threading.Event()
+CALLS: dict[str, int] = {}
+
+
+def record(name: str) -> str:
+    ORDER.append(name)
+    return name
+
+
+def block_then_record(name: str) -> str:
+    assert GATE.wait(10)
+    return record(name)
+
+
+def add(a: int, b: int = 0) -> int:
+    return a + b
+
+
+def boom(message: str) -> None:
+    raise ValueError(message)
+
+
+def flaky(key: str, failures: int) -> str:
+    """Fails `failures` times per key, then succeeds."""
+    CALLS[key] = CALLS.get(key, 0) + 1
+    if CALLS[key] <= failures:
+        raise RuntimeError(f"attempt {CALLS[key]} failed")
+    return f"ok after {CALLS[key]}"
+
+
+def slow(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def progress(total: int) -> int:
+    for done in range(1, total + 1):
+        queueing.update_meta(done=done, total=total)
+    return total
+
+
+def wait_done(job_id: str, timeout: float = 10.0) -> queueing.JobInfo:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        info = queueing.fetch(job_id)
+        if info is not None and info.done:
+            return info
+        time.sleep(0.01)
+    raise AssertionError(f"job {job_id} not done after {timeout} s: {queueing.fetch(job_id)}")
+
+
+# --------------------------------------------------------------------------------------- embedded
+@pytest.fixture
+def embedded(monkeypatch):
+    monkeypatch.setattr(queueing, "_backend", queueing.EmbeddedBackend())
+    monkeypatch.setattr(queueing, "_backend_settings", runtime.get_settings())
+    assert runtime.get_settings().redis_url is None
+    ORDER.clear()
+    CALLS.clear()
+    GATE.clear()
+    yield queueing._backend
+    GATE.set()
+
+
+def test_embedded_worker_starts_lazily_and_runs_by_import_path(embedded):
+    assert queueing.health()["worker_started"] is False
+    job_id = queueing.enqueue(f"{MOD}.add", 2, b=3, queue="predict", meta={"project": 7})
+    info = wait_done(job_id)
+    assert (info.status, info.result, info.error, info.meta) == ("finished", 5, None, {"project": 7})
+    assert info.func == f"{MOD}.add" and info.enqueued_at <= info.ended_at
+    assert [m.result if m else None for m in queueing.fetch_many([job_id, "nope"])] == [5, None]
+    assert queueing.health() == {"mode": "embedded", "ok": True, "queued": {"bank": 0, "predict": 0},
+                                 "worker_started": True}
+
+
+def test_embedded_bank_jobs_run_before_waiting_predict_jobs(embedded):
+    first = queueing.enqueue(f"{MOD}.block_then_record", "busy", queue="predict")
+    time.sleep(0.05)  # the thread is now inside `first`
+    p1 = queueing.enqueue(f"{MOD}.record", "p1", queue="predict")
+    p2 = queueing.enqueue(f"{MOD}.record", "p2", queue="predict")
+    b1 = queueing.enqueue(f"{MOD}.record", "b1", queue="bank")
+    assert queueing.health()["queued"] == {"bank": 1, "predict": 2}
+    assert queueing.fetch(first).status == "started" and queueing.fetch(b1).status == "queued"
+    GATE.set()
+    for job in (first, p1, p2, b1):
+        wait_done(job)
+    assert ORDER == ["busy", "b1", "p1", "p2"]
+
+
+def test_embedded_failure_keeps_only_the_error_line(embedded):
+    info = wait_done(queueing.enqueue(f"{MOD}.boom", "bad input", retries=0))
+    assert (info.status, info.error, info.result) == ("failed", "ValueError: bad input", None)
+
+
+def test_embedded_retries(embedded):
+    ok = wait_done(queueing.enqueue(f"{MOD}.flaky", "a", 2, retries=2))
+    assert (ok.status, ok.result) == ("finished", "ok after 3")
+    failed = wait_done(queueing.enqueue(f"{MOD}.flaky", "b", 2, retries=1))
+    assert (failed.status, failed.error) == ("failed", "RuntimeError: attempt 2 failed")
+    assert CALLS == {"a": 3, "b": 2}
+
+
+def test_embedded_progress_meta(embedded):
+    info = wait_done(queueing.enqueue(f"{MOD}.progress", 4, queue="bank", meta={"event": "START_TRAINING"}))
+    assert info.meta == {"event": "START_TRAINING", "done": 4, "total": 4}
+
+
+def test_embedded_history_is_bounded_newest_first(monkeypatch):
+    monkeypatch.setattr(queueing, "_backend", queueing.EmbeddedBackend(history=3))
+    monkeypatch.setattr(queueing, "_backend_settings", runtime.get_settings())
+    ids = [queueing.enqueue(f"{MOD}.add", i) for i in range(5)]
+    wait_done(ids[-1])
+    jobs = queueing.list_jobs(10)
+    assert [j.id for j in jobs] == ids[:-4:-1]
+    assert [j.result for j in jobs] == [4, 3, 2]
+    assert queueing.fetch(ids[0]) is None
+
+
+def test_unknown_queue_is_refused(embedded):
+    with pytest.raises(ValueError, match="unknown queue 'gpu'"):
+        queueing.enqueue(f"{MOD}.add", 1, queue="gpu")
+
+
+# --------------------------------------------------------------------------------------- RQ
+@pytest.fixture
+def rq_settings():
+    prefix = f"qtest-{uuid.uuid4().hex[:8]}"
+    settings = replace(Settings.from_env(), redis_url=os.environ["NTT_TEST_REDIS_URL"], queue_prefix=prefix)
+    runtime.reset()
+    runtime.configure(settings=settings)
+    yield settings
+    conn = queueing.backend().redis
+    for info in queueing.list_jobs(1000):
+        Job.fetch(info.id, connection=conn).delete()
+    for queue in queueing.backend().queues.values():
+        queue.delete(delete_jobs=True)  # also leaves rq's global queue set
+    patterns = [f"{prefix}:*"] + [f"rq:*{settings.queue_name(q)}*" for q in queueing.QUEUES]
+    for pattern in patterns:
+        for key in conn.scan_iter(match=pattern):
+            conn.delete(key)
+    runtime.reset()
+
+
+def run_burst(settings: Settings) -> None:
+    conn = redis.Redis.from_url(settings.redis_url)
+    worker = SimpleWorker([queueing.backend().queues[q] for q in queueing.QUEUES], connection=conn)
+    worker.work(burst=True)
+
+
+def test_rq_enqueue_fetch_health_and_meta(rq_settings):
+    assert queueing.backend().mode == "rq"
+    ok = queueing.enqueue(f"{MOD}.add", 20, b=22, queue="predict", meta={"project": 3})
+    bad = queueing.enqueue(f"{MOD}.boom", "no image", queue="bank", retries=0)
+    prog = queueing.enqueue(f"{MOD}.progress", 3, queue="bank")
+    health = queueing.health(max_age=0)
+    assert health["ok"] is True and health["queued"] == {"bank": 2, "predict": 1}
+    assert queueing.fetch(ok).status == "queued"
+
+    run_burst(rq_settings)
+
+    info = queueing.fetch(ok)
+    assert (info.status, info.result, info.meta, info.error) == ("finished", 42, {"project": 3}, None)
+    failed = queueing.fetch(bad)
+    assert (failed.status, failed.error) == ("failed", "ValueError: no image")
+    assert queueing.fetch(prog).meta == {"done": 3, "total": 3}
+    assert queueing.health(max_age=0)["queued"] == {"bank": 0, "predict": 0}
+    assert {j.id for j in queueing.list_jobs(10)} == {ok, bad, prog}
+    assert queueing.fetch("no-such-job") is None
+    many = queueing.fetch_many([ok, "no-such-job", bad])
+    assert [(m.id, m.status) if m else None for m in many] == [(ok, "finished"), None, (bad, "failed")]
+
+
+def test_rq_job_options(rq_settings):
+    wanted = f"fixed-{uuid.uuid4().hex}"
+    job_id = queueing.enqueue(f"{MOD}.add", 1, queue="bank", retries=2, timeout=77, job_id=wanted)
+    job = Job.fetch(job_id, connection=queueing.backend().redis)
+    assert job_id == wanted
+    assert (job.retries_left, job.retry_intervals, job.timeout) == (2, [5, 30], 77)
+    assert (job.result_ttl, job.failure_ttl) == (queueing.RESULT_TTL_S, queueing.FAILURE_TTL_S)
+    assert job.origin == f"{rq_settings.queue_prefix}-bank"
+    default = Job.fetch(queueing.enqueue(f"{MOD}.add", 1, retries=0), connection=queueing.backend().redis)
+    assert (default.timeout, default.retries_left, default.origin) == (
+        rq_settings.job_timeout_s, None, f"{rq_settings.queue_prefix}-predict")
+
+
+def _worker() -> NTTWorker:
+    return NTTWorker(list(queueing.backend().queues.values()), connection=queueing.backend().redis,
+                     heartbeat_s=0.5)  # execution deadline: 2 s without a beat
+
+
+def test_abandoned_job_is_requeued_without_spending_a_retry(rq_settings):
+    job_id = queueing.enqueue(f"{MOD}.add", 1, 2, queue="bank", retries=1)
+    dead = _worker()
+    job, _ = dead.dequeue_job_and_maintain_ttl(timeout=1)
+    dead.prepare_execution(job)
+    dead.prepare_job_execution(job)  # ... and the worker is SIGKILLed here: no beat, no result
+    assert queueing.fetch(job_id).status == "started"
+
+    fresh = _worker()
+    assert fresh.requeue_abandoned() == 0  # its deadline has not passed yet
+    time.sleep(3)
+    assert fresh.requeue_abandoned() == 1
+    info = queueing.fetch(job_id)
+    assert (info.status, info.meta) == ("queued", {"abandoned": 1})
+    assert fresh.requeue_abandoned() == 0
+    fresh.work(burst=True)
+    info = queueing.fetch(job_id)
+    assert (info.status, info.result, info.meta) == ("finished", 3, {"abandoned": 1})
+    assert Job.fetch(job_id, connection=queueing.backend().redis).retries_left == 1
+
+
+def test_heartbeat_keeps_a_long_job_from_looking_abandoned(rq_settings):
+    job_id = queueing.enqueue(f"{MOD}.slow", 3.0, queue="predict", retries=0)
+    other = _worker()
+    seen = []
+    check = threading.Timer(2.8, lambda: seen.append(other.requeue_abandoned()))  # past the 2 s deadline
+    check.start()
+    _worker().work(burst=True)
+    check.join()
+    assert seen == [0]
+    info = queueing.fetch(job_id)
+    assert (info.status, info.result, info.meta) == ("finished", 3.0, {})
+
+
+def test_rq_down_is_reported_fast_and_refuses_jobs():
+    settings = replace(Settings.from_env(), redis_url="redis://127.0.0.1:1/0")  # nothing listens there
+    runtime.reset()
+    runtime.configure(settings=settings)
+    try:
+        t0 = time.perf_counter()
+        health = queueing.health(max_age=0)
+        assert time.perf_counter() - t0 < 0.5
+        assert health == {"mode": "rq", "ok": False, "error": "ConnectionError"}
+        with pytest.raises(queueing.QueueUnavailable, match="Redis unavailable"):
+            queueing.enqueue(f"{MOD}.add", 1)
+    finally:
+        runtime.reset()
+
+
+# --------------------------------------------------------------------------------------- spool
+def test_spool_keeps_order_and_stops_at_the_first_refusal(tmp_path):
+    spool = queueing.Spool(tmp_path / "spool")
+    for i in range(4):
+        spool.append("backend.jobs.apply_webhook", [7, "ANNOTATION_CREATED", {"n": i}], "bank")
+    assert len(spool) == 4
+    seen = []
+
+    def submit(record):
+        if record["args"][2]["n"] == 2:
+            raise queueing.QueueUnavailable("down again")
+        seen.append(record["args"][2]["n"])
+
+    assert spool.replay(submit) == 2
+    assert seen == [0, 1] and len(spool) == 2
+    assert spool.replay(lambda r: seen.append(r["args"][2]["n"])) == 2
+    assert seen == [0, 1, 2, 3] and len(spool) == 0 and not spool.pending()
+
+
+def test_spool_drops_a_torn_line(tmp_path):
+    spool = queueing.Spool(tmp_path)
+    spool.append("f", [1], "bank")
+    with open(spool.path, "a") as f:
+        f.write('{"func": "f", "ar')  # crash mid-append
+    got = []
+    assert spool.replay(got.append) == 2
+    assert [r["args"] for r in got] == [[1]] and len(spool) == 0
+
+
+def test_spool_replayer_enqueues_when_redis_answers(rq_settings, tmp_path):
+    spool = queueing.Spool(tmp_path)
+    spool.append(f"{MOD}.add", [1, 2], "bank", timeout=50)
+    spool.append(f"{MOD}.add", [3, 4], "bank")
+    replayer = queueing.SpoolReplayer(spool, rq_settings)
+    assert replayer.run_once() == 2
+    assert len(spool) == 0 and replayer.replayed == 2
+    assert queueing.health(max_age=0)["queued"]["bank"] == 2
+    run_burst(rq_settings)
+    results = sorted(j.result for j in queueing.list_jobs(10))
+    assert results == [3, 7]
+    assert json.loads(json.dumps([j.to_dict() for j in queueing.list_jobs(10)]))  # JSON-safe

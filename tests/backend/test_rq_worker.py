@@ -1,0 +1,182 @@
+"""End to end over the real Redis on 127.0.0.1:6379 with a real `python -m backend.worker` process.
+
+webhook (ANNOTATION_CREATED with a brush region) -> bank job on the worker -> bank version changes
+-> /setup returns the new model_version -> /predict runs on the worker with the new bank.
+The "Label Studio" here is a local http.server that serves the task image behind a legacy token.
+Small random-weight models (tests/conftest.py): the numbers are meaningless, the plumbing is real.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+from rq.job import Job
+
+from backend import queueing, runtime
+from backend.app import create_app
+from backend.settings import Settings
+from tests.backend.fixtures import (BRUSH_REGION, LEGACY_TOKEN, PREDICT_BODY, SETUP_BODY,
+                                    WEBHOOK_ANNOTATION_CREATED)
+
+ROOT = Path(__file__).resolve().parents[2]
+PID = 1
+IMAGE_PATH = "/data/upload/1/cat-64x48.png"
+
+
+def _png() -> bytes:
+    """64x48 image: a bright 'cat' block (rows 12..35, cols 16..47, where the brush is) on noise."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 60, (48, 64, 3), dtype=np.uint8)
+    img[12:36, 16:48] = (230, 180, 90)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def fake_ls():
+    """Serves the image at IMAGE_PATH to requests that carry the legacy token, like LS does."""
+    png = _png()
+    seen: list[tuple[str, str | None]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server API
+            seen.append((self.path, self.headers.get("Authorization")))
+            if self.headers.get("Authorization") != f"Token {LEGACY_TOKEN}":
+                self.send_error(401)
+            elif self.path != IMAGE_PATH:
+                self.send_error(404)
+            else:
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(png)))
+                self.end_headers()
+                self.wfile.write(png)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def deployment(tmp_path, fake_ls):
+    """Env + settings shared by the in-test web app and the worker subprocess; Redis keys cleaned up."""
+    ls_url, seen = fake_ls
+    env = {**os.environ, "REDIS_URL": os.environ["NTT_TEST_REDIS_URL"],
+           "NTT_QUEUE_PREFIX": f"rqw-{uuid.uuid4().hex[:10]}", "MODEL_DIR": str(tmp_path),
+           "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": LEGACY_TOKEN, "LOG_LEVEL": "INFO",
+           "PYTHONPATH": str(ROOT)}
+    settings = Settings.from_env(env)
+    runtime.reset()
+    app = create_app(settings)
+    yield env, settings, app.test_client(), seen
+    conn = redis.Redis.from_url(settings.redis_url)
+    for info in queueing.list_jobs(1000):
+        Job.fetch(info.id, connection=conn).delete()
+    for queue in queueing.backend().queues.values():
+        queue.delete(delete_jobs=True)  # also leaves rq's global queue set
+    patterns = [f"{settings.queue_prefix}:*"] + [f"rq:*{settings.queue_name(q)}*" for q in queueing.QUEUES]
+    for pattern in patterns:
+        for key in conn.scan_iter(match=pattern):
+            conn.delete(key)
+    runtime.reset()
+
+
+def _wait(predicate, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_webhook_to_worker_to_new_model_version(deployment):
+    env, settings, client, seen = deployment
+    t_start = time.monotonic()
+
+    mv0 = client.post("/setup", json=SETUP_BODY).get_json()["model_version"]
+    health = client.get("/health").get_json()
+    assert (health["redis"], health["ready"], health["queue"]["mode"]) == ("ok", False, "rq")  # no worker yet
+
+    # the annotator saves a brush region on the task whose image LS serves at IMAGE_PATH
+    payload = copy.deepcopy(WEBHOOK_ANNOTATION_CREATED)
+    payload["annotation"]["result"] = [BRUSH_REGION]
+    payload["task"]["data"]["image"] = IMAGE_PATH
+    resp = client.post("/webhook", json=payload)
+    assert resp.status_code == 201
+    job_id = resp.get_json()["job"]
+    assert queueing.fetch(job_id).status == "queued"
+
+    worker = subprocess.Popen([sys.executable, "-m", "backend.worker"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        info = _wait(lambda: (i := queueing.fetch(job_id)) and i.done and i, 60, "the bank job")
+        assert info.status == "finished", info.error
+        assert (info.result["event"], info.result["annotation"], info.result["references"]) == (
+            "ANNOTATION_CREATED", 1, 1)
+        assert info.result["changed"] is True
+        assert (IMAGE_PATH, f"Token {LEGACY_TOKEN}") in seen  # the worker fetched the image from "LS"
+
+        mv1 = client.post("/setup", json=SETUP_BODY).get_json()["model_version"]
+        assert mv1 != mv0 and mv1 == f"ntt-sam2.1-t+dinov2-s-{info.result['version']}"
+        assert client.get("/versions", json={"project": "1.1795705944"}).get_json() == {"versions": [mv1]}
+        assert client.get("/health").get_json()["ready"] is True  # a worker listens now
+
+        # /predict runs on the worker against the new bank
+        body = copy.deepcopy(PREDICT_BODY)
+        body["tasks"] = [dict(body["tasks"][1], id=2, data={"image": IMAGE_PATH}),
+                         dict(body["tasks"][1], id=3, data={})]
+        results = client.post("/predict", json=body).get_json()["results"]
+        assert len(results) == 2
+        assert results[0]["model_version"] == mv1 and isinstance(results[0]["result"], list)
+        assert "result" not in results[1] and "no image URL" in results[1]["error"]
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            out, _ = worker.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            out, _ = worker.communicate()
+    assert "engine sam2.1-t+dinov2-s loaded on cpu" in out, out
+    assert f"serving queues ['{settings.queue_name('bank')}', '{settings.queue_name('predict')}']" in out
+    assert LEGACY_TOKEN not in out
+    assert time.monotonic() - t_start < 90
+
+
+def test_worker_refuses_to_start_without_redis(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    proc = subprocess.run([sys.executable, "-m", "backend.worker", "--burst"], cwd=ROOT, timeout=60,
+                          env={**env, "MODEL_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "REDIS_URL is not set" in proc.stderr
+
+
+def test_worker_reports_bad_settings_by_name(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "backend.worker", "--burst"], cwd=ROOT, timeout=60,
+                          env={**os.environ, "REDIS_URL": "redis://127.0.0.1:6379/0",
+                               "NTT_POINTS_PER_SIDE": "lots", "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "configuration error: Invalid NTT_POINTS_PER_SIDE='lots': expected a number" in proc.stderr

@@ -1,0 +1,335 @@
+"""The product as a user meets it: a real Label Studio 1.23.2 (strict prediction validation on), our
+web process and a real RQ worker on the real Redis, small random-weight models.
+
+Label Studio answers 200 to "Retrieve predictions" even when nothing was stored, so every check
+reads the stored predictions back with GET /api/predictions?task=...
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from label_studio_sdk.converter.brush import decode_rle, mask2rle
+from PIL import Image, ImageDraw
+
+from .ls_harness import LEGACY_TOKEN, Backend, LabelStudio, LSClient, wait_for
+
+pytestmark = pytest.mark.timeout(420)
+
+CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <RectangleLabels name="bbox" toName="image"><Label value="Cat"/><Label value="Dog"/></RectangleLabels>
+  <PolygonLabels name="poly" toName="image"><Label value="Cat"/><Label value="Dog"/></PolygonLabels>
+  <BrushLabels name="brush" toName="image"><Label value="Cat"/><Label value="Dog"/></BrushLabels>
+</View>"""
+CONTROL_TYPES = {"bbox": "rectanglelabels", "poly": "polygonlabels", "brush": "brushlabels"}
+LABELS = {"Cat", "Dog"}
+EXIF_ORIENTATION = 0x0112
+VERSION_TIMEOUT = 120.0      # one bank job (a few tiny-model forward passes) per webhook
+TRAIN_TIMEOUT = 180.0        # rebuild + pre-annotate every unlabelled task
+
+
+# --------------------------------------------------------------------------------------- images
+@dataclass
+class Picture:
+    """A generated image: what LS shows (after EXIF) and where its two objects are (pixels)."""
+
+    name: str
+    width: int               # displayed (EXIF-transposed) size
+    height: int
+    cat: tuple[int, int, int, int]   # ellipse bbox x0, y0, x1, y1
+    dog: tuple[int, int, int, int]   # rectangle x0, y0, x1, y1
+
+    def cat_mask(self) -> np.ndarray:
+        """0/255 mask of the cat ellipse, as LS brush masks are encoded."""
+        im = Image.new("L", (self.width, self.height), 0)
+        ImageDraw.Draw(im).ellipse(self.cat, fill=255)
+        return np.asarray(im, dtype=np.uint8)
+
+    def pct(self, x: float, y: float) -> list[float]:
+        return [100.0 * x / self.width, 100.0 * y / self.height]
+
+
+def make_picture(folder: Path, name: str, width: int, height: int, seed: int,
+                 exif_orientation: int | None = None) -> Picture:
+    """Noise background, a red ellipse ("Cat") and a blue rectangle ("Dog"). With an EXIF
+    orientation the pixels are stored rotated, so the displayed size is (width, height)."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(90, 170, size=(height, width, 3), dtype=np.uint8)
+    im = Image.fromarray(pixels, "RGB")
+    cat = (width // 8, height // 6, width // 8 + width * 3 // 8, height // 6 + height // 2)
+    dog = (width * 5 // 8, height // 2, width * 5 // 8 + width // 4, height // 2 + height // 3)
+    draw = ImageDraw.Draw(im)
+    draw.ellipse(cat, fill=(210, 40, 40))
+    draw.rectangle(dog, fill=(40, 60, 200))
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if exif_orientation == 6:  # viewer rotates 90° clockwise: store it rotated counter-clockwise
+        exif = Image.Exif()
+        exif[EXIF_ORIENTATION] = 6
+        im.transpose(Image.Transpose.ROTATE_90).save(path, quality=95, exif=exif.tobytes())
+    else:
+        im.save(path)
+    return Picture(name, width, height, cat, dog)
+
+
+# -------------------------------------------------------------------------- annotation results
+def brush_region(p: Picture, label: str, rid: str) -> dict:
+    return {"id": rid, "from_name": "brush", "to_name": "image", "type": "brushlabels",
+            "original_width": p.width, "original_height": p.height, "image_rotation": 0,
+            "value": {"format": "rle", "rle": mask2rle(p.cat_mask()), "brushlabels": [label]}}
+
+
+def rect_region(p: Picture, box: tuple[int, int, int, int], label: str, rid: str) -> dict:
+    x, y = p.pct(box[0], box[1])
+    w, h = p.pct(box[2] - box[0], box[3] - box[1])
+    return {"id": rid, "from_name": "bbox", "to_name": "image", "type": "rectanglelabels",
+            "original_width": p.width, "original_height": p.height, "image_rotation": 0,
+            "value": {"x": x, "y": y, "width": w, "height": h, "rotation": 0, "rectanglelabels": [label]}}
+
+
+def polygon_region(p: Picture, box: tuple[int, int, int, int], label: str, rid: str) -> dict:
+    """An octagon inscribed in `box`."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    rx, ry = (box[2] - box[0]) / 2, (box[3] - box[1]) / 2
+    points = [p.pct(cx + rx * math.cos(a), cy + ry * math.sin(a))
+              for a in np.linspace(0, 2 * math.pi, 8, endpoint=False)]
+    return {"id": rid, "from_name": "poly", "to_name": "image", "type": "polygonlabels",
+            "original_width": p.width, "original_height": p.height, "image_rotation": 0,
+            "value": {"points": points, "closed": True, "polygonlabels": [label]}}
+
+
+# ---------------------------------------------------------------------------- checking results
+def check_prediction(pred: dict, picture: Picture, version: str) -> set[str]:
+    """Assert one stored prediction fits the label config and the image; return its region types."""
+    assert pred["model_version"] == version
+    seen = set()
+    for r in pred["result"]:
+        kind = CONTROL_TYPES.get(r["from_name"])
+        assert kind is not None and r["type"] == kind and r["to_name"] == "image", r
+        labels = r["value"][kind]
+        assert len(labels) == 1 and labels[0] in LABELS, r
+        assert (r["original_width"], r["original_height"]) == (picture.width, picture.height), r
+        value = r["value"]
+        if kind == "rectanglelabels":
+            assert value["width"] > 0 and value["height"] > 0, r
+            for lo, extent in ((value["x"], value["width"]), (value["y"], value["height"])):
+                assert 0 <= lo and lo + extent <= 100 + 1e-6, r
+        elif kind == "polygonlabels":
+            assert len(value["points"]) >= 3, r
+            assert all(0 <= c <= 100 for point in value["points"] for c in point), r
+        else:
+            assert value["format"] == "rle"
+            flat = decode_rle(value["rle"])
+            assert flat.size == picture.width * picture.height * 4, (flat.size, picture)
+            assert flat.max() > 0, "empty brush mask"
+        seen.add(kind)
+    return seen
+
+
+# --------------------------------------------------------------------------------- LS helpers
+@dataclass
+class Project:
+    client: LSClient
+    id: int
+    tasks: dict[str, int]            # picture name -> task id
+    pictures: dict[str, Picture]
+    ml_id: int | None = None
+
+    def ml_version(self) -> str:
+        """GET /api/ml/<id> makes LS call our /health + /setup and store the model_version."""
+        return self.client.call("GET", f"/api/ml/{self.ml_id}")["model_version"]
+
+    def predictions(self, name: str) -> list[dict]:
+        return self.client.call("GET", "/api/predictions", params={"task": self.tasks[name]})
+
+    def annotate(self, name: str, result: list[dict]) -> int:
+        return self.client.call("POST", f"/api/tasks/{self.tasks[name]}/annotations",
+                                json={"result": result, "lead_time": 1.0})["id"]
+
+    def dm_action(self, action: str) -> dict:
+        """A Data Manager action on every task of the project (as the UI's "select all")."""
+        return self.client.call("POST", "/api/dm/actions", params={"id": action, "project": self.id},
+                                json={"selectedItems": {"all": True, "excluded": []}})
+
+
+def create_project(ls: LabelStudio, client: LSClient, uploaded: list[Picture], local: list[Picture],
+                   synced: list[Picture]) -> Project:
+    """Images arrive three ways: multipart upload (/data/upload/...), JSON import of
+    /data/local-files/?d=... URLs, and a local-files storage sync (absolute URLs)."""
+    pid = client.call("POST", "/api/projects", json={"title": "ntt-e2e", "label_config": CONFIG})["id"]
+    if uploaded:
+        files = {f"file{i}": (p.name, (ls.work_dir / "upload" / p.name).read_bytes()) for i, p in enumerate(uploaded)}
+        client.call("POST", f"/api/projects/{pid}/import", files=files)  # one field name per file
+    if local:
+        client.call("POST", "/api/storages/localfiles", json={
+            "project": pid, "title": "json-import", "path": str(ls.files_root / "images"), "use_blob_urls": True})
+        client.call("POST", f"/api/projects/{pid}/import",
+                    json=[{"data": {"image": f"/data/local-files/?d=images/{p.name}"}} for p in local])
+    if synced:
+        storage = client.call("POST", "/api/storages/localfiles", json={
+            "project": pid, "title": "synced", "path": str(ls.files_root / "synced"), "use_blob_urls": True})
+        client.call("POST", f"/api/storages/localfiles/{storage['id']}/sync")
+    tasks = client.call("GET", "/api/tasks", params={"project": pid, "page_size": 100})["tasks"]
+    pictures = {p.name: p for p in (*uploaded, *local, *synced)}
+    url_forms = {**{p.name: "/data/upload/" for p in uploaded}, **{p.name: "/data/local-files/?d=" for p in local},
+                 **{p.name: f"{ls.url}/data/local-files/?d=" for p in synced}}
+    by_name = {}
+    for t in tasks:
+        url = t["data"]["image"]
+        (name,) = [n for n in pictures if url.endswith(n)]
+        assert url.startswith(url_forms[name]), (name, url)
+        by_name[name] = t["id"]
+    assert sorted(by_name) == sorted(pictures), [t["data"] for t in tasks]
+    return Project(client, pid, by_name, pictures)
+
+
+def connect(project: Project, backend: Backend) -> None:
+    ml = project.client.call("POST", "/api/ml", json={"url": backend.url, "project": project.id,
+                                                      "title": "ntt", "is_interactive": False})
+    assert ml["state"] == "CO", ml  # Connected: /health and /setup answered
+    project.ml_id = ml["id"]
+    hooks = project.client.call("GET", "/api/webhooks", params={"project": project.id})
+    assert any(h["url"] == backend.url + "/webhook" and h["is_active"] for h in hooks), hooks
+
+
+def settled_version(project: Project, backend: Backend, previous: set[str]) -> str:
+    """Wait until the model version is new (webhook reached us, a worker updated the bank) and the
+    backend has no job left for this project; return it."""
+    def new_and_idle() -> str | None:
+        version = project.ml_version()
+        jobs = [j for j in backend.jobs() if j["meta"].get("project") == project.id]
+        failed = [(j["func"], j["meta"].get("event"), j["error"]) for j in jobs if j["status"] == "failed"]
+        assert not failed, f"backend jobs failed: {failed}"
+        busy = [j for j in jobs if not is_done(j)]
+        return version if version not in previous and not busy else None
+    return wait_for(new_and_idle, VERSION_TIMEOUT, f"a model version other than {sorted(previous)}",
+                    interval=0.5, alive=backend.check_alive)
+
+
+def is_done(job: dict) -> bool:
+    return job["status"] in ("finished", "failed", "stopped", "canceled")
+
+
+def assert_no_failed_jobs(backend: Backend) -> None:
+    failed = [(j["func"], j["error"]) for j in backend.jobs() if j["status"] == "failed"]
+    assert not failed, failed
+
+
+# ----------------------------------------------------------------------------------------- tests
+def test_legacy_token_full_flow(label_studio: LabelStudio, start_backend: Callable[..., Backend]) -> None:
+    ls = label_studio
+    client = ls.client()
+    up = [make_picture(ls.work_dir / "upload", "up-a.png", 96, 72, 1),
+          make_picture(ls.work_dir / "upload", "up-exif.jpg", 64, 80, 2, exif_orientation=6),
+          make_picture(ls.work_dir / "upload", "up-c.png", 88, 66, 3)]
+    loc = [make_picture(ls.files_root / "images", "loc-a.png", 80, 60, 4),
+           make_picture(ls.files_root / "images", "loc-b.png", 72, 54, 5)]
+    syn = [make_picture(ls.files_root / "synced", "syn-a.png", 90, 60, 6)]
+    project = create_project(ls, client, up, loc, syn)
+    assert Image.open(ls.work_dir / "upload" / "up-exif.jpg").size == (80, 64)  # stored rotated
+
+    # Strict validation is really on: a label outside the config is refused.
+    bad = rect_region(up[1], up[1].dog, "Zebra", "bad")
+    r = client.request("POST", "/api/predictions", json={"task": project.tasks["up-exif.jpg"],
+                                                         "result": [bad], "model_version": "bad"})
+    assert r.status_code == 400, (r.status_code, r.text)
+
+    backend = start_backend(ls)
+    connect(project, backend)
+    versions = [project.ml_version()]
+
+    # Reference annotations, each through the webhook -> a bank job on the worker -> new version.
+    p = project.pictures
+    project.annotate("up-a.png", [brush_region(p["up-a.png"], "Cat", "a1"),
+                                  rect_region(p["up-a.png"], p["up-a.png"].dog, "Dog", "a2")])
+    versions.append(settled_version(project, backend, set(versions)))
+    ann_b = project.annotate("loc-a.png", [polygon_region(p["loc-a.png"], p["loc-a.png"].cat, "Cat", "b1")])
+    versions.append(settled_version(project, backend, set(versions)))
+    ann_c = project.annotate("syn-a.png", [rect_region(p["syn-a.png"], p["syn-a.png"].dog, "Dog", "c1"),
+                                           polygon_region(p["syn-a.png"], p["syn-a.png"].dog, "Dog", "c2")])
+    versions.append(settled_version(project, backend, set(versions)))
+    assert backend.metrics()["webhooks ANNOTATION_CREATED"] == 3  # LS's automatic webhook reached us
+
+    # "Retrieve predictions" for every task; read back what LS stored for the unlabelled ones.
+    out = project.dm_action("retrieve_tasks_predictions")
+    assert out["processed_items"] == len(project.tasks), out
+    unlabelled = ["up-exif.jpg", "up-c.png", "loc-b.png"]
+    kinds: set[str] = set()
+    for name in unlabelled:
+        preds = project.predictions(name)
+        assert len(preds) == 1, (name, preds)
+        kinds |= check_prediction(preds[0], p[name], versions[-1])
+    assert kinds == set(CONTROL_TYPES.values()), kinds  # every control got regions somewhere
+    assert_no_failed_jobs(backend)
+
+    # Editing and deleting references change the bank, hence the version; the workers then bring
+    # the stored predictions up to date without another "Retrieve predictions".
+    client.call("PATCH", f"/api/annotations/{ann_b}",
+                json={"result": [polygon_region(p["loc-a.png"], p["loc-a.png"].dog, "Dog", "b1")]})
+    versions.append(settled_version(project, backend, set(versions)))
+    client.call("DELETE", f"/api/annotations/{ann_c}")
+    versions.append(settled_version(project, backend, set(versions)))
+    for name in unlabelled:
+        preds = project.predictions(name)
+        assert [q["model_version"] for q in preds] == [versions[-1]], (name, preds)
+        check_prediction(preds[0], p[name], versions[-1])
+
+    # "Start training" with no prediction left: the workers rebuild the bank and post one to every
+    # unlabelled task (the task whose annotation was deleted included).
+    project.dm_action("delete_tasks_predictions")
+    assert all(project.predictions(name) == [] for name in project.tasks)
+    unlabelled.append("syn-a.png")
+    client.call("POST", f"/api/ml/{project.ml_id}/train")
+
+    def all_posted() -> str | None:
+        version = project.ml_version()
+        done = all(any(q["model_version"] == version for q in project.predictions(name)) for name in unlabelled)
+        return version if done else None
+    final = wait_for(all_posted, TRAIN_TIMEOUT, "worker-posted predictions on every unlabelled task",
+                     interval=1.0, alive=backend.check_alive)
+    assert final == versions[-1]  # same references as after the delete -> same bank -> same version
+    for name in unlabelled:
+        preds = project.predictions(name)
+        assert len(preds) == 1, (name, preds)
+        check_prediction(preds[0], p[name], final)
+    assert project.predictions("up-a.png") == []  # annotated tasks are not pre-annotated
+    assert_no_failed_jobs(backend)
+
+
+def test_personal_access_token(label_studio_factory: Callable[[], LabelStudio],
+                               start_backend: Callable[..., Backend]) -> None:
+    """The backend authenticates with a PAT (refresh -> Bearer) while legacy tokens are disabled
+    for the organization, so the legacy `access_token` LS sends in /setup is useless."""
+    ls = label_studio_factory()
+    admin = ls.client()
+    pat = admin.create_personal_access_token()
+    admin.set_token_settings(legacy=False)
+    assert ls.client(LEGACY_TOKEN).request("GET", "/api/projects").status_code == 401
+    client = ls.client(pat)
+
+    up = [make_picture(ls.work_dir / "upload", "pat-a.png", 96, 72, 11),
+          make_picture(ls.work_dir / "upload", "pat-b.png", 80, 60, 12)]
+    loc = [make_picture(ls.files_root / "images", "pat-c.png", 72, 54, 13)]
+    project = create_project(ls, client, up, loc, [])
+    backend = start_backend(ls, api_key=pat)
+    connect(project, backend)
+    v0 = project.ml_version()
+
+    p = project.pictures
+    project.annotate("pat-a.png", [brush_region(p["pat-a.png"], "Cat", "a1"),
+                                   rect_region(p["pat-a.png"], p["pat-a.png"].dog, "Dog", "a2")])
+    version = settled_version(project, backend, {v0})  # the reference image was downloaded with the PAT
+
+    project.dm_action("retrieve_tasks_predictions")
+    kinds: set[str] = set()
+    for name in ("pat-b.png", "pat-c.png"):
+        preds = project.predictions(name)
+        assert len(preds) == 1, (name, preds)  # a failed download yields no stored prediction
+        kinds |= check_prediction(preds[0], p[name], version)  # sizes read from the downloaded images
+    assert kinds, "no region at all: the image sizes were never checked"
+    assert_no_failed_jobs(backend)

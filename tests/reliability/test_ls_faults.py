@@ -1,0 +1,208 @@
+"""Label Studio unreachable or answering 401/404/429/5xx, on image downloads and on prediction posts.
+
+The fake Label Studio (conftest.FakeLabelStudio) injects the faults; its error bodies echo the
+Authorization header they received, as a careless proxy might, so the tests also show that the
+key never reaches a log line or an error message. Backoff sleeps are recorded, not slept.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+import types
+
+import pytest
+
+from backend import images, jobs, ls_client, queueing, runtime
+from backend.errors import ImageError, LabelStudioAPIError
+from backend.images import ImageFetcher
+from backend.ls_client import LabelStudioClient, LSAuth
+from tests.reliability.conftest import (CAT, CONFIG_XML, LEGACY_TOKEN, FakeLabelStudio, assert_no_secrets,
+                                        fill_bank, free_port, polygon_region, wait_for)
+
+PID = 1
+
+
+@pytest.fixture
+def sleeps(monkeypatch):
+    """Backoff delays requested by the image fetcher and the LS client (recorded, not slept)."""
+    recorded: list[float] = []
+    shim = types.SimpleNamespace(time=time.time, monotonic=time.monotonic, sleep=recorded.append)
+    monkeypatch.setattr(images, "time", shim)
+    monkeypatch.setattr(ls_client, "time", shim)
+    return recorded
+
+
+def fetcher(ls_url: str, tmp_path) -> ImageFetcher:
+    return ImageFetcher(ls_url, LSAuth(LEGACY_TOKEN, ls_url), tmp_path / "cache", 0, None, set(),
+                        max_pixels=40_000_000, max_bytes=64 * 2**20)
+
+
+# ------------------------------------------------------------------------------------ image fetch
+@pytest.mark.parametrize("outcomes, requests, delays, status, hint", [
+    ((500, 500, 500), 3, [0.5, 1.0], 500, "download failed"),    # bounded: 1 try + 2 retries
+    ((503,), 2, [0.5], None, None),                               # a blip: the retry succeeds
+    ((429, 502), 3, [0.5, 1.0], None, None),
+    (("drop", "drop", "drop"), 3, [0.5, 1.0], None, "not reachable"),
+    ((401,), 1, [], 401, "LABEL_STUDIO_API_KEY"),                 # retrying cannot cure these
+    ((404,), 1, [], 404, "LABEL_STUDIO_URL"),
+])
+def test_image_download_retries_transient_errors_only(fake_ls, tmp_path, sleeps, outcomes, requests, delays,
+                                                      status, hint):
+    fake_ls.add_task(1)
+    fake_ls.fail("GET", r"/img1\.png$", *outcomes)
+    url = "/data/upload/1/img1.png"
+    if status is None and hint is None:
+        assert fetcher(fake_ls.url, tmp_path).fetch(url).width == 80
+    else:
+        with pytest.raises(ImageError) as err:
+            fetcher(fake_ls.url, tmp_path).fetch(url)
+        assert err.value.status == status and hint in str(err.value)
+        assert f"{fake_ls.url}/data/upload/1/img1.png" in str(err.value)
+        assert_no_secrets(str(err.value), LEGACY_TOKEN)
+    assert len(fake_ls.hits("GET", r"/img1\.png$")) == requests
+    assert sleeps == delays
+
+
+def test_image_download_when_label_studio_is_unreachable(tmp_path, sleeps):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(ImageError) as err:
+        fetcher(url, tmp_path).fetch("/data/upload/1/img1.png")
+    assert "connection failed" in str(err.value) and "LABEL_STUDIO_URL not reachable" in str(err.value)
+    assert sleeps == [0.5, 1.0]
+
+
+# ------------------------------------------------------------------------------------ LS REST API
+def client(fake_ls: FakeLabelStudio) -> LabelStudioClient:
+    return LabelStudioClient(fake_ls.url, LSAuth(LEGACY_TOKEN, fake_ls.url))
+
+
+def test_prediction_post_retries_only_when_it_cannot_have_been_stored(fake_ls, sleeps):
+    fake_ls.add_task(1)
+    fake_ls.fail("POST", r"^/api/predictions/$", 503, 503)
+    created = client(fake_ls).create_prediction(1, [], 0.0, "ntt-x")
+    assert created["task"] == 1 and len(fake_ls.ours(1)) == 1
+    assert len(fake_ls.hits("POST", r"^/api/predictions/$")) == 3 and sleeps == [0.5, 1.0]
+
+    # a 500 may come after LS stored it: no retry, or the task would get two predictions
+    sleeps.clear()
+    fake_ls.fail("POST", r"^/api/predictions/$", 500)
+    with pytest.raises(LabelStudioAPIError) as err:
+        client(fake_ls).create_prediction(1, [], 0.0, "ntt-x")
+    assert err.value.status == 500 and sleeps == [] and len(fake_ls.hits("POST", r"^/api/predictions/$")) == 4
+
+
+def test_api_errors_are_bounded_and_never_echo_the_key(fake_ls, sleeps):
+    fake_ls.fail("GET", r"^/api/tasks/", 500, 500, 500, 500, 500)
+    with pytest.raises(LabelStudioAPIError) as err:
+        list(client(fake_ls).iter_tasks(PID))
+    assert err.value.status == 500 and sleeps == [0.5, 1.0, 2.0]  # 1 try + 3 retries, exponential
+    assert len(fake_ls.hits("GET", r"^/api/tasks/")) == 4
+
+    fake_ls.fail("POST", r"^/api/predictions/$", 401)
+    with pytest.raises(LabelStudioAPIError) as err:
+        client(fake_ls).create_prediction(1, [], 0.0, "ntt-x")
+    assert err.value.status == 401 and "check LABEL_STUDIO_API_KEY" in str(err.value)
+    assert "Token ***" in str(err.value)  # LS's (echoing) body is kept, the key is masked
+    assert_no_secrets(str(err.value), LEGACY_TOKEN)
+
+
+def test_prediction_post_when_label_studio_is_unreachable(sleeps):
+    dead = LabelStudioClient(f"http://127.0.0.1:{free_port()}", LSAuth(LEGACY_TOKEN))
+    with pytest.raises(LabelStudioAPIError) as err:
+        dead.create_prediction(1, [], 0.0, "ntt-x")
+    assert err.value.status is None and "not reachable" in str(err.value)
+    assert sleeps == [0.5, 1.0, 2.0]  # the connection was never made: safe to retry a POST
+
+
+# ------------------------------------------------------------------------------------ jobs
+@pytest.fixture
+def job_env(tmp_path, engine, fake_ls, monkeypatch):
+    """runtime for calling backend.jobs directly (embedded store); follow-up jobs recorded, not run."""
+    from dataclasses import replace
+
+    from backend.settings import Settings
+
+    runtime.reset()
+    runtime.configure(settings=replace(Settings.from_env(), model_dir=tmp_path / "model", cache_dir=tmp_path / "cache",
+                                       label_studio_url=fake_ls.url, label_studio_api_key=LEGACY_TOKEN,
+                                       score_threshold=0.0), engine=engine)
+    queued: list[str] = []
+    monkeypatch.setattr(queueing, "enqueue", lambda func, *a, **k: queued.append(func) or f"job-{len(queued)}")
+    yield queued
+    runtime.reset()
+
+
+def test_training_survives_failing_tasks_and_logs_them_clearly(job_env, fake_ls, sleeps, caplog):
+    fake_ls.add_task(1, annotations=[{"id": 11, "task": 1, "result": [polygon_region("a", "Cat", CAT)]}])
+    for tid in (2, 3, 4, 5):
+        fake_ls.add_task(tid)
+    fake_ls.fail("GET", r"/img2\.png$", 500, 500, 500)    # image server error, beyond the retries
+    fake_ls.fail("POST", r"^/api/predictions/$", 401)      # the first post (task 3) is refused
+    del fake_ls.images["img5.png"]                         # 404
+    with caplog.at_level(logging.DEBUG):
+        out = jobs.train_project(PID)
+    assert out["rebuild"]["references"] == 1
+    assert (out["tasks"], out["posted"], out["failed"]) == (4, 1, 3)
+    assert [len(fake_ls.ours(t)) for t in (2, 3, 4, 5)] == [0, 0, 1, 0]  # the healthy task got through
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(re.search(rf"project 1 task 2: pre-annotation failed: cannot load image {fake_ls.url}/data/upload/1/"
+                         r"img2\.png: download failed \(HTTP 500\)", m) for m in errors), errors
+    assert any("project 1 task 3: posting the prediction to Label Studio failed" in m and "(HTTP 401)" in m
+               and "check LABEL_STUDIO_API_KEY" in m for m in errors), errors
+    assert any("project 1 task 5: pre-annotation failed" in m and "(HTTP 404)" in m for m in errors), errors
+    assert sleeps == [0.5, 1.0]
+    assert_no_secrets(caplog.text, LEGACY_TOKEN)
+
+
+def test_predict_gives_per_task_errors_for_ls_faults(embedded, fake_ls, caplog):
+    client = embedded()
+    fill_bank(PID)
+    for tid in (1, 2, 3):
+        fake_ls.add_task(tid)
+    fake_ls.fail("GET", r"/img1\.png$", 401, 401)  # the job is retried once: both refused
+    del fake_ls.images["img2.png"]
+    body = {"project": f"{PID}.1717", "label_config": CONFIG_XML,
+            "tasks": [{"id": t, "data": {"image": f"/data/upload/{PID}/img{t}.png"}} for t in (1, 2, 3)]}
+    with caplog.at_level(logging.INFO):
+        items = client.post("/predict", json=body).json["results"]
+    assert "HTTP 401" in items[0]["error"] and "check LABEL_STUDIO_API_KEY" in items[0]["error"]
+    assert "HTTP 404" in items[1]["error"] and "result" not in items[0] and "result" not in items[1]
+    assert isinstance(items[2]["result"], list) and items[2]["model_version"].startswith("ntt-")
+    assert any("failed" in r.getMessage() and "img1.png" in r.getMessage() for r in caplog.records)
+    assert_no_secrets(caplog.text + str(items), LEGACY_TOKEN)
+
+
+def test_predict_when_label_studio_is_down(embedded, sleeps):
+    client = embedded(label_studio_url=f"http://127.0.0.1:{free_port()}")
+    fill_bank(PID)
+    body = {"project": f"{PID}.1717", "label_config": CONFIG_XML,
+            "tasks": [{"id": t, "data": {"image": f"/data/upload/{PID}/img{t}.png"}} for t in (1, 2)]}
+    t0 = time.monotonic()
+    items = client.post("/predict", json=body).json["results"]
+    assert time.monotonic() - t0 < 20
+    assert all("connection failed" in i["error"] and "result" not in i for i in items), items
+    wait_for(lambda: not queueing.health()["queued"]["predict"], 5, "the queue to drain")
+
+
+# ------------------------------------------------------------------------------------ the cache disk
+def test_a_full_cache_disk_costs_speed_not_predictions(embedded, fake_ls, monkeypatch, caplog):
+    """ENOSPC on the image and proposal caches: predictions are still made and answered."""
+    from backend import proposal_cache
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    full_disk = types.SimpleNamespace(mkstemp=no_space)
+    monkeypatch.setattr(images, "tempfile", full_disk)
+    monkeypatch.setattr(proposal_cache, "tempfile", full_disk)
+    client = embedded()
+    fill_bank(PID)
+    fake_ls.add_task(1)
+    body = {"project": f"{PID}.1717", "label_config": CONFIG_XML, "tasks": [fake_ls.tasks[1]]}
+    with caplog.at_level(logging.WARNING):
+        item = client.post("/predict", json=body).json["results"][0]
+    assert isinstance(item["result"], list), item
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("cannot write image cache" in m and "No space left on device" in m for m in messages), messages
+    assert any("proposal cache" in m and "No space left on device" in m for m in messages), messages

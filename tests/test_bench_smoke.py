@@ -1,0 +1,63 @@
+"""bench/bench_refresh.py end to end with tiny sizes, so the benchmark cannot rot unnoticed.
+
+One subprocess run (tiny models and images, N = 2 and 4 cached tasks, one RQ worker on the real
+Redis, one job); the assertions check the printed table against what the run must have done: the
+cache hit recomputed nothing and matched the cold result, every cached task was re-scored without
+a SAM2/DINOv2 run, the posted count equals the changed count, the fit names both N.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _row(out: str, name: str) -> str:
+    lines = [ln for ln in out.splitlines() if ln.startswith(name)]
+    assert len(lines) == 1, f"row {name!r} missing or repeated in:\n{out}"
+    return lines[0]
+
+
+def test_bench_refresh_prints_its_table():
+    cmd = [sys.executable, "bench/bench_refresh.py", "--images", "1", "--tasks", "2,4", "--jobs", "1",
+           "--workers", "1", "--points-per-side", "2", "--image-size", "48x64", "--dino-image-size", "112",
+           "--redis-url", os.environ.get("NTT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr[-3000:] + out
+
+    assert "sam2.1-t @ 256 + dinov2-s @ 112, grid 2x2, image 48x64" in out
+    assert re.search(r"machine: \d+ CPU cores", out)
+    cold = float(re.search(r"([\d.]+) s", _row(out, "cold prediction per image")).group(1))
+    hit_row = _row(out, "cache-hit re-score per image")
+    hit = float(re.search(r"([\d.]+) s", hit_row).group(1))
+    assert 0 < hit < cold and "propose ran on 0" in hit_row
+    ratio_row = _row(out, "cold / cache-hit ratio")
+    assert "identical results on 1/1 images" in ratio_row
+    assert abs(float(re.search(r"([\d.]+)x", ratio_row).group(1)) - cold / hit) <= 0.05 * cold / hit + 0.1
+
+    for n in (2, 4):
+        row = _row(out, f"webhook -> predictions posted, N={n} ")
+        rescored, changed, posted = map(int, re.search(r"(\d+) re-scored, (\d+) changed, (\d+) posted", row).groups())
+        assert rescored == n and changed == posted <= n
+    assert "over N = 2, 4" in _row(out, "refresh growth with N (linear fit)")
+
+    # breakdown: N, total, bank, re-score, read, match, convert, posting, fake LS, other, ms/task,
+    # posted, proposed
+    rows = re.findall(r"^\s+([24])\s+" + r"\s+".join([r"(-?[\d.]+)"] * 10) + r"\s+(\d+)\s+(\d+)$", out, re.M)
+    assert [r[0] for r in rows] == ["2", "4"], out
+    for r in rows:
+        total, parts = float(r[1]), [float(v) for v in (r[2], r[3], r[7], r[9])]
+        assert abs(total - sum(parts)) < 3e-3 and r[-1] == "0"  # no proposals computed in a refresh
+
+    bank = _row(out, "bank bytes per reference")
+    assert int(re.search(r"(\d+) B", bank).group(1)) < 4 * 384 + 2048  # float32 descriptor + small overhead
+    assert "5.6 MB with DINOv2-L" in bank
+    assert re.search(r"peak memory, this process\s+\d+ MiB", out)
+    assert re.search(r"peak memory, one worker\s+\d+ MiB", out)
+    assert re.search(r"throughput, 1 RQ worker\(s\)\s+[\d.]+ img/s\s+1 predict jobs", out)
