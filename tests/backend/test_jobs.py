@@ -119,7 +119,8 @@ class FakeLS:
         if method == "GET" and path == f"/api/projects/{PID}/":
             return h._send(200, {"id": PID, "label_config": LABEL_CONFIG})
         if method == "GET" and path == "/api/tasks/":
-            tasks = [self.tasks[t] for t in sorted(self.tasks)]
+            tasks = [{**self.tasks[t], "predictions": [p for p in self.predictions.values() if p["task"] == t]}
+                     for t in sorted(self.tasks)]  # as LS: a task lists its stored predictions
             return h._send(200, {"total": len(tasks), "tasks": tasks})
         if method == "GET" and (m := re.fullmatch(r"/api/tasks/(\d+)/", path)):
             return h._send(200, self.tasks[int(m.group(1))])
