@@ -332,7 +332,9 @@ class FakeLabelStudio:
             return h.send(200, {"id": self.pid, "label_config": self.label_config})
         if method == "GET" and path == "/api/tasks/":
             page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["100"])[0])
-            tasks = [self.tasks[t] for t in sorted(self.tasks)]
+            # as LS: a task lists its stored predictions (the caller holds self.lock)
+            tasks = [{**self.tasks[t], "predictions": [p for p in self.predictions.values() if p["task"] == t]}
+                     for t in sorted(self.tasks)]
             chunk = tasks[(page - 1) * size:page * size]
             if page > 1 and not chunk:
                 return h.send(404, {"detail": "Invalid page."})
