@@ -17,6 +17,7 @@ from backend.errors import LabelStudioAPIError
 from backend.settings import Settings
 from backend.store import MemoryStore, RedisStore, Store
 from backend.tasks_registry import TaskRegistry
+from model import catalog
 
 if TYPE_CHECKING:
     from backend.images import ImageFetcher
@@ -87,7 +88,7 @@ def get_registry() -> TaskRegistry:
 def engine_name() -> str:
     """Model part of model_version, from the settings (no model is loaded); equals Engine.name."""
     s = get_settings()
-    return f"{s.sam_model}+{s.dino_model}"
+    return catalog.engine_name(s.sam_model, s.dino_model)
 
 
 def model_version(pid: int, bank_version: str | None = None) -> str:

@@ -14,26 +14,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
+from model.catalog import DINO_MODELS, SAM_MODELS, checkpoint_filename
 from model.options import MethodOptions
-
-SAM_MODELS = ("sam2-t", "sam2-s", "sam2-b+", "sam2-l", "sam2.1-t", "sam2.1-s", "sam2.1-b+", "sam2.1-l")
-DINO_MODELS = ("dinov2-s", "dinov2-b", "dinov2-l", "dinov2-g")
-
-# Official file names (as downloaded from Meta) of each model's checkpoint.
-_SAM_SIZE = {"t": "tiny", "s": "small", "b+": "base_plus", "l": "large"}
-_DINO_FILE = "dinov2_vit{}14_pretrain.pth"
-
 
 class SettingsError(ValueError):
     """A bad environment variable; the message names it."""
-
-
-def official_checkpoint_name(model: str) -> str:
-    """File name of the official checkpoint of a SAM2 or DINOv2 model name."""
-    if model.startswith("sam2"):
-        family, size = model.split("-", 1)
-        return f"{family}_hiera_{_SAM_SIZE[size]}.pt"
-    return _DINO_FILE.format(model.split("-", 1)[1])
 
 
 # ------------------------------------------------------------------------------------------ parsers
@@ -113,7 +98,7 @@ def _queue_prefix(raw: str) -> str:
     return value
 
 
-def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
+def _choice(options: Mapping[str, Any]) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.strip().lower()
         if value not in options:
@@ -285,8 +270,8 @@ class Settings:
         return replace(
             self,
             cache_dir=self.cache_dir or self.model_dir / "cache",
-            sam_checkpoint=self.sam_checkpoint or ckpt / official_checkpoint_name(self.sam_model),
-            dino_checkpoint=self.dino_checkpoint or ckpt / official_checkpoint_name(self.dino_model),
+            sam_checkpoint=self.sam_checkpoint or ckpt / checkpoint_filename(self.sam_model),
+            dino_checkpoint=self.dino_checkpoint or ckpt / checkpoint_filename(self.dino_model),
         )
 
     # ----------------------------------------------------------------------------------- derived

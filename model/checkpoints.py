@@ -20,11 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-SAM2_URL_DIRS = {
-    "sam2": "https://dl.fbaipublicfiles.com/segment_anything_2/072824/",
-    "sam2.1": "https://dl.fbaipublicfiles.com/segment_anything_2/092824/",
-}
-DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{arch}/{arch}_pretrain.pth"
+from model.catalog import DINO_MODELS, SAM_MODELS, checkpoint_filename, checkpoint_url  # noqa: F401 (re-exported)
 
 # sha256 of the official files. None = not known here (never guessed): a downloaded file is then
 # verified by loading it strictly into its model instead.
@@ -58,29 +54,14 @@ def _one_line(error: BaseException, limit: int = 160) -> str:
 
 
 # ------------------------------------------------------------------ names, URLs, paths
-def _model_tables() -> tuple[dict, dict]:
-    # Imported here: sam.py and dino.py import this module for CheckpointError.
-    from model.dino import DINO_MODELS
-    from model.sam import SAM_MODELS
-    return SAM_MODELS, DINO_MODELS
-
-
-def checkpoint_filename(name: str) -> str:
-    """Official file name of a model name ("sam2-l" -> "sam2_hiera_large.pt")."""
-    sam_models, dino_models = _model_tables()
-    if name in sam_models:
-        return sam_models[name][1]
-    if name in dino_models:
-        return dino_models[name][1]
-    raise ValueError(f"unknown model {name!r}; choose one of {sorted(sam_models) + sorted(dino_models)}")
-
-
-def checkpoint_url(name: str) -> str:
-    """Official download URL of a model name."""
-    filename = checkpoint_filename(name)
-    if name.startswith("dinov2-"):
-        return DINOV2_URL.format(arch=filename.removesuffix("_pretrain.pth"))
-    return SAM2_URL_DIRS[name.split("-")[0]] + filename
+def require_one_source(name: str, checkpoint: object, random_weights: bool) -> None:
+    """Exactly one of checkpoint / random_weights=True: a model is never silently random."""
+    flag = "--sam" if name in SAM_MODELS else "--dino"
+    if checkpoint is not None and random_weights:
+        raise ValueError(f"{name}: give either checkpoint=<path> or random_weights=True, not both")
+    if checkpoint is None and not random_weights:
+        raise ValueError(f"{name} needs checkpoint=<path to {checkpoint_filename(name)}> (python -m "
+                         f"model.checkpoints {flag} {name} downloads it) or random_weights=True (tests)")
 
 
 def default_checkpoint_dir() -> Path:
@@ -212,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m model.checkpoints",
         description="Download the official SAM2 and DINOv2 checkpoints that are missing.")
-    sam_models, dino_models = _model_tables()
+    sam_models, dino_models = SAM_MODELS, DINO_MODELS
     parser.add_argument("--sam", default="sam2-l", choices=[*sam_models, "none"],
                         help="SAM2 model (default: sam2-l, the method's headline model)")
     parser.add_argument("--dino", default="dinov2-l", choices=[*dino_models, "none"],

@@ -11,16 +11,10 @@ import torch
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
-from model.checkpoints import CheckpointError, load_state_dict_strict, read_checkpoint, resolve_device
+from model.catalog import DINO_MODELS
+from model.checkpoints import (CheckpointError, load_state_dict_strict, read_checkpoint, require_one_source,
+                               resolve_device)
 
-# name -> (timm architecture, Meta's checkpoint file name). No register tokens (method doc §8).
-# timm calls Meta's ViT-g/14 (SwiGLU, 1536 wide) "vit_giant_patch14_dinov2".
-DINO_MODELS: dict[str, tuple[str, str]] = {
-    "dinov2-s": ("vit_small_patch14_dinov2.lvd142m", "dinov2_vits14_pretrain.pth"),
-    "dinov2-b": ("vit_base_patch14_dinov2.lvd142m", "dinov2_vitb14_pretrain.pth"),
-    "dinov2-l": ("vit_large_patch14_dinov2.lvd142m", "dinov2_vitl14_pretrain.pth"),
-    "dinov2-g": ("vit_giant_patch14_dinov2.lvd142m", "dinov2_vitg14_pretrain.pth"),
-}
 
 
 def build_dino(name: str, checkpoint: str | Path | None = None, *, random_weights: bool = False,
@@ -32,12 +26,8 @@ def build_dino(name: str, checkpoint: str | Path | None = None, *, random_weight
     """
     if name not in DINO_MODELS:
         raise ValueError(f"unknown DINOv2 model {name!r}; choose one of {list(DINO_MODELS)}")
-    arch, filename = DINO_MODELS[name]
-    if checkpoint is not None and random_weights:
-        raise ValueError("build_dino: give either checkpoint=<path> or random_weights=True, not both")
-    if checkpoint is None and not random_weights:
-        raise ValueError(f"build_dino({name!r}) needs checkpoint=<path to {filename}> (python -m "
-                         f"model.checkpoints --dino {name} downloads it) or random_weights=True (tests)")
+    arch = DINO_MODELS[name][0]
+    require_one_source(name, checkpoint, random_weights)
     expected = f"{name} ({arch})"
     state_dict = None
     if checkpoint is not None:  # read (and reject) the file before spending time on the model

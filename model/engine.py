@@ -11,6 +11,8 @@ import numpy as np
 import torch
 
 from model.bank import MemoryBank
+from model.catalog import engine_name
+from model.checkpoints import resolve_device
 from model.dino import build_dino
 from model.matching import match
 from model.options import MethodOptions
@@ -36,20 +38,13 @@ class EngineConfig:
     options: MethodOptions = field(default_factory=MethodOptions)
 
 
-def pick_device(requested: str | None = None) -> torch.device:
-    """CUDA when present, else CPU (or what the caller asked for)."""
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class Engine:
     """SAM2 + DINOv2 loaded once; thread-safe (one forward pass at a time)."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.options = config.options
-        self.device = pick_device(config.device)
+        self.device = resolve_device(config.device)
         self.sam = build_sam(config.sam_model, config.sam_checkpoint, random_weights=config.random_weights,
                              device=self.device, image_size=self.options.sam_image_size)
         self.dino = build_dino(config.dino_model, config.dino_checkpoint, random_weights=config.random_weights,
@@ -60,7 +55,7 @@ class Engine:
     @property
     def name(self) -> str:
         """Model part of the backend's model_version, e.g. 'sam2-l+dinov2-l'."""
-        return f"{self.config.sam_model}+{self.config.dino_model}"
+        return engine_name(self.config.sam_model, self.config.dino_model)
 
     def encode_references(self, image: np.ndarray, masks: list[np.ndarray | None] | None = None,
                           boxes: list[tuple[float, float, float, float] | None] | None = None

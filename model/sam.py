@@ -9,19 +9,10 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoints import CheckpointError, load_state_dict_strict, read_checkpoint, resolve_device
+from model.catalog import SAM_MODELS
+from model.checkpoints import (CheckpointError, load_state_dict_strict, read_checkpoint, require_one_source,
+                               resolve_device)
 
-# name -> (hydra config inside the sam2 package, official checkpoint file name)
-SAM_MODELS: dict[str, tuple[str, str]] = {
-    "sam2-t": ("configs/sam2/sam2_hiera_t.yaml", "sam2_hiera_tiny.pt"),
-    "sam2-s": ("configs/sam2/sam2_hiera_s.yaml", "sam2_hiera_small.pt"),
-    "sam2-b+": ("configs/sam2/sam2_hiera_b+.yaml", "sam2_hiera_base_plus.pt"),
-    "sam2-l": ("configs/sam2/sam2_hiera_l.yaml", "sam2_hiera_large.pt"),
-    "sam2.1-t": ("configs/sam2.1/sam2.1_hiera_t.yaml", "sam2.1_hiera_tiny.pt"),
-    "sam2.1-s": ("configs/sam2.1/sam2.1_hiera_s.yaml", "sam2.1_hiera_small.pt"),
-    "sam2.1-b+": ("configs/sam2.1/sam2.1_hiera_b+.yaml", "sam2.1_hiera_base_plus.pt"),
-    "sam2.1-l": ("configs/sam2.1/sam2.1_hiera_l.yaml", "sam2.1_hiera_large.pt"),
-}
 
 
 def build_sam(name: str, checkpoint: str | Path | None = None, *, random_weights: bool = False,
@@ -33,12 +24,8 @@ def build_sam(name: str, checkpoint: str | Path | None = None, *, random_weights
     """
     if name not in SAM_MODELS:
         raise ValueError(f"unknown SAM2 model {name!r}; choose one of {list(SAM_MODELS)}")
-    config, filename = SAM_MODELS[name]
-    if checkpoint is not None and random_weights:
-        raise ValueError("build_sam: give either checkpoint=<path> or random_weights=True, not both")
-    if checkpoint is None and not random_weights:
-        raise ValueError(f"build_sam({name!r}) needs checkpoint=<path to {filename}> (python -m "
-                         f"model.checkpoints --sam {name} downloads it) or random_weights=True (tests)")
+    config = SAM_MODELS[name][0]
+    require_one_source(name, checkpoint, random_weights)
     from sam2.build_sam import build_sam2
 
     expected = f"{name} ({config})"

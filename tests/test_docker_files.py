@@ -18,7 +18,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from backend.settings import Settings, env_table, official_checkpoint_name  # noqa: E402
+from backend.settings import Settings, env_table  # noqa: E402
+from model.catalog import checkpoint_filename  # noqa: E402
 from env_table import readme_table  # noqa: E402
 
 DOCKER = ROOT / "docker"
@@ -144,8 +145,8 @@ def test_dockerfile_bakes_the_default_checkpoints() -> None:
     args = dict(re.findall(r"^ARG (\w+)=(\S+)$", stage("backend"), re.M))
     defaults = Settings()
     assert (args["SAM_MODEL"], args["DINO_MODEL"]) == (defaults.sam_model, defaults.dino_model)
-    assert Path(args["SAM_CHECKPOINT"]).name == official_checkpoint_name(args["SAM_MODEL"]) == "sam2_hiera_large.pt"
-    assert Path(args["DINO_CHECKPOINT"]).name == official_checkpoint_name(args["DINO_MODEL"]) \
+    assert Path(args["SAM_CHECKPOINT"]).name == checkpoint_filename(args["SAM_MODEL"]) == "sam2_hiera_large.pt"
+    assert Path(args["DINO_CHECKPOINT"]).name == checkpoint_filename(args["DINO_MODEL"]) \
         == "dinov2_vitl14_pretrain.pth"
     assert "python -m model.checkpoints --sam \"$SAM_MODEL\" --dino \"$DINO_MODEL\"" in stage("backend")
     for var in ("NTT_SAM_CHECKPOINT=$SAM_CHECKPOINT", "NTT_DINO_CHECKPOINT=$DINO_CHECKPOINT"):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model import catalog
 from model import checkpoints
 from model.checkpoints import CheckpointError, DownloadError
 from model.dino import DINO_MODELS, build_dino, dino_patch_tokens
@@ -307,7 +308,7 @@ def test_cli_help_and_unreachable_network(monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         checkpoints.main(["--help"])
     assert e.value.code == 0 and "--sam" in capsys.readouterr().out
-    monkeypatch.setitem(checkpoints.SAM2_URL_DIRS, "sam2", "http://127.0.0.1:9/")
+    monkeypatch.setitem(catalog.SAM2_URL_DIRS, "sam2", "http://127.0.0.1:9/")
     (tmp_path / "dinov2_vitl14_pretrain.pth").write_bytes(b"present")
     assert checkpoints.main(["--sam", "sam2-l", "--dino", "dinov2-l", "--dir", str(tmp_path)]) == 1
     out, err = capsys.readouterr()
