@@ -19,7 +19,6 @@ import hashlib
 import io
 import logging
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import numpy as np
 import requests
 from PIL import Image, ImageOps
 
+from model.atomic import atomic_write
 from backend.errors import ImageError, LabelStudioAPIError, redact_url
 from backend.ls_client import LSAuth
 
@@ -246,16 +246,10 @@ class ImageFetcher:
     def _store(self, path: Path, data: bytes) -> None:
         if len(data) > self.max_cache_bytes:
             return
-        tmp = None
         try:  # a full or read-only disk costs the cache, never the image
-            fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            atomic_write(path, data, fsync=False)
         except OSError as e:
             log.warning("cannot write image cache %s: %s", path, e)
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
             return
         self._evict()
 

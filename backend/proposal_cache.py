@@ -12,11 +12,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 import time
 from pathlib import Path
 
+from model.atomic import atomic_write
 from model.options import MethodOptions
 from model.types import Proposals
 
@@ -71,14 +71,7 @@ class ProposalCache:
         path = self._path(key)
         data = proposals.to_bytes()
         path.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, data, fsync=False)
         with self._lock:
             if self._total is None:
                 self._total = self._measure()[0]

@@ -40,6 +40,7 @@ from rq.registry import (DeferredJobRegistry, FailedJobRegistry, FinishedJobRegi
                          ScheduledJobRegistry, StartedJobRegistry)
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
+from model.atomic import atomic_write
 from backend import runtime
 from backend.settings import Settings
 
@@ -468,13 +469,7 @@ class Spool:
                         break
                     done += 1
             finally:
-                rest = "".join(ln + "\n" for ln in lines[done:])
-                tmp = self.path.with_suffix(".tmp")
-                with open(tmp, "w", encoding="utf-8") as f:
-                    f.write(rest)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
+                atomic_write(self.path, "".join(ln + "\n" for ln in lines[done:]))
             return done
         finally:
             self._unlock(fd)

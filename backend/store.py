@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -22,6 +21,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 import redis
+
+from model.atomic import atomic_write
 
 Value = bytes | str
 
@@ -225,16 +226,7 @@ class MemoryStore(Store):
             if not doc:
                 path.unlink(missing_ok=True)
                 continue
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self._dir)
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(doc, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(path, json.dumps(doc))
 
     def _load(self) -> None:
         for path in self._dir.glob("*.json"):

@@ -14,12 +14,13 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from model.atomic import atomic_write
 
 _FORMAT = 1
 _HASH_HEADER = b"ntt-memory-bank/1\n"
@@ -170,18 +171,8 @@ class MemoryBank:
         return bank
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically: a temp file in the same folder, fsync, then os.replace."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.to_bytes())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write atomically (see model.atomic)."""
+        atomic_write(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "MemoryBank":
