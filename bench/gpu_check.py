@@ -148,10 +148,7 @@ def main() -> None:
               f"{r[7]:9.0f} {str(r[8]):>9s} {str(r[9]):>11s}")
     # bf16 effect on results (same images, same bank)
     (p32, d32), (p16, d16) = results["fp32"], results["bf16"]
-    agree = []
-    for a, b in zip(p32, p16):
-        n = min(len(a), len(b))
-        agree.append(len(a) == len(b))
+    agree = [len(a) == len(b) for a, b in zip(p32, p16)]
     ious = []
     for a, b in zip(d32, d16):
         for i in range(min(len(a), len(b))):

@@ -15,6 +15,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from model.bank import MemoryBank
+from model import engine as engine_module
 from model.cli import main
 
 SMALL = ["--sam", "sam2.1-t", "--dino", "dinov2-s", "--random-weights", "--device", "cpu",
@@ -90,15 +91,30 @@ def test_cli_bank_predict_eval(tmp_path: Path) -> None:
     assert out.returncode == 0 and "segm AP" in out.stdout
 
 
-def test_cli_box_only_references(tmp_path: Path) -> None:
+def test_cli_box_only_references_go_through_sam2_box_prompts(tmp_path: Path, monkeypatch) -> None:
     refs = _coco(tmp_path, "ref", 1, seed=3, boxes_only=True)
+    ann = json.loads(refs.read_text())["annotations"][0]
+    calls = []
+    real = engine_module.box_to_mask
+
+    def spy(sam, state, box):
+        calls.append(tuple(box))
+        mask = real(sam, state, box)           # the real SAM2 box prompt (random weights: noise)
+        assert mask.shape == (72, 96) and mask.dtype == bool
+        x0, y0, x1, y1 = (int(v) for v in box)
+        out = np.zeros_like(mask)
+        out[y0:y1, x0:x1] = True               # a known mask, so a descriptor must come out
+        return out
+
+    monkeypatch.setattr(engine_module, "box_to_mask", spy)
     out = _run("build-bank", "--refs", str(refs), "--images", str(tmp_path / "images"),
                "--out", str(tmp_path / "b.npz"), *SMALL)
     assert out.returncode == 0, out.stderr
-    # SAM2 (random weights) turns the box into some mask; it is encoded or skipped with a warning,
-    # never a crash or a NaN descriptor.
+    x, y, w, h = ann["bbox"]
+    assert calls == [(x, y, x + w, y + h)]
     bank = MemoryBank.load(tmp_path / "b.npz")
-    assert len(bank) <= 1
+    assert len(bank) == 1 and f"ann:{ann['id']}" in bank
+    assert np.isfinite(bank.refs(bank.classes[0])[0].descriptor).all()
 
 
 def test_cli_bad_checkpoint_is_one_clear_line(tmp_path: Path) -> None:
