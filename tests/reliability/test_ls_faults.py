@@ -193,9 +193,8 @@ def test_a_full_cache_disk_costs_speed_not_predictions(embedded, fake_ls, monkey
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    full_disk = types.SimpleNamespace(mkstemp=no_space)
-    monkeypatch.setattr(images, "tempfile", full_disk)
-    monkeypatch.setattr(proposal_cache, "tempfile", full_disk)
+    monkeypatch.setattr(images, "atomic_write", no_space)          # the image cache's writes
+    monkeypatch.setattr(proposal_cache, "atomic_write", no_space)  # the proposal cache's writes
     client = embedded()
     fill_bank(PID)
     fake_ls.add_task(1)
