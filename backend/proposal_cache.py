@@ -48,7 +48,7 @@ class ProposalCache:
         return self.dir / key[:2] / (key + _SUFFIX)
 
     def get(self, key: str) -> Proposals | None:
-        """Cached proposals, or None on a miss; a corrupt entry is deleted and counts as a miss."""
+        """Cached proposals, or None on a miss; an unreadable entry (corrupt, or an older format) is deleted and counts as a miss."""
         path = self._path(key)
         try:
             data = path.read_bytes()
@@ -57,7 +57,7 @@ class ProposalCache:
         try:
             proposals = Proposals.from_bytes(data)
         except Exception as exc:  # zip/npz/JSON/shape errors: the file is unusable either way
-            log.warning("proposal cache: dropping corrupt entry %s (%s)", key, exc)
+            log.warning("proposal cache: dropping unreadable entry %s (%s)", key, exc)
             path.unlink(missing_ok=True)
             return None
         try:

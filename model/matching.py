@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sam2.utils.amg import batched_mask_to_box
 from torchvision.ops import batched_nms
 
 from .bank import MemoryBank
@@ -62,12 +61,16 @@ def upsample_mask_crops(logits: torch.Tensor, size: tuple[int, int], within: np.
                         max_pixels: int = _CHUNK_PIXELS) -> list[Crop]:
     """Low-res logits [n, h, w] -> masks at `size` (§6.7), as tight crops on the CPU.
 
-    The only place masks change resolution. Works in chunks of masks so that at most `max_pixels`
-    upsampled values exist at once; each mask's result does not depend on the chunking.
-    `within`: optional [n, 4] inclusive boxes at `size` known to contain the masks (see
-    _reach_boxes); thresholding and cropping then only look there.
+    The only place masks change resolution. `within`: optional [n, 4] inclusive boxes at `size`
+    known to contain the masks (see _reach_boxes); thresholding and cropping then only look there,
+    and on the CPU only that window is upsampled (`upsample_window`, bit-identical). Otherwise
+    whole masks are upsampled in chunks so that at most `max_pixels` values exist at once; each
+    mask's result does not depend on the chunking.
     """
     H, W = size
+    if within is not None and logits.device.type == "cpu" and W > 1:
+        return [_crop((upsample_window(logits[k], size, *within[k].tolist()) > 0).numpy(),
+                      *within[k][:2].tolist()) for k in range(logits.shape[0])]
     chunk = max(1, max_pixels // (H * W))
     crops: list[Crop] = []
     for start in range(0, logits.shape[0], chunk):
@@ -75,14 +78,43 @@ def upsample_mask_crops(logits: torch.Tensor, size: tuple[int, int], within: np.
         up = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False, antialias=True)[:, 0]
         for k in range(up.shape[0]):
             x0, y0, x1, y1 = (0, 0, W - 1, H - 1) if within is None else within[start + k].tolist()
-            m = (up[k, y0:y1 + 1, x0:x1 + 1] > 0).cpu().numpy()   # numpy's any() is much faster
-            ys, xs = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
-            if ys.size == 0:
-                crops.append((0, 0, np.zeros((0, 0), dtype=bool)))
-                continue
-            crop = m[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1].copy()
-            crops.append((x0 + int(xs[0]), y0 + int(ys[0]), crop))
+            crops.append(_crop((up[k, y0:y1 + 1, x0:x1 + 1] > 0).cpu().numpy(), x0, y0))
     return crops
+
+
+def _crop(m: np.ndarray, x0: int, y0: int) -> Crop:
+    """Tight crop of a boolean window whose top-left pixel is (x0, y0)."""
+    ys, xs = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))   # numpy's any() is much faster
+    if ys.size == 0:
+        return 0, 0, np.zeros((0, 0), dtype=bool)
+    return x0 + int(xs[0]), y0 + int(ys[0]), m[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1].copy()
+
+
+def upsample_window(logit: torch.Tensor, size: tuple[int, int], x0: int, y0: int, x1: int,
+                    y1: int) -> torch.Tensor:
+    """The inclusive window [y0..y1] x [x0..x1] of the §6.7 upsampling of one CPU [h, w] logit
+    map to `size`, computed alone and bit-identical to cropping the full upsampling.
+
+    PyTorch's CPU antialiased bilinear resize is separable: a horizontal pass over each row, then
+    a vertical pass over each column of that result, each skipped when its size does not change.
+    Rows are independent in the first pass and columns in the second, so the window is the first
+    pass on the low-res rows that the window's vertical taps read, then the second pass on the
+    window's columns only (other rows zero: never read). Same kernels, same weights, same sums.
+    A window is widened to >= 2 columns: PyTorch takes another code path for width-1 outputs.
+    """
+    H, W = size
+    h, w = logit.shape
+    s = h / H
+    support = max(s, 1.0)
+    r0 = max(0, math.floor((y0 + 0.5) * s - support) - 2)
+    r1 = min(h - 1, math.ceil((y1 + 0.5) * s + support) + 2)
+    a0, a1 = max(0, x0 - 1), min(W - 1, x1 + 1)
+    rows = F.interpolate(logit[None, None, r0:r1 + 1].float(), size=(r1 - r0 + 1, W), mode="bilinear",
+                         align_corners=False, antialias=True)
+    tall = rows.new_zeros(1, 1, h, a1 - a0 + 1)
+    tall[..., r0:r1 + 1, :] = rows[..., a0:a1 + 1]
+    up = F.interpolate(tall, size=(H, a1 - a0 + 1), mode="bilinear", align_corners=False, antialias=True)
+    return up[0, 0, y0:y1 + 1, x0 - a0:x1 - a0 + 1]
 
 
 def merge_size(image_size: tuple[int, int], max_side: int) -> tuple[int, int]:
@@ -151,8 +183,7 @@ def _candidates(proposals: Proposals, bank: MemoryBank, opts: MethodOptions,
     sims = (desc @ protos.T).clamp(min=0)                       # NaN stays NaN, dropped below
     labels = sims.argmax(1)
     scores = sims.gather(1, labels[:, None])[:, 0]
-    lowres = proposals.logits > 0
-    boxes = batched_mask_to_box(lowres)
+    boxes = proposals.lowres_boxes()
     keep = batched_nms(boxes.float(), proposals.iou.float(), labels, opts.nms_threshold)
     keep = keep[:opts.pre_merge_factor * k]
     keep = keep[scores[keep] > 0]
@@ -191,9 +222,9 @@ def _intersection(a: Crop, b: Crop) -> int:
 class _MaskCache:
     """Cropped masks of candidates at one resolution, computed on demand in batches."""
 
-    def __init__(self, logits: torch.Tensor, index: torch.Tensor, size: tuple[int, int],
+    def __init__(self, proposals: Proposals, index: torch.Tensor, size: tuple[int, int],
                  reach: np.ndarray, stats: MatchStats) -> None:
-        self.logits, self.index, self.size, self.reach, self.stats = logits, index, size, reach, stats
+        self.proposals, self.index, self.size, self.reach, self.stats = proposals, index, size, reach, stats
         self.crops: dict[int, Crop] = {}
         self.areas: dict[int, int] = {}
 
@@ -202,7 +233,7 @@ class _MaskCache:
         if not missing:
             return
         sel = self.index[torch.as_tensor(missing, device=self.index.device)]
-        for r, crop in zip(missing, upsample_mask_crops(self.logits[sel], self.size, self.reach[missing])):
+        for r, crop in zip(missing, upsample_mask_crops(self.proposals.logits_of(sel), self.size, self.reach[missing])):
             self.crops[r] = crop
             self.areas[r] = int(np.count_nonzero(crop[2]))
         self.stats.upsampled += len(missing)
@@ -215,11 +246,11 @@ class _Merger:
                  stats: MatchStats) -> None:
         self.cand, self.exponent, self.stats = cand, opts.merge_exponent, stats
         size, msize = tuple(proposals.image_size), merge_size(proposals.image_size, opts.merge_max_side)
-        low = tuple(proposals.logits.shape[-2:])
+        low = proposals.lowres_shape
         reach = _reach_boxes(cand.boxes, low, msize)
-        self.merge = _MaskCache(proposals.logits, cand.index, msize, reach, stats)
+        self.merge = _MaskCache(proposals, cand.index, msize, reach, stats)
         self.out = self.merge if msize == size else _MaskCache(
-            proposals.logits, cand.index, size, _reach_boxes(cand.boxes, low, size), stats)
+            proposals, cand.index, size, _reach_boxes(cand.boxes, low, size), stats)
         overlap = ((reach[:, None, 0] <= reach[None, :, 2]) & (reach[None, :, 0] <= reach[:, None, 2])
                    & (reach[:, None, 1] <= reach[None, :, 3]) & (reach[None, :, 1] <= reach[:, None, 3]))
         same = cand.labels[:, None] == cand.labels[None, :]

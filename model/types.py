@@ -9,12 +9,13 @@ from __future__ import annotations
 import io
 import json
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sam2.utils.amg import batched_mask_to_box
 
-_FORMAT = 2
+_FORMAT = 3
 
 
 def _window_any_all(x: torch.Tensor, radius: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,34 +43,96 @@ def _sign_boundary(signs: torch.Tensor, radius: int) -> torch.Tensor:
     return any_ & ~all_
 
 
-@dataclass
+class _PackedLogits:
+    """Low-res logits as stored in the cache: sign bits plus the exact values of the pixels whose
+    neighbourhood holds both signs, kept per mask so that only the masks a match needs are decoded.
+
+    signs: [N, h, w] bool; values: float32, the boundary values of mask 0, then mask 1, ...;
+    offsets: [N + 1] start of each mask's values; radius: the boundary neighbourhood radius.
+    """
+
+    def __init__(self, signs: torch.Tensor, values: torch.Tensor, offsets: np.ndarray, radius: int,
+                 boxes: torch.Tensor) -> None:
+        self.signs, self.values, self.offsets, self.radius = signs, values, offsets, int(radius)
+        self.boxes = boxes
+
+    def take(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Float logits of the masks at `index` (all if None), thresholded-exact (see to_bytes)."""
+        if index is None:
+            signs, rows = self.signs, np.arange(self.signs.shape[0])
+        else:
+            signs, rows = self.signs[index], index.cpu().numpy().reshape(-1)
+        logits = torch.where(signs, 1.0, -1.0)
+        if signs.shape[0]:
+            # the boundary of a mask depends on that mask alone: computing it for a subset is exact
+            boundary = _sign_boundary(signs, self.radius)
+            parts = [self.values[self.offsets[r]:self.offsets[r + 1]] for r in rows]
+            logits[boundary] = torch.cat(parts).to(logits.device)
+        return logits
+
+    def to(self, device: torch.device | str) -> "_PackedLogits":
+        return _PackedLogits(self.signs.to(device), self.values, self.offsets, self.radius,
+                             self.boxes.to(device))
+
+
 class Proposals:
     """Class-agnostic mask proposals of one image.
 
     logits: [N, h, w] float32 low-res SAM2 mask logits (h = w = sam_image_size // 4) of the kept
             prompts (best of 3 multimask outputs, predicted IoU > threshold, non-empty mask).
+            Proposals read from the cache keep them packed and decode a mask only when it is
+            needed (`logits_of`); the `logits` attribute decodes all of them.
     iou: [N] predicted IoU of each kept prompt.
     descriptors: [N, D] float32, L2-normalised mask-pooled DINOv2 features.
     image_size: (H, W) of the original (EXIF-transposed) image.
     """
 
-    logits: torch.Tensor
-    iou: torch.Tensor
-    descriptors: torch.Tensor
-    image_size: tuple[int, int]
-    meta: dict = field(default_factory=dict)
+    def __init__(self, logits: torch.Tensor | None, iou: torch.Tensor, descriptors: torch.Tensor,
+                 image_size: tuple[int, int], meta: dict | None = None, *,
+                 packed: _PackedLogits | None = None) -> None:
+        if (logits is None) == (packed is None):
+            raise ValueError("Proposals need either dense logits or packed ones")
+        self._logits, self._packed = logits, packed
+        self.iou, self.descriptors = iou, descriptors
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.meta = dict(meta or {})
 
     def __len__(self) -> int:
         return int(self.iou.shape[0])
 
+    def __repr__(self) -> str:
+        return f"Proposals(n={len(self)}, lowres={self.lowres_shape}, image_size={self.image_size})"
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            self._logits = self._packed.take()
+        return self._logits
+
+    @property
+    def lowres_shape(self) -> tuple[int, int]:
+        ref = self._logits if self._logits is not None else self._packed.signs
+        return int(ref.shape[-2]), int(ref.shape[-1])
+
+    def lowres_boxes(self) -> torch.Tensor:
+        """[N, 4] inclusive xyxy boxes of the low-res masks (stored in the cache: no pass over them)."""
+        return self._packed.boxes if self._logits is None else batched_mask_to_box(self._logits > 0)
+
+    def logits_of(self, index: torch.Tensor) -> torch.Tensor:
+        """[n, h, w] float logits of the proposals at `index`, decoding only those."""
+        return self._packed.take(index) if self._logits is None else self._logits[index]
+
     def to(self, device: torch.device | str) -> "Proposals":
-        return Proposals(self.logits.to(device), self.iou.to(device), self.descriptors.to(device),
-                         self.image_size, dict(self.meta))
+        if self._logits is None:
+            return Proposals(None, self.iou.to(device), self.descriptors.to(device), self.image_size,
+                             self.meta, packed=self._packed.to(device))
+        return Proposals(self._logits.to(device), self.iou.to(device), self.descriptors.to(device),
+                         self.image_size, self.meta)
 
     # ------------------------------------------------------------------ compact serialisation
     def upsample_radius(self) -> int:
         """Low-res neighbourhood radius that a bilinear (antialiased) resize to image_size reads."""
-        h = self.logits.shape[-1] if self.logits.ndim == 3 else 1
+        h = self.lowres_shape[-1]
         H, W = self.image_size
         scale = min(H, W) / max(h, 1)
         return 1 if scale >= 1 else int(np.ceil(1.0 / scale)) + 1
@@ -81,7 +144,8 @@ class Proposals:
         holds both signs. Bilinear upsampling is a non-negative weighted mean of a small
         neighbourhood, so a uniform-sign neighbourhood yields that sign whatever the values, and a
         mixed one is reproduced bit-exactly: thresholded full-resolution masks are identical to
-        those from the original logits. Descriptors and IoU are kept in float32.
+        those from the original logits. The per-mask count of boundary values lets a reader decode
+        single masks. Descriptors and IoU are kept in float32.
         """
         logits = self.logits.detach().float().cpu()
         signs = logits > 0
@@ -92,6 +156,8 @@ class Proposals:
             buf,
             signs=np.frombuffer(zlib.compress(np.packbits(signs.numpy(), axis=-1).tobytes(), 1), np.uint8),
             boundary_values=logits[boundary].numpy().astype(np.float32),
+            boundary_counts=boundary.flatten(1).sum(1).numpy().astype(np.int64),
+            boxes=batched_mask_to_box(signs).numpy().astype(np.int32),
             iou=self.iou.detach().float().cpu().numpy(),
             descriptors=self.descriptors.detach().float().cpu().numpy(),
             header=np.frombuffer(json.dumps({
@@ -102,7 +168,7 @@ class Proposals:
 
     @classmethod
     def from_bytes(cls, data: bytes, device: torch.device | str | None = None) -> "Proposals":
-        """Decode to_bytes output, directly onto `device` (the sign-boundary pass runs there)."""
+        """Decode to_bytes output onto `device`; masks stay packed until used (see logits_of)."""
         device = torch.device(device or "cpu")
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             header = json.loads(z["header"].tobytes().decode())
@@ -112,14 +178,19 @@ class Proposals:
             packed = np.frombuffer(zlib.decompress(z["signs"].tobytes()), np.uint8)
             packed = packed.reshape(*shape[:-1], (shape[-1] + 7) // 8)
             signs = torch.from_numpy(np.unpackbits(packed, axis=-1, count=shape[-1]).view(bool))
-            signs = signs.reshape(shape).to(device)
-            logits = signs.float() * 2 - 1
-            if shape[0]:
-                boundary = _sign_boundary(signs, int(header["radius"]))
-                logits[boundary] = torch.from_numpy(z["boundary_values"]).to(device)
-            return cls(logits=logits, iou=torch.from_numpy(z["iou"]).to(device),
+            counts = z["boundary_counts"].astype(np.int64)
+            values = torch.from_numpy(z["boundary_values"])
+            if counts.shape != (shape[0],) or int(counts.sum()) != values.shape[0]:
+                raise ValueError("proposals boundary counts do not match the stored values")
+            offsets = np.concatenate([[0], np.cumsum(counts)])
+            boxes = torch.from_numpy(z["boxes"].astype(np.int64))
+            if boxes.shape != (shape[0], 4):
+                raise ValueError("proposals boxes do not match the masks")
+            return cls(None, iou=torch.from_numpy(z["iou"]).to(device),
                        descriptors=torch.from_numpy(z["descriptors"]).to(device),
-                       image_size=tuple(header["image_size"]), meta=header.get("meta", {}))
+                       image_size=tuple(header["image_size"]), meta=header.get("meta", {}),
+                       packed=_PackedLogits(signs.reshape(shape).to(device), values, offsets,
+                                            int(header["radius"]), boxes.to(device)))
 
 
 @dataclass

@@ -13,7 +13,7 @@ from sam2.utils.amg import batched_mask_to_box
 from torchvision.ops import batched_nms
 
 from model.bank import MemoryBank
-from model.matching import match, match_with_stats, merge_size, upsample_mask_crops
+from model.matching import match, match_with_stats, merge_size, upsample_mask_crops, upsample_window
 from model.options import MethodOptions
 from model.types import Detections, Proposals
 
@@ -310,3 +310,31 @@ def test_cuda_matches_cpu():
     gpu = match(p.to("cuda"), bank, OPTS, max_detections=5)
     assert gpu.labels == cpu.labels and np.allclose(gpu.scores, cpu.scores, atol=1e-5)
     assert_same(gpu, match(p.to("cuda"), bank, EAGER, max_detections=5))
+
+
+@pytest.mark.parametrize("low,size", [((64, 64), (97, 131)), ((64, 64), (300, 41)), ((64, 64), (23, 17)),
+                                      ((64, 64), (64, 64)), ((32, 48), (1, 200)), ((64, 64), (2, 3))])
+def test_windowed_upsampling_is_bit_identical_to_the_full_one(low, size):
+    """The CPU window path must give the very same float values as cropping the full resize,
+    for noise logits (every value near a sign change), windows of any size, at every border."""
+    g = torch.Generator().manual_seed(sum(size))
+    logits = torch.randn(3, *low, generator=g) * 3
+    full = F.interpolate(logits[:, None], size, mode="bilinear", align_corners=False, antialias=True)[:, 0]
+    H, W = size
+    windows = [(0, 0, W - 1, H - 1), (W - 1, H - 1, W - 1, H - 1), (0, 0, 0, 0), (W // 2, 0, W - 1, H // 2)]
+    for _ in range(12):
+        x0, y0 = int(torch.randint(W, (1,), generator=g)), int(torch.randint(H, (1,), generator=g))
+        windows.append((x0, y0, min(W - 1, x0 + int(torch.randint(8, (1,), generator=g))),
+                        min(H - 1, y0 + int(torch.randint(40, (1,), generator=g)))))
+    for k in range(logits.shape[0]):
+        for x0, y0, x1, y1 in windows:
+            got = upsample_window(logits[k], size, x0, y0, x1, y1)
+            if W > 1:
+                assert torch.equal(got, full[k, y0:y1 + 1, x0:x1 + 1]), (k, x0, y0, x1, y1)
+    within = np.array([windows[-1]] * 3)
+    crops = upsample_mask_crops(logits, size, within=within)
+    for (x, y, m), ref in zip(crops, full > 0):
+        x0, y0, x1, y1 = windows[-1]
+        rebuilt = np.zeros((H, W), bool)
+        rebuilt[y:y + m.shape[0], x:x + m.shape[1]] = m
+        assert np.array_equal(rebuilt[y0:y1 + 1, x0:x1 + 1], ref[y0:y1 + 1, x0:x1 + 1].numpy())

@@ -47,6 +47,23 @@ def test_round_trip_reproduces_full_resolution_masks_exactly(size: tuple[int, in
     assert q.image_size == size and q.meta == {"k": 1}
 
 
+def test_cached_proposals_decode_single_masks_exactly_and_keep_boxes() -> None:
+    """A cache read decodes only the masks a match asks for; each equals the full decode, and the
+    stored low-res boxes equal those of the dense logits (empty mask included)."""
+    logits = _smooth_logits(9, 64, seed=7)
+    logits[4] = -3.0
+    p = Proposals(logits, torch.rand(9), F.normalize(torch.randn(9, 16), dim=1), (300, 411))
+    q = Proposals.from_bytes(p.to_bytes())
+    assert q.lowres_shape == (64, 64) and torch.equal(q.lowres_boxes().long(), p.lowres_boxes().long())
+    full = Proposals.from_bytes(p.to_bytes()).logits
+    for index in ([3], [8, 0, 4], [5, 5, 1], list(range(9))):
+        idx = torch.tensor(index)
+        assert torch.equal(q.logits_of(idx), full[idx]), index
+    assert torch.equal(q.logits, full) and torch.equal(q.to("cpu").logits_of(torch.tensor([2])), full[[2]])
+    with pytest.raises(ValueError):
+        Proposals(None, torch.rand(1), torch.rand(1, 4), (4, 4))
+
+
 def test_empty_proposals_round_trip() -> None:
     p = Proposals(torch.zeros(0, 64, 64), torch.zeros(0), torch.zeros(0, 8), (50, 60))
     q = Proposals.from_bytes(p.to_bytes())
