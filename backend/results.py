@@ -17,8 +17,8 @@ import uuid
 
 import cv2
 import numpy as np
-from label_studio_sdk.converter.brush import mask2rle
 
+from backend.brush_rle import mask_to_ls_rle
 from backend.label_config import Control, LabelConfig
 from model.types import Detections
 
@@ -84,7 +84,7 @@ def _polygon_value(points: np.ndarray, W: int, H: int) -> dict:
 
 
 def _brush_value(mask: np.ndarray) -> dict:
-    return {"format": "rle", "rle": [int(v) for v in mask2rle(mask.astype(np.uint8) * 255)]}
+    return {"format": "rle", "rle": mask_to_ls_rle(mask)}  # = the SDK's mask2rle(mask * 255), faster
 
 
 def _region(control: Control, label: str, value: dict, score: float, W: int, H: int) -> dict:
