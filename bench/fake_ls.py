@@ -9,12 +9,14 @@ so a benchmark can tell its own cost from the backend's.
 """
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+
+try:
+    from bench.fake_http import Reply, Request, RouteServer
+except ImportError:  # run with bench/ (not the repository root) on sys.path
+    from fake_http import Reply, Request, RouteServer
 
 
 class FakeLabelStudio:
@@ -29,12 +31,9 @@ class FakeLabelStudio:
         self.counts: dict[str, float] = {"POST": 0, "PATCH": 0, "image": 0, "write_s": 0.0}
         self.lock = threading.Lock()
         self._next_prediction = 1
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-        self._thread.start()
+        # HTTP/1.1 keep-alive with TCP_NODELAY, as LS behind gunicorn
+        self.http = RouteServer(self._route, nodelay=True, after=self._count_write)
+        self.url = self.http.url
 
     # ------------------------------------------------------------------------------ content
     def add_project(self, pid: int, label_config: str) -> None:
@@ -65,8 +64,7 @@ class FakeLabelStudio:
             return dict(self.counts)
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.close()
 
     def __enter__(self) -> "FakeLabelStudio":
         return self
@@ -75,90 +73,54 @@ class FakeLabelStudio:
         self.close()
 
     # ------------------------------------------------------------------------------ HTTP
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        fake = self
+    def _route(self, req: Request) -> Reply:
+        body = req.json() if req.method in ("POST", "PATCH") else None
+        if req.headers.get("Authorization") != f"Token {self.token}":
+            return Reply(401, {"detail": "Authentication credentials were not provided."})
+        return self._answer(req.method, req.path, req.query, body)
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            # headers and body go out in two writes: without TCP_NODELAY, Nagle + the client's
-            # delayed ACK add ~40 ms to every keep-alive request (real LS servers do not)
-            disable_nagle_algorithm = True
+    def _count_write(self, req: Request) -> None:
+        """Adds the time spent on a prediction write (read, parse, store, answer) to counts["write_s"]."""
+        if req.method in ("POST", "PATCH") and req.raw:
+            with self.lock:
+                self.counts["write_s"] += time.perf_counter() - req.started
 
-            def log_message(self, *args) -> None:
-                pass
-
-            def send(self, status: int, body=None, raw: bytes | None = None, ctype: str = "application/json"):
-                data = raw if raw is not None else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def body(self):
-                n = int(self.headers.get("Content-Length") or 0)
-                return json.loads(self.rfile.read(n)) if n else None
-
-            def route(self, method: str) -> None:
-                t0 = time.perf_counter()
-                body = self.body() if method in ("POST", "PATCH") else None
-                if self.headers.get("Authorization") != f"Token {fake.token}":
-                    return self.send(401, {"detail": "Authentication credentials were not provided."})
-                parts = urlsplit(self.path)
-                status, answer, raw, ctype = fake._answer(method, parts.path, parse_qs(parts.query), body)
-                self.send(status, answer, raw, ctype)
-                if body is not None:
-                    with fake.lock:
-                        fake.counts["write_s"] += time.perf_counter() - t0
-
-            def do_GET(self):  # noqa: N802 - http.server API
-                self.route("GET")
-
-            def do_POST(self):  # noqa: N802
-                self.route("POST")
-
-            def do_PATCH(self):  # noqa: N802
-                self.route("PATCH")
-
-        return Handler
-
-    def _answer(self, method: str, path: str, query: dict, body) -> tuple[int, object, bytes | None, str]:
-        """(status, JSON body, raw body, content type) of one request."""
-        json_ct = "application/json"
+    def _answer(self, method: str, path: str, query: dict, body) -> Reply:
+        """The reply to one authorized request."""
         with self.lock:
             if method == "GET" and path in self.images:
                 self.counts["image"] += 1
-                return 200, None, self.images[path], "image/png"
+                return Reply(200, self.images[path], "image/png")
             if method == "GET" and (m := re.fullmatch(r"/api/projects/(\d+)/", path)):
                 pid = int(m.group(1))
                 if pid not in self.projects:
-                    return 404, {"detail": "Not found."}, None, json_ct
-                return 200, {"id": pid, "label_config": self.projects[pid]}, None, json_ct
+                    return Reply(404, {"detail": "Not found."})
+                return Reply(200, {"id": pid, "label_config": self.projects[pid]})
             if method == "GET" and path == "/api/tasks/":
                 pid = int(query.get("project", ["0"])[0])
                 page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["100"])[0])
                 tasks = [t for _, t in sorted(self.tasks.items()) if t["project"] == pid]
                 chunk = tasks[(page - 1) * size: page * size]
                 if page > 1 and not chunk:
-                    return 404, {"detail": "Invalid page."}, None, json_ct
-                return 200, {"total": len(tasks), "tasks": chunk}, None, json_ct
+                    return Reply(404, {"detail": "Invalid page."})
+                return Reply(200, {"total": len(tasks), "tasks": chunk})
             if method == "GET" and (m := re.fullmatch(r"/api/tasks/(\d+)/", path)):
                 task = self.tasks.get(int(m.group(1)))
-                return (200, task, None, json_ct) if task else (404, {"detail": "Not found."}, None, json_ct)
+                return Reply(200, task) if task else Reply(404, {"detail": "Not found."})
             if method == "GET" and path == "/api/predictions/":
                 tid = int(query.get("task", ["0"])[0])
-                return 200, [p for p in self.predictions.values() if p["task"] == tid], None, json_ct
+                return Reply(200, [p for p in self.predictions.values() if p["task"] == tid])
             if method == "POST" and path == "/api/predictions/":
                 self.counts["POST"] += 1
                 pred = {**body, "id": self._next_prediction}
                 self._next_prediction += 1
                 self.predictions[pred["id"]] = pred
-                return 201, pred, None, json_ct
+                return Reply(201, pred)
             if method == "PATCH" and (m := re.fullmatch(r"/api/predictions/(\d+)/", path)):
                 self.counts["PATCH"] += 1
                 pred = self.predictions.get(int(m.group(1)))
                 if pred is None:
-                    return 404, {"detail": "Not found."}, None, json_ct
+                    return Reply(404, {"detail": "Not found."})
                 pred.update(body)
-                return 200, pred, None, json_ct
-        return 404, {"detail": f"no route {method} {path}"}, None, json_ct
+                return Reply(200, pred)
+        return Reply(404, {"detail": f"no route {method} {path}"})

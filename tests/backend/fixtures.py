@@ -4,9 +4,7 @@ Shared by the backend test files. Only the parts LS really sends are here; long 
 LS sends but nobody reads (timestamps, counters) keep their documented shape. At the end: a
 scripted local HTTP server standing in for Label Studio and image hosts.
 """
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from bench.fake_http import JSON, Reply, Request, RouteServer
 
 
 LEGACY_TOKEN = "0123456789abcdef0123456789abcdef01234567"
@@ -179,49 +177,24 @@ class FakeHTTPServer:
     def __init__(self):
         self.routes: dict[str, list] = {}
         self.requests: list[dict] = []
-        fake = self
+        self._http = RouteServer(self._serve)
+        self.port = self._http.port
+        self.url = self._http.url
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _serve(self):
-                n = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(n) if n else b""
-                try:
-                    body = json.loads(raw) if raw else None
-                except ValueError:
-                    body = raw
-                req = {"method": self.command, "path": self.path, "headers": dict(self.headers.items()), "body": body}
-                fake.requests.append(req)
-                queue = fake.routes.get(self.path)
-                response = (404, {}, b"not found") if not queue else (queue.pop(0) if len(queue) > 1 else queue[0])
-                status, headers, payload = response(req) if callable(response) else response
-                if isinstance(payload, (dict, list)):
-                    payload = json.dumps(payload).encode()
-                    headers = {"Content-Type": "application/json", **headers}
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            do_GET = do_POST = do_PATCH = do_DELETE = _serve
-
-            def log_message(self, *args):
-                pass
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request, client_address):
-                pass  # clients that close a streamed response early reset the connection
-
-        self._server = Server(("127.0.0.1", 0), Handler)
-        self.port = self._server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
-        self._thread.start()
+    def _serve(self, request: Request) -> Reply:
+        try:
+            body = request.json()
+        except ValueError:
+            body = request.raw
+        req = {"method": request.method, "path": request.target, "headers": dict(request.headers.items()),
+               "body": body}
+        self.requests.append(req)
+        queue = self.routes.get(request.target)
+        response = (404, {}, b"not found") if not queue else (queue.pop(0) if len(queue) > 1 else queue[0])
+        status, headers, payload = response(req) if callable(response) else response
+        if isinstance(payload, (dict, list)):
+            return Reply(status, payload, JSON, headers)
+        return Reply(status, payload, None, headers)
 
     def route(self, path: str, *responses) -> None:
         self.routes[path] = list(responses)
@@ -230,5 +203,4 @@ class FakeHTTPServer:
         return [r for r in self.requests if r["path"] == path]
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._http.close()

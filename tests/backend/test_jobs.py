@@ -7,13 +7,10 @@ asserted, not run), the store is the real Redis under a per-test key prefix.
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -27,6 +24,7 @@ from backend.errors import LabelStudioAPIError
 from backend.settings import Settings
 from backend.store import RedisStore
 from backend.tasks_registry import result_hash
+from bench.fake_http import Reply, Request, RouteServer
 from model.engine import Engine, EngineConfig
 from model.options import MethodOptions
 
@@ -53,6 +51,8 @@ def _png(seed: int, size=(80, 60)) -> bytes:
 
 
 class FakeLS:
+    """The LS routes the jobs use, behind the legacy token; prediction writes are recorded."""
+
     def __init__(self) -> None:
         self.tasks: dict[int, dict] = {}
         self.images: dict[str, bytes] = {}
@@ -60,44 +60,11 @@ class FakeLS:
         self.calls: list[tuple[str, str, dict | None]] = []   # prediction writes: (method, path, body)
         self._next = 100
         self.lock = threading.Lock()
-        fake = self
+        self.http = RouteServer(self._route, keep_alive=False)
+        self.url = self.http.url
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, status, body=None, raw=None, ctype="application/json"):
-                data = raw if raw is not None else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _body(self):
-                n = int(self.headers.get("Content-Length") or 0)
-                return json.loads(self.rfile.read(n)) if n else None
-
-            def _route(self, method):
-                if self.headers.get("Authorization") != f"Token {TOKEN}":
-                    return self._send(401, {"detail": "no auth"})
-                parts = urlsplit(self.path)
-                path, query = parts.path, parse_qs(parts.query)
-                with fake.lock:
-                    return fake.handle(self, method, path, query)
-
-            def do_GET(self):
-                self._route("GET")
-
-            def do_POST(self):
-                self._route("POST")
-
-            def do_PATCH(self):
-                self._route("PATCH")
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    def close(self) -> None:
+        self.http.close()
 
     def add_task(self, tid: int, seed: int, annotations=()) -> dict:
         name = f"img{tid}.png"
@@ -111,38 +78,44 @@ class FakeLS:
         with self.lock:
             return list(self.calls)
 
-    def handle(self, h, method, path, query):
+    def _route(self, req: Request) -> Reply:
+        if req.headers.get("Authorization") != f"Token {TOKEN}":
+            return Reply(401, {"detail": "no auth"})
+        with self.lock:
+            return self.handle(req, req.method, req.path, req.query)
+
+    def handle(self, req: Request, method: str, path: str, query: dict) -> Reply:
         if method == "GET" and (m := re.fullmatch(r"/data/upload/\d+/(.+)", path)):
             if m.group(1) not in self.images:
-                return h._send(404, {"detail": "Not found."})
-            return h._send(200, raw=self.images[m.group(1)], ctype="image/png")
+                return Reply(404, {"detail": "Not found."})
+            return Reply(200, self.images[m.group(1)], "image/png")
         if method == "GET" and path == f"/api/projects/{PID}/":
-            return h._send(200, {"id": PID, "label_config": LABEL_CONFIG})
+            return Reply(200, {"id": PID, "label_config": LABEL_CONFIG})
         if method == "GET" and path == "/api/tasks/":
             tasks = [{**self.tasks[t], "predictions": [p for p in self.predictions.values() if p["task"] == t]}
                      for t in sorted(self.tasks)]  # as LS: a task lists its stored predictions
-            return h._send(200, {"total": len(tasks), "tasks": tasks})
+            return Reply(200, {"total": len(tasks), "tasks": tasks})
         if method == "GET" and (m := re.fullmatch(r"/api/tasks/(\d+)/", path)):
-            return h._send(200, self.tasks[int(m.group(1))])
+            return Reply(200, self.tasks[int(m.group(1))])
         if method == "GET" and path == "/api/predictions/":
             tid = int(query["task"][0])
-            return h._send(200, [p for p in self.predictions.values() if p["task"] == tid])
+            return Reply(200, [p for p in self.predictions.values() if p["task"] == tid])
         if method == "POST" and path == "/api/predictions/":
-            body = h._body()
+            body = req.json()
             self.calls.append(("POST", path, body))
             pred = {**body, "id": self._next}
             self._next += 1
             self.predictions[pred["id"]] = pred
-            return h._send(201, pred)
+            return Reply(201, pred)
         if method == "PATCH" and (m := re.fullmatch(r"/api/predictions/(\d+)/", path)):
-            body = h._body()
+            body = req.json()
             self.calls.append(("PATCH", path, body))
             pid = int(m.group(1))
             if pid not in self.predictions:
-                return h._send(404, {"detail": "Not found."})
+                return Reply(404, {"detail": "Not found."})
             self.predictions[pid].update(body)
-            return h._send(200, self.predictions[pid])
-        return h._send(404, {"detail": f"no route {method} {path}"})
+            return Reply(200, self.predictions[pid])
+        return Reply(404, {"detail": f"no route {method} {path}"})
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -169,7 +142,7 @@ def engine():
 def ls():
     fake = FakeLS()
     yield fake
-    fake.server.shutdown()
+    fake.close()
 
 
 @pytest.fixture

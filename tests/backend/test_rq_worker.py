@@ -13,10 +13,8 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ from rq.job import Job
 from backend import queueing, runtime
 from backend.app import create_app
 from backend.settings import Settings
+from bench.fake_http import Reply, Request, RouteServer
 from tests.backend.fixtures import (BRUSH_REGION, LEGACY_TOKEN, PREDICT_BODY, SETUP_BODY,
                                     WEBHOOK_ANNOTATION_CREATED)
 
@@ -52,29 +51,17 @@ def fake_ls():
     png = _png()
     seen: list[tuple[str, str | None]] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server API
-            seen.append((self.path, self.headers.get("Authorization")))
-            if self.headers.get("Authorization") != f"Token {LEGACY_TOKEN}":
-                self.send_error(401)
-            elif self.path != IMAGE_PATH:
-                self.send_error(404)
-            else:
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(png)))
-                self.end_headers()
-                self.wfile.write(png)
+    def route(req: Request) -> Reply:
+        seen.append((req.target, req.headers.get("Authorization")))
+        if req.headers.get("Authorization") != f"Token {LEGACY_TOKEN}":
+            return Reply(401, {"detail": "Authentication credentials were not provided."})
+        if req.target != IMAGE_PATH:
+            return Reply(404, {"detail": "Not found."})
+        return Reply(200, png, "image/png")
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    server.shutdown()
-    server.server_close()
+    server = RouteServer(route, keep_alive=False)
+    yield server.url, seen
+    server.close()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ redis-server on a free loopback port, in its tmp_path, and stops it afterwards.
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import shutil
@@ -21,9 +20,7 @@ import types
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 import jwt
 import numpy as np
@@ -35,6 +32,7 @@ from werkzeug.serving import make_server
 from backend import queueing, runtime
 from backend.app import create_app
 from backend.settings import Settings
+from bench.fake_http import DROP, Reply, Request, RouteServer
 
 ROOT = Path(__file__).resolve().parents[2]
 LEGACY_TOKEN = "0123456789abcdef0123456789abcdef01234567"
@@ -188,41 +186,9 @@ class FakeLabelStudio:
         self.redirects: list[tuple[re.Pattern, str]] = []
         self.lock = threading.Lock()
         self._next_prediction = 100
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def send(self, status: int, body=None, raw: bytes | None = None, ctype="application/json"):
-                data = raw if raw is not None else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def body(self):
-                return json.loads(self.raw) if self.raw else None
-
-            def serve(self):
-                n = int(self.headers.get("Content-Length") or 0)
-                self.raw = self.rfile.read(n) if n else b""  # read even when failing: keep-alive
-                fake.dispatch(self, self.command)
-
-            do_GET = do_POST = do_PATCH = do_DELETE = serve
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request, client_address):
-                pass  # clients (killed workers) close connections mid-answer
-
-        self.server = Server((host, 0), Handler)
-        self.url = f"http://{host}:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        self.http = RouteServer(self.dispatch, host=host)
+        self.server = self.http.server  # the socketserver: `server_address` names the port
+        self.url = self.http.url
 
     # -------------------------------------------------------------- scripting
     def add_task(self, tid: int, seed: int | None = None, annotations=(), image: bytes | None = None,
@@ -264,8 +230,7 @@ class FakeLabelStudio:
 
     def close(self) -> None:
         self.release_all()
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.close()
 
     # -------------------------------------------------------------- serving
     def _fault(self, method: str, path: str):
@@ -275,37 +240,31 @@ class FakeLabelStudio:
                     return fault[2].pop(0)
         return None
 
-    def dispatch(self, h, method: str) -> None:
-        auth = h.headers.get("Authorization")
+    def dispatch(self, req: Request) -> Reply | object:
+        """The reply to one request (or DROP): redirects, holds and faults first, then auth and routes."""
+        method, auth = req.method, req.headers.get("Authorization")
         with self.lock:
-            self.requests.append((method, h.path, auth))
+            self.requests.append((method, req.target, auth))
         for pattern, release, arrived in list(self.holds):
-            if pattern.search(h.path):
+            if pattern.search(req.target):
                 arrived.set()
                 release.wait(120)
         for pattern, location in list(self.redirects):
-            if pattern.search(h.path):
-                h.send_response(302)
-                h.send_header("Location", location)
-                h.send_header("Content-Length", "0")
-                h.end_headers()
-                return
-        outcome = self._fault(method, h.path)
+            if pattern.search(req.target):
+                return Reply(302, b"", None, {"Location": location})
+        outcome = self._fault(method, req.target)
         if outcome == "drop":
-            h.close_connection = True
-            h.connection.shutdown(socket.SHUT_RDWR)
-            return
+            return DROP
         if isinstance(outcome, int):
-            return h.send(outcome, {"detail": f"injected {outcome}", "seen_authorization": auth})
-        parts = urlsplit(h.path)
-        path, query = parts.path, parse_qs(parts.query)
+            return Reply(outcome, {"detail": f"injected {outcome}", "seen_authorization": auth})
+        path, query = req.path, req.query
         if method == "POST" and path == "/api/token/refresh/":
-            return self._refresh(h)
+            return self._refresh(req)
         if not self._authorized(auth):
-            return h.send(401, {"detail": "Authentication credentials were not provided.",
-                                "seen_authorization": auth})
+            return Reply(401, {"detail": "Authentication credentials were not provided.",
+                               "seen_authorization": auth})
         with self.lock:
-            self._route(h, method, path, query)
+            return self._route(req, method, path, query)
 
     def _authorized(self, auth: str | None) -> bool:
         if self.token and auth == f"Token {self.token}":
@@ -313,23 +272,23 @@ class FakeLabelStudio:
         with self.lock:
             return bool(auth and auth.startswith("Bearer ") and auth[7:] in self.access_tokens)
 
-    def _refresh(self, h) -> None:
-        body = h.body() or {}
+    def _refresh(self, req: Request) -> Reply:
+        body = req.json() or {}
         if not self.pat or body.get("refresh") != self.pat:
-            return h.send(401, {"detail": "Token is invalid or expired", "seen_refresh": body.get("refresh")})
+            return Reply(401, {"detail": "Token is invalid or expired", "seen_refresh": body.get("refresh")})
         access = jwt.encode({"token_type": "access", "exp": int(time.time()) + 300,
                              "jti": os.urandom(8).hex()}, LS_SIGNING_KEY, algorithm="HS256")
         with self.lock:
             self.access_tokens.append(access)
-        return h.send(200, {"access": access})
+        return Reply(200, {"access": access})
 
-    def _route(self, h, method: str, path: str, query: dict) -> None:
+    def _route(self, req: Request, method: str, path: str, query: dict) -> Reply:
         if method == "GET" and (m := re.fullmatch(r"/data/upload/\d+/(.+)", path)):
             if m.group(1) not in self.images:
-                return h.send(404, {"detail": "Not found."})
-            return h.send(200, raw=self.images[m.group(1)], ctype="image/png")
+                return Reply(404, {"detail": "Not found."})
+            return Reply(200, self.images[m.group(1)], "image/png")
         if method == "GET" and path == f"/api/projects/{self.pid}/":
-            return h.send(200, {"id": self.pid, "label_config": self.label_config})
+            return Reply(200, {"id": self.pid, "label_config": self.label_config})
         if method == "GET" and path == "/api/tasks/":
             page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["100"])[0])
             # as LS: a task lists its stored predictions (the caller holds self.lock)
@@ -337,26 +296,26 @@ class FakeLabelStudio:
                      for t in sorted(self.tasks)]
             chunk = tasks[(page - 1) * size:page * size]
             if page > 1 and not chunk:
-                return h.send(404, {"detail": "Invalid page."})
-            return h.send(200, {"total": len(tasks), "tasks": chunk})
+                return Reply(404, {"detail": "Invalid page."})
+            return Reply(200, {"total": len(tasks), "tasks": chunk})
         if method == "GET" and (m := re.fullmatch(r"/api/tasks/(\d+)/", path)):
             task = self.tasks.get(int(m.group(1)))
-            return h.send(200, task) if task else h.send(404, {"detail": "Not found."})
+            return Reply(200, task) if task else Reply(404, {"detail": "Not found."})
         if method == "GET" and path == "/api/predictions/":
             tid = int(query["task"][0])
-            return h.send(200, [p for p in self.predictions.values() if p["task"] == tid])
+            return Reply(200, [p for p in self.predictions.values() if p["task"] == tid])
         if method == "POST" and path == "/api/predictions/":
-            pred = {**h.body(), "id": self._next_prediction}
+            pred = {**req.json(), "id": self._next_prediction}
             self._next_prediction += 1
             self.predictions[pred["id"]] = pred
-            return h.send(201, pred)
+            return Reply(201, pred)
         if method == "PATCH" and (m := re.fullmatch(r"/api/predictions/(\d+)/", path)):
             pred = self.predictions.get(int(m.group(1)))
             if pred is None:
-                return h.send(404, {"detail": "Not found."})
-            pred.update(h.body())
-            return h.send(200, pred)
-        return h.send(404, {"detail": f"no route {method} {path}"})
+                return Reply(404, {"detail": "Not found."})
+            pred.update(req.json())
+            return Reply(200, pred)
+        return Reply(404, {"detail": f"no route {method} {path}"})
 
 
 @pytest.fixture
