@@ -17,6 +17,7 @@ import hashlib
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -148,25 +149,41 @@ def _deliver(pid: int, items: dict[int, dict]) -> dict:
     model_version. (A result the web process returned is not trusted to be stored: LS does not
     store interactive answers, nor one that arrives after its timeout.)
 
-    One failing task is logged and counted; the others proceed. Registry records (which must
-    exist) get the prediction id and delivered hash in one write.
+    Up to LS_POST_CONCURRENCY posts are in flight at once. One failing task is logged and
+    counted; the others proceed. Registry records (which must exist) get the prediction id and
+    delivered hash in one write.
     """
     registry = runtime.get_registry()
     client = runtime.get_ls_client(pid)
     counts = {"posted": 0, "skipped": 0, "failed": 0}
-    delivered: dict[int, dict] = {}
+    todo: list[tuple[int, dict, TaskRecord | None, str]] = []
     for task_id, item in items.items():
         record = registry.get(pid, task_id)
         digest = result_hash(item["result"])
         if (record and record.prediction_id is not None and record.result_hash == digest
                 and record.model_version == item["model_version"]):
             counts["skipped"] += 1
-            continue
+        else:
+            todo.append((task_id, item, record, digest))
+
+    def post(job: tuple[int, dict, TaskRecord | None, str]) -> int | None:
+        task_id, item, record, _ = job
         try:
-            prediction_id = _post(client, task_id, item, record.prediction_id if record else None)
+            return _post(client, task_id, item, record.prediction_id if record else None)
         except LabelStudioAPIError as exc:
-            counts["failed"] += 1
             log.error("project %s task %s: posting the prediction to Label Studio failed: %s", pid, task_id, exc)
+            return None
+
+    workers = min(len(todo), runtime.get_settings().ls_post_concurrency)
+    if workers > 1:  # LS answers one request at a time per connection: keep a few in flight
+        with ThreadPoolExecutor(workers, thread_name_prefix="ls-post") as pool:
+            ids = list(pool.map(post, todo))
+    else:
+        ids = [post(job) for job in todo]
+    delivered: dict[int, dict] = {}
+    for (task_id, item, _, digest), prediction_id in zip(todo, ids):
+        if prediction_id is None:
+            counts["failed"] += 1
             continue
         delivered[task_id] = {"prediction_id": prediction_id, "result_hash": digest,
                               "model_version": item["model_version"]}

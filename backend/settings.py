@@ -207,6 +207,9 @@ class Settings:
     polygon_tolerance: float = _var(
         "POLYGON_TOLERANCE", 1.5, "Polygon simplification tolerance in pixels "
         "(`model_polygon_tolerance` attribute overrides).", _nonneg_float, default_doc="`1.5`")
+    ls_post_concurrency: int = _var(
+        "LS_POST_CONCURRENCY", 4, "Predictions a job posts to Label Studio at once (a refresh of many "
+        "tasks is mostly waiting on LS's answers).", _positive_int, default_doc="`4`")
     predict_budget_s: float = _var(
         "PREDICT_BUDGET_S", 80.0, "Time /predict waits for results; later ones are posted to Label "
         "Studio by the workers. Keep it under LS's ML_TIMEOUT_PREDICT (100 s).", _positive_float,

@@ -10,7 +10,9 @@ import io
 import os
 import re
 import threading
+import time
 import uuid
+from dataclasses import replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -358,6 +360,36 @@ def test_refresh_rescores_cached_tasks_without_proposing(env, ls, engine):
     again = jobs.refresh_project(PID)
     assert again["posted"] == 0 and again["enqueued"] == 0
     assert len(ls.writes()) == len(writes)
+
+
+def test_delivery_keeps_several_posts_in_flight_and_isolates_a_failure(env):
+    """LS_POST_CONCURRENCY posts run at once (a refresh mostly waits on LS); a task LS refuses is
+    counted as failed and left unrecorded while the others are recorded."""
+    in_flight, peak, lock = [0], [0], threading.Lock()
+
+    def route(req: Request) -> Reply:
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(0.15)
+        with lock:
+            in_flight[0] -= 1
+        tid = int(req.path.rstrip("/").rsplit("/", 1)[1]) - 1000
+        if tid == 5:
+            return Reply(400, {"detail": "invalid result"})
+        return Reply(200, {"id": 1000 + tid, **req.json()})
+
+    with RouteServer(route) as srv:
+        s = runtime.get_settings()
+        runtime.configure(settings=replace(s, label_studio_url=srv.url, ls_post_concurrency=3))
+        registry = runtime.get_registry()
+        registry.update(PID, {t: {"image_url": f"/x/{t}.png", "prediction_id": 1000 + t} for t in range(1, 9)})
+        items = {t: {"result": [{"t": t}], "score": 0.5, "model_version": "mv-2"} for t in range(1, 9)}
+        counts = jobs._deliver(PID, items)
+    assert counts == {"posted": 7, "skipped": 0, "failed": 1}
+    assert peak[0] == 3
+    assert registry.get(PID, 5).model_version != "mv-2"
+    assert all(registry.get(PID, t).model_version == "mv-2" for t in range(1, 9) if t != 5)
 
 
 def test_train_project_posts_every_unlabelled_task_once(env, ls, engine, caplog):
