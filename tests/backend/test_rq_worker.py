@@ -128,7 +128,9 @@ def test_webhook_to_worker_to_new_model_version(deployment):
         mv1 = client.post("/setup", json=SETUP_BODY).get_json()["model_version"]
         assert mv1 != mv0 and mv1 == f"ntt-sam2.1-t+dinov2-s-{info.result['version']}"
         assert client.get("/versions", json={"project": "1.1795705944"}).get_json() == {"versions": [mv1]}
-        assert client.get("/health").get_json()["ready"] is True  # a worker listens now
+        # a worker listens now (/health reads a snapshot up to HEALTH_MAX_AGE_S old)
+        _wait(lambda: client.get("/health").get_json()["ready"] is True, 3 * queueing.HEALTH_MAX_AGE_S,
+              "/health to report a ready worker")
 
         # /predict runs on the worker against the new bank
         body = copy.deepcopy(PREDICT_BODY)
