@@ -5,7 +5,8 @@
 * train_project   START_TRAINING: rebuild, then pre-annotate every unlabelled task via the LS API
 * predict_task    the unit of /predict work, with late delivery through the LS API
 * refresh_project after a bank change: re-score every processed task from its cached proposals
-                  (no SAM2/DINOv2 run) and post only the predictions whose result changed
+                  (no SAM2/DINOv2 run) and post only the predictions whose result changed, or
+                  for many tasks replace them all in bulk (backend.bulk_delivery)
 
 Jobs may run twice (retries, spool replays): each one is idempotent, and every prediction goes to
 Label Studio through `_deliver`, which PATCHes our existing prediction instead of adding another
@@ -21,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from backend import queueing, runtime
+from backend import bulk_delivery, queueing, runtime
 from backend.annotations import Reference, regions_to_references
 from backend.bank_store import bank_version
 from backend.errors import BadRequest, LabelStudioAPIError
@@ -504,7 +505,8 @@ def refresh_project(pid: int) -> dict:
     """Re-label every processed task of the project with the current bank (see module docstring).
 
     Tasks already delivered with the current model_version are skipped; the rest are re-scored from
-    cached proposals in batches and the changed ones posted. Tasks without cached proposals get a
+    cached proposals in batches and the changed ones posted (PATCH per task), or, for many tasks,
+    all of them replaced in bulk (backend.bulk_delivery). Tasks without cached proposals get a
     predict job. Stops early when the bank changes again (that change queued its own refresh).
     """
     t0 = time.monotonic()
@@ -519,6 +521,10 @@ def refresh_project(pid: int) -> dict:
     stale = {tid: rec for tid, rec in sorted(registered.items()) if rec.model_version != mv}
     counts = {"tasks": len(registered), "current": len(registered) - len(stale), "rescored": 0, "changed": 0,
               "posted": 0, "failed": 0, "enqueued": 0}
+    cache = runtime.get_proposal_cache()
+    cached = {tid: rec for tid, rec in stale.items() if rec.proposal_key and cache.contains(rec.proposal_key)}
+    retire = bulk_delivery.plan(pid, cached, mv, OUR_VERSION_PREFIX) if len(bank) else None
+    bulk_ok = retire is not None
     ids = list(stale)
     superseded = False
     for start in range(0, len(ids), REFRESH_BATCH):
@@ -527,7 +533,15 @@ def refresh_project(pid: int) -> dict:
         counts["rescored"] += len(rescored)
         changed = {tid: item for tid, item, is_changed in rescored if is_changed}
         counts["changed"] += len(changed)
-        if changed:
+        if bulk_ok and {tid for tid, _, _ in rescored} != set(batch) & set(cached):
+            bulk_ok = False  # a planned task could not be re-scored: its old prediction must stay
+        if bulk_ok and rescored:
+            try:
+                counts["posted"] += bulk_delivery.post(pid, {tid: item for tid, item, _ in rescored})["posted"]
+            except LabelStudioAPIError as exc:
+                log.warning("project %s: bulk import failed (%s); posting task by task", pid, exc)
+                bulk_ok = False
+        if not bulk_ok and changed:
             delivered = _deliver(pid, changed)
             counts["posted"] += delivered["posted"]
             counts["failed"] += delivered["failed"]
@@ -537,9 +551,13 @@ def refresh_project(pid: int) -> dict:
         if runtime.get_bank_store().version(pid) != version:
             superseded = True
             break
-    result = {**counts, "model_version": mv, "superseded": superseded,
-              "seconds": round(time.monotonic() - t0, 3)}
-    log.info("project %s: refresh to %s: %d re-scored, %d changed, %d posted, %d failed, %d queued%s (%.2f s)",
-             pid, mv, counts["rescored"], counts["changed"], counts["posted"], counts["failed"],
+    retired = 0
+    if bulk_ok and retire and not superseded:
+        retired = bulk_delivery.retire(pid, retire)
+    result = {**counts, "model_version": mv, "superseded": superseded, "bulk": retire is not None,
+              "retired": retired, "seconds": round(time.monotonic() - t0, 3)}
+    log.info("project %s: refresh to %s: %d re-scored, %d changed, %d posted%s, %d failed, %d queued%s (%.2f s)",
+             pid, mv, counts["rescored"], counts["changed"], counts["posted"],
+             f" in bulk, {retired} old predictions deleted" if retire is not None else "", counts["failed"],
              counts["enqueued"], ", superseded" if superseded else "", result["seconds"])
     return result

@@ -215,6 +215,32 @@ class LabelStudioClient:
         body = self._request("GET", "api/predictions/", params={"task": int(task_id)})
         return body.get("results", []) if isinstance(body, dict) else list(body or [])
 
+    def list_project_predictions(self, project_id: int) -> list[dict]:
+        """Every prediction of a project (LS answers them all at once, results included)."""
+        body = self._request("GET", "api/predictions/", params={"project": int(project_id)})
+        return body.get("results", []) if isinstance(body, dict) else list(body or [])
+
+    def model_version_counts(self, project_id: int) -> dict[str, int]:
+        """{model_version: number of predictions} of a project (a cheap aggregate query)."""
+        body = self._request("GET", f"api/projects/{int(project_id)}/model-versions/")
+        return {str(k): int(v) for k, v in (body or {}).items()} if isinstance(body, dict) else {}
+
+    def import_predictions(self, project_id: int, items: list[dict]) -> int:
+        """Create many predictions in one request ({task, result, score, model_version} each);
+        returns how many LS created. Not retried once sent (it would create them twice)."""
+        body = self._request("POST", f"api/projects/{int(project_id)}/import/predictions", json=items)
+        return int((body or {}).get("created", 0))
+
+    def delete_model_version(self, project_id: int, model_version: str) -> int:
+        """Delete every prediction of one model_version in a project; returns how many.
+
+        LS deletes ALL the project's predictions when the version is empty: refused here."""
+        if not model_version:
+            raise ValueError("refusing to delete predictions without a model_version")
+        body = self._request("DELETE", f"api/projects/{int(project_id)}/model-versions/",
+                             json={"model_version": model_version})
+        return int((body or {}).get("deleted_predictions", 0)) if isinstance(body, dict) else 0
+
     def create_prediction(self, task_id: int, result: list[dict], score: float | None,
                           model_version: str) -> dict:
         return self._request("POST", "api/predictions/", json={

@@ -66,6 +66,10 @@ class ProposalCache:
             pass
         return proposals
 
+    def contains(self, key: str) -> bool:
+        """Whether an entry exists (no read; it may still turn out unreadable)."""
+        return self._path(key).is_file()
+
     def put(self, key: str, proposals: Proposals) -> int:
         """Store proposals atomically; returns the entry's size in bytes."""
         path = self._path(key)

@@ -100,8 +100,29 @@ class FakeLS:
         if method == "GET" and (m := re.fullmatch(r"/api/tasks/(\d+)/", path)):
             return Reply(200, self.tasks[int(m.group(1))])
         if method == "GET" and path == "/api/predictions/":
+            if "project" in query:
+                return Reply(200, list(self.predictions.values()))
             tid = int(query["task"][0])
             return Reply(200, [p for p in self.predictions.values() if p["task"] == tid])
+        if method == "GET" and path == f"/api/projects/{PID}/model-versions/":
+            versions: dict[str, int] = {}
+            for p in self.predictions.values():
+                versions[p["model_version"]] = versions.get(p["model_version"], 0) + 1
+            return Reply(200, versions)
+        if method == "POST" and path == f"/api/projects/{PID}/import/predictions":
+            body = req.json()
+            self.calls.append(("IMPORT", path, body))
+            for item in body:
+                self.predictions[self._next] = {**item, "id": self._next}
+                self._next += 1
+            return Reply(201, {"created": len(body)})
+        if method == "DELETE" and path == f"/api/projects/{PID}/model-versions/":
+            version = req.json()["model_version"]
+            self.calls.append(("DELETE-VERSION", path, {"model_version": version}))
+            gone = [k for k, p in self.predictions.items() if p["model_version"] == version]
+            for k in gone:
+                del self.predictions[k]
+            return Reply(200, {"deleted_predictions": len(gone)})
         if method == "POST" and path == "/api/predictions/":
             body = req.json()
             self.calls.append(("POST", path, body))
@@ -360,6 +381,59 @@ def test_refresh_rescores_cached_tasks_without_proposing(env, ls, engine):
     again = jobs.refresh_project(PID)
     assert again["posted"] == 0 and again["enqueued"] == 0
     assert len(ls.writes()) == len(writes)
+
+
+def _many_cached_tasks(ls, n: int, first: int = 100) -> str:
+    """n registered tasks sharing the cached proposals of one predicted image, each holding our
+    prediction in LS under the current (soon old) model_version. Returns that version."""
+    base = jobs.predict_task(PID, ls.add_task(first, seed=3), LABEL_CONFIG)
+    record = runtime.get_registry().get(PID, first)
+    old = base["model_version"]
+    for k, tid in enumerate(range(first, first + n)):
+        ls.tasks.setdefault(tid, {**ls.tasks[first], "id": tid})
+        ls.predictions[900 + k] = {"id": 900 + k, "task": tid, "result": base["result"], "model_version": old}
+        runtime.get_registry().update(PID, {tid: {"image_url": record.image_url, "image_sha256": record.image_sha256,
+                                                  "proposal_key": record.proposal_key, "model_version": old,
+                                                  "result_hash": result_hash(base["result"])}})
+    return old
+
+
+def test_refresh_of_many_tasks_replaces_predictions_in_bulk(env, ls, engine):
+    """>= BULK_MIN_TASKS cached tasks: one import per batch, then the old version deleted; every
+    task ends with exactly one prediction of ours, under the new version, and no PATCH is sent."""
+    _bank_from(ls, env)
+    ls.predictions[800] = {"id": 800, "task": 1, "result": [], "model_version": "someone-else"}
+    old = _many_cached_tasks(ls, 60)
+    webhook(ls, "ANNOTATION_CREATED", annotation(12, 1, [polygon_region("b", "Dog", DOG)]))
+    mv = runtime.model_version(PID)
+    summary = jobs.refresh_project(PID)
+    assert summary["bulk"] is True and summary["rescored"] == summary["posted"] == 60
+    assert summary["retired"] == 60 and summary["failed"] == 0 and engine.propose_calls == 1
+    kinds = [c[0] for c in ls.writes()]
+    assert kinds == ["IMPORT", "IMPORT", "DELETE-VERSION"]          # 60 tasks = batches of 50 + 10
+    assert ls.writes()[-1][2] == {"model_version": old}
+    held = {}
+    for p in ls.predictions.values():
+        held.setdefault(p["task"], []).append(p["model_version"])
+    assert all(held[tid] == [mv] for tid in range(100, 160))
+    assert held[1] == ["someone-else"]                              # not ours: untouched
+    assert all(runtime.get_registry().get(PID, tid).model_version == mv for tid in range(100, 160))
+    again = jobs.refresh_project(PID)
+    assert again["rescored"] == 0 and len(ls.writes()) == 3
+
+
+def test_refresh_goes_task_by_task_when_an_old_prediction_would_be_stranded(env, ls, engine):
+    """An old-version prediction on a task that is not re-scored now (here: unknown to the
+    registry) must not be deleted: the refresh PATCHes the changed tasks one by one instead."""
+    _bank_from(ls, env)
+    old = _many_cached_tasks(ls, 30)
+    ls.predictions[990] = {"id": 990, "task": 555, "result": [], "model_version": old}
+    webhook(ls, "ANNOTATION_CREATED", annotation(12, 1, [polygon_region("b", "Dog", DOG)]))
+    summary = jobs.refresh_project(PID)
+    assert summary["bulk"] is False and summary["retired"] == 0
+    assert summary["posted"] == summary["changed"] > 0
+    assert {c[0] for c in ls.writes()} == {"PATCH"}
+    assert ls.predictions[990]["model_version"] == old
 
 
 def test_delivery_keeps_several_posts_in_flight_and_isolates_a_failure(env):

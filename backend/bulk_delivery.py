@@ -1,0 +1,78 @@
+"""Replacing our predictions of many tasks at once, for refreshes (instead of one PATCH per task).
+
+A real Label Studio answers a prediction PATCH in ~70 ms (bench/bench_ls_posting.py), far more than
+re-scoring a cached task. For a refresh of many tasks the backend therefore:
+  1. checks that every prediction of our older model versions sits on a task it is about to re-post
+     (one GET of the project's predictions) and that none of those tasks already holds the new one;
+  2. imports the new predictions, one request per refresh batch (`/import/predictions`);
+  3. once every batch went in, deletes the older versions (`DELETE /model-versions/`).
+When the check fails (a prediction of an old version on a task that will not be re-posted, an LS
+without these endpoints, ...) the refresh PATCHes task by task as before, so nothing is deleted that
+is not replaced. A crash between 2 and 3 leaves both versions on those tasks until the next refresh,
+whose check sees the same tasks and deletes them.
+"""
+from __future__ import annotations
+
+import logging
+
+from backend import runtime
+from backend.errors import LabelStudioAPIError
+from backend.tasks_registry import TaskRecord, result_hash
+
+log = logging.getLogger(__name__)
+
+BULK_MIN_TASKS = 20            # below this, per-task PATCHes cost less than the check
+BULK_MAX_PREDICTIONS = 50_000  # beyond this the one-GET listing of the project is not worth it
+
+
+def plan(pid: int, records: dict[int, TaskRecord], model_version: str, prefix: str) -> list[str] | None:
+    """Older model versions (ours: `prefix`) to delete after a bulk re-post of `records`, or None
+    when this refresh must go task by task. `records` are the tasks about to be re-scored."""
+    settings = runtime.get_settings()
+    if not settings.ls_bulk_refresh or len(records) < BULK_MIN_TASKS:
+        return None
+    try:
+        client = runtime.get_ls_client(pid)
+        counts = client.model_version_counts(pid)
+        if sum(counts.values()) > BULK_MAX_PREDICTIONS:
+            return None
+        old = sorted(v for v in counts if v.startswith(prefix) and v != model_version)
+        holders: dict[str, set[int]] = {}
+        if old or model_version in counts:
+            for p in client.list_project_predictions(pid):
+                holders.setdefault(str(p.get("model_version") or ""), set()).add(int(p.get("task") or 0))
+    except LabelStudioAPIError as exc:
+        log.info("project %s: bulk refresh not possible (%s); posting task by task", pid, exc)
+        return None
+    stranded = set().union(*(holders.get(v, set()) for v in old)) - set(records)
+    if stranded:
+        log.info("project %s: %d tasks hold our older predictions but are not re-scored now; "
+                 "posting task by task", pid, len(stranded))
+        return None
+    if holders.get(model_version, set()) & set(records):
+        return None  # some already hold the new version: importing would duplicate it
+    return old
+
+
+def post(pid: int, items: dict[int, dict]) -> dict:
+    """Import every item as a new prediction in one request and record them (prediction ids are
+    not returned by LS: the records get None, and a later per-task post finds ours by version)."""
+    client = runtime.get_ls_client(pid)
+    payload = [{"task": int(tid), "result": item["result"], "score": item["score"],
+                "model_version": item["model_version"]} for tid, item in items.items()]
+    created = client.import_predictions(pid, payload)
+    if created != len(payload):
+        raise LabelStudioAPIError(f"project {pid}: Label Studio created {created} of {len(payload)} predictions")
+    runtime.get_registry().update(pid, {tid: {"prediction_id": None, "result_hash": result_hash(item["result"]),
+                                              "model_version": item["model_version"]}
+                                        for tid, item in items.items()})
+    return {"posted": len(payload)}
+
+
+def retire(pid: int, versions: list[str]) -> int:
+    """Delete our older model versions once every task holding them got the new one."""
+    client = runtime.get_ls_client(pid)
+    deleted = 0
+    for version in versions:
+        deleted += client.delete_model_version(pid, version)
+    return deleted
