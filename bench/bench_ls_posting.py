@@ -1,16 +1,18 @@
-"""Posting refreshed predictions to a REAL Label Studio: 1 vs several requests in flight.
+"""Posting refreshed predictions to a REAL Label Studio: 1 vs several PATCHes in flight, and bulk.
 
 The refresh job's last stage PATCHes every changed prediction (backend.jobs._deliver). Against a real
 Label Studio each PATCH is a Django request with database writes, so this stage is mostly waiting.
-This script times exactly that code path, side by side for each LS_POST_CONCURRENCY, on one LS:
+This script times exactly that code path, side by side for each LS_POST_CONCURRENCY, and the bulk
+path of large refreshes (backend.bulk_delivery: plan + one import per 50 tasks + deleting the old
+model version), on one LS:
 
   python bench/bench_ls_posting.py --ls-url http://127.0.0.1:8080 --api-key TOKEN --tasks 200 --concurrency 1,4,8
 
 It creates a throw-away project (deleted at the end) with N tasks and one prediction each (as an
 earlier refresh would have left them), then, per concurrency level, gives every task a new brush +
 polygon result of realistic size under a new model_version and times `_deliver`. The registry is the
-embedded MemoryStore, so nothing but LS is involved. Every PATCH is checked afterwards: the stored
-model_version must be the last one posted.
+embedded MemoryStore, so nothing but LS is involved. Every round is checked afterwards: each task
+holds exactly one prediction, of the last model_version posted.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend import jobs, runtime  # noqa: E402
+from backend import bulk_delivery, jobs, runtime  # noqa: E402
 from backend.brush_rle import mask_to_ls_rle  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from backend.store import MemoryStore  # noqa: E402
@@ -91,20 +93,34 @@ def main() -> None:
         print(f"{'concurrency':>11} {'median s':>9} {'ms/task':>8} {'speed-up':>9}  rounds")
         base = None
         version = 0
-        for level in levels:
-            runtime.configure(settings=replace(settings, ls_post_concurrency=level))
+
+        def check(expected: str) -> None:
+            stored = client._request("GET", "api/predictions/", params={"project": pid})
+            per_task = sorted(p["task"] for p in stored)
+            assert per_task == tasks and {p.get("model_version") for p in stored} == {expected}, (
+                len(stored), {p.get("model_version") for p in stored})
+
+        for level in levels + ["bulk"]:
+            if level != "bulk":
+                runtime.configure(settings=replace(settings, ls_post_concurrency=level))
             times = []
             for _ in range(args.rounds):
                 version += 1
-                items = {tid: {"result": results[tid], "score": 0.8, "model_version": f"bench-{version}"}
-                         for tid in tasks}
+                mv = f"bench-{version}"
+                items = {tid: {"result": results[tid], "score": 0.8, "model_version": mv} for tid in tasks}
                 t0 = time.perf_counter()
-                counts = jobs._deliver(pid, items)
+                if level == "bulk":
+                    records = {tid: registry.get(pid, tid) for tid in tasks}
+                    retire = bulk_delivery.plan(pid, records, mv, "bench-")
+                    assert retire == [f"bench-{version - 1}"], retire
+                    posted = sum(bulk_delivery.post(pid, dict(list(items.items())[k:k + jobs.REFRESH_BATCH]))["posted"]
+                                 for k in range(0, len(tasks), jobs.REFRESH_BATCH))
+                    assert posted == len(tasks) and bulk_delivery.retire(pid, retire) == len(tasks)
+                else:
+                    counts = jobs._deliver(pid, items)
+                    assert counts == {"posted": len(tasks), "skipped": 0, "failed": 0}, counts
                 times.append(time.perf_counter() - t0)
-                assert counts == {"posted": len(tasks), "skipped": 0, "failed": 0}, counts
-            stored = client._request("GET", "api/predictions/", params={"project": pid})
-            stale = [p for p in stored if p.get("model_version") != f"bench-{version}"]
-            assert not stale and len(stored) == len(tasks), (len(stale), len(stored))
+                check(mv)
             med = statistics.median(times)
             base = base or med
             print(f"{level:>11} {med:>9.2f} {1000 * med / len(tasks):>8.1f} {base / med:>8.2f}x  "

@@ -49,7 +49,7 @@ from rq.exceptions import NoSuchJobError  # noqa: E402
 from rq.job import Job  # noqa: E402
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY  # noqa: E402
 
-from backend import jobs, queueing, runtime  # noqa: E402
+from backend import bulk_delivery, jobs, queueing, runtime  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from backend.store import RedisStore  # noqa: E402
 from backend.tasks_registry import result_hash  # noqa: E402
@@ -294,7 +294,10 @@ class Bench:
         self.sw.reset()
         writes0 = self.ls.writes()
         with patched(jobs, "rescore_cached", self.sw.wrap("rescore", jobs.rescore_cached)), \
-                patched(jobs, "_deliver", self.sw.wrap("post", jobs._deliver)):
+                patched(jobs, "_deliver", self.sw.wrap("post", jobs._deliver)), \
+                patched(bulk_delivery, "plan", self.sw.wrap("post", bulk_delivery.plan)), \
+                patched(bulk_delivery, "post", self.sw.wrap("post", bulk_delivery.post)), \
+                patched(bulk_delivery, "retire", self.sw.wrap("post", bulk_delivery.retire)):
             out, t0, bank_s = self.reference(pid, annotation_id=2, seed=REF_SEED + 1 + k, label="Dog")
             (info,), t1 = wait_jobs([out["refresh_job"]], 600)
         if info.status != "finished":
@@ -305,7 +308,7 @@ class Bench:
         return {"n": n, "total": total, "bank": bank_s, "rescore": rescore, "post": post, "ls": writes["write_s"],
                 "read": self.sw.s("cache read"), "match": self.sw.s("match"),
                 "other": total - bank_s - rescore - post, "result": info.result,
-                "patches": writes["PATCH"], "posts": writes["POST"], "proposes": self.sw.calls.get("propose", 0)}
+                "patches": writes["PATCH"], "posts": writes["POST"] + writes["IMPORT"], "proposes": self.sw.calls.get("propose", 0)}
 
     # ------------------------------------------------------------------ 3. bank bytes
     def bank_bytes(self, pid: int) -> dict:
@@ -462,7 +465,7 @@ def report(b: Bench, pred: dict, refreshes: list[dict], bank: dict, workers: lis
               f"{r['match']:8.3f} {convert:8.3f} {r['post']:8.3f} {r['ls']:8.3f} {r['other']:8.3f} "
               f"{r['total'] / r['n'] * 1e3:8.2f} {r['patches'] + r['posts']:6d} {r['proposes']:8d}")
     print("  bank upd: apply_webhook (fetch the reference image, DINOv2 descriptor, atomic bank write); "
-          "re-score: cached proposals -> match -> LS regions; posting: PATCH to LS + registry, of which "
+          "re-score: cached proposals -> match -> LS regions; posting: PATCHes or bulk import + old-version delete (+ registry), of which "
           "(fakeLS) the fake LS's own handling in this process; "
           "other: queue hop, registry reads, progress")
 

@@ -1,7 +1,8 @@
 """A small in-process stand-in for Label Studio, for benchmarks (no pytest needed).
 
 It serves what the backend's jobs read and write: task images under /data/upload/, projects,
-tasks (paginated as LS does), and predictions (list, create, PATCH), behind a legacy token. HTTP/1.1
+tasks (paginated as LS does), and predictions (list, create, PATCH, bulk import, model versions:
+count and delete), behind a legacy token. HTTP/1.1
 with keep-alive and TCP_NODELAY, like LS behind gunicorn, so a refresh's posting time is not
 dominated by connection set-up or Nagle delays. Prediction writes are counted, not logged, and the time the fake spends
 handling them (parse, store, answer) is summed in `counts["write_s"]`: it shares this process's CPU,
@@ -28,7 +29,7 @@ class FakeLabelStudio:
         self.tasks: dict[int, dict] = {}
         self.images: dict[str, bytes] = {}          # path -> PNG bytes
         self.predictions: dict[int, dict] = {}
-        self.counts: dict[str, float] = {"POST": 0, "PATCH": 0, "image": 0, "write_s": 0.0}
+        self.counts: dict[str, float] = {"POST": 0, "PATCH": 0, "IMPORT": 0, "image": 0, "write_s": 0.0}
         self.lock = threading.Lock()
         self._next_prediction = 1
         # HTTP/1.1 keep-alive with TCP_NODELAY, as LS behind gunicorn
@@ -74,14 +75,14 @@ class FakeLabelStudio:
 
     # ------------------------------------------------------------------------------ HTTP
     def _route(self, req: Request) -> Reply:
-        body = req.json() if req.method in ("POST", "PATCH") else None
+        body = req.json() if req.method in ("POST", "PATCH", "DELETE") and req.raw else None
         if req.headers.get("Authorization") != f"Token {self.token}":
             return Reply(401, {"detail": "Authentication credentials were not provided."})
         return self._answer(req.method, req.path, req.query, body)
 
     def _count_write(self, req: Request) -> None:
         """Adds the time spent on a prediction write (read, parse, store, answer) to counts["write_s"]."""
-        if req.method in ("POST", "PATCH") and req.raw:
+        if req.method in ("POST", "PATCH", "DELETE") and req.raw:
             with self.lock:
                 self.counts["write_s"] += time.perf_counter() - req.started
 
@@ -108,8 +109,30 @@ class FakeLabelStudio:
                 task = self.tasks.get(int(m.group(1)))
                 return Reply(200, task) if task else Reply(404, {"detail": "Not found."})
             if method == "GET" and path == "/api/predictions/":
+                if "project" in query:
+                    pid = int(query["project"][0])
+                    return Reply(200, [p for p in self.predictions.values()
+                                       if self.tasks.get(p["task"], {}).get("project") == pid])
                 tid = int(query.get("task", ["0"])[0])
                 return Reply(200, [p for p in self.predictions.values() if p["task"] == tid])
+            if (m := re.fullmatch(r"/api/projects/(\d+)/model-versions/", path)) and method in ("GET", "DELETE"):
+                pid = int(m.group(1))
+                ours = {k: p for k, p in self.predictions.items() if self.tasks.get(p["task"], {}).get("project") == pid}
+                if method == "GET":
+                    versions: dict[str, int] = {}
+                    for p in ours.values():
+                        versions[p["model_version"]] = versions.get(p["model_version"], 0) + 1
+                    return Reply(200, versions)
+                gone = [k for k, p in ours.items() if p["model_version"] == (body or {}).get("model_version")]
+                for k in gone:
+                    del self.predictions[k]
+                return Reply(200, {"deleted_predictions": len(gone)})
+            if method == "POST" and re.fullmatch(r"/api/projects/(\d+)/import/predictions", path):
+                self.counts["IMPORT"] += len(body)
+                for item in body:
+                    self.predictions[self._next_prediction] = {**item, "id": self._next_prediction}
+                    self._next_prediction += 1
+                return Reply(201, {"created": len(body)})
             if method == "POST" and path == "/api/predictions/":
                 self.counts["POST"] += 1
                 pred = {**body, "id": self._next_prediction}
