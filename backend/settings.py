@@ -198,6 +198,10 @@ class Settings:
     bf16: bool | None = _var(
         "NTT_BF16", None, "bf16 autocast of the encoders on CUDA (deviation from the fp32 reference).",
         _bool, default_doc="`0`")
+    compile_decoder: bool | None = _var(
+        "NTT_COMPILE_DECODER", None, "torch.compile the SAM2 mask decoder (the cold path's largest "
+        "stage; first prediction waits for the compile; results differ from eager by float rounding).",
+        _bool, default_doc="`0`")
     score_threshold: float = _var(
         "SCORE_THRESHOLD", 0.5, "Minimum region score in pre-annotations (the method itself has none); "
         "a control's `model_score_threshold` attribute overrides it.", _unit_float, default_doc="`0.5`")
@@ -300,7 +304,7 @@ class Settings:
         """MethodOptions with the NTT_* overrides applied (unset ones keep the method's values)."""
         overrides = {"sam_image_size": self.sam_image_size, "dino_image_size": self.dino_image_size,
                      "points_per_side": self.points_per_side, "point_batch_size": self.point_batch,
-                     "bf16": self.bf16}
+                     "bf16": self.bf16, "compile_decoder": self.compile_decoder}
         return replace(base or MethodOptions(), **{k: v for k, v in overrides.items() if v is not None})
 
     def __repr__(self) -> str:

@@ -32,6 +32,7 @@ class MethodOptions:
     antialias: bool = False             # antialias the torch bicubic resizes (reference: no antialias)
     merge_max_side: int = 0             # >0: soft merge at reduced resolution (huge photos), 0 = full res
     bf16: bool = False                  # CUDA bf16 autocast for encoders + decoder (reference: fp32)
+    compile_decoder: bool = False       # torch.compile the SAM2 mask decoder (fused kernels; not bit-exact)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,4 +40,5 @@ class MethodOptions:
     def cache_key(self) -> str:
         """Options that change proposals (the per-image cache key part)."""
         return (f"s{self.sam_image_size}-p{self.points_per_side}-i{self.iou_threshold}-"
-                f"d{self.dino_image_size}-g{self.grid}-a{int(self.antialias)}-b{int(self.bf16)}")
+                f"d{self.dino_image_size}-g{self.grid}-a{int(self.antialias)}-b{int(self.bf16)}"
+                + ("-c1" if self.compile_decoder else ""))

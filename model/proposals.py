@@ -7,6 +7,9 @@ is one positive point and keeps the best of the 3 multimask outputs by predicted
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +22,11 @@ from model.options import MethodOptions
 from model.preprocess import imagenet_normalize, to_dino_input, to_sam_input
 from model.types import Proposals
 
+log = logging.getLogger(__name__)
+
 _POOL_CHUNK = 64  # masks per [n, s*s] @ [s*s, D] product: 64 × 256² float32 = 16 MiB
+_COMPILED: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+_COMPILE_LOCK = threading.Lock()
 
 
 @dataclass
@@ -80,15 +87,30 @@ def encode_image(sam: nn.Module, x_sam: torch.Tensor, *, orig_hw: tuple[int, int
     return SamImageState(feats[-1], feats[:-1], size, tuple(orig_hw) if orig_hw else (size, size))
 
 
+def mask_decoder(sam: nn.Module, compiled: bool = False) -> nn.Module:
+    """SAM2's mask decoder, or (compiled=True, opts.compile_decoder) a torch.compile'd twin built
+    once per model. The decoder is memory-bound (adds, copies and layer norms over the per-prompt
+    image embedding dominate it); compiling fuses them. The twin shares the weights; its outputs
+    differ from eager by float rounding only, hence an opt-in deviation."""
+    if not compiled:
+        return sam.sam_mask_decoder
+    with _COMPILE_LOCK:
+        twin = _COMPILED.get(sam)
+        if twin is None:
+            twin = _COMPILED[sam] = torch.compile(sam.sam_mask_decoder, dynamic=False)
+        return twin
+
+
 @torch.inference_mode()
 def decode_points(sam: nn.Module, state: SamImageState, points: torch.Tensor,
-                  batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  batch_size: int, compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One positive point per prompt -> (low-res logits [N, S/4, S/4], predicted IoU [N]).
 
     The decoder returns the 3 multimask outputs; each prompt keeps the one with the highest
     predicted IoU. All N prompts are decoded, batch_size at a time (no dropped remainder).
     """
     device = state.image_embed.device
+    decoder = mask_decoder(sam, compiled)
     image_pe = sam.sam_prompt_encoder.get_dense_pe()
     all_logits, all_iou = [], []
     for chunk in points.to(device=device, dtype=torch.float32).split(max(1, int(batch_size))):
@@ -97,10 +119,19 @@ def decode_points(sam: nn.Module, state: SamImageState, points: torch.Tensor,
         sparse, dense = sam.sam_prompt_encoder(
             points=(chunk[:, None, :], torch.ones(n, 1, dtype=torch.int32, device=device)),
             boxes=None, masks=None)
-        logits, iou, _, _ = sam.sam_mask_decoder(
-            image_embeddings=state.image_embed, image_pe=image_pe, sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense, multimask_output=True, repeat_image=True,
-            high_res_features=state.high_res_feats)
+        inputs = dict(image_embeddings=state.image_embed, image_pe=image_pe, sparse_prompt_embeddings=sparse,
+                      dense_prompt_embeddings=dense, multimask_output=True, repeat_image=True,
+                      high_res_features=state.high_res_feats)
+        try:
+            logits, iou, _, _ = decoder(**inputs)
+        except Exception as exc:  # noqa: BLE001 - a failed compile (no compiler, old GPU) must not stop predictions
+            if decoder is sam.sam_mask_decoder:
+                raise
+            log.warning("compiled SAM2 mask decoder failed (%s: %s); using the eager one",
+                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            with _COMPILE_LOCK:
+                _COMPILED[sam] = decoder = sam.sam_mask_decoder
+            logits, iou, _, _ = decoder(**inputs)
         best = iou.argmax(dim=1)
         rows = torch.arange(n, device=device)
         all_logits.append(logits[rows, best].float())
@@ -172,5 +203,5 @@ def compute_proposals(sam: nn.Module, dino: nn.Module, image: np.ndarray,
     state = encode_image(sam, x, orig_hw=image.shape[:2], bf16=opts.bf16)
     points = point_grid(opts.points_per_side, size, opts.grid)
     with encoder_autocast(device, opts.bf16):  # the decoder too: it is most of the cold-path time
-        logits, iou = decode_points(sam, state, points, opts.point_batch_size)
+        logits, iou = decode_points(sam, state, points, opts.point_batch_size, opts.compile_decoder)
     return build_proposals(logits, iou, tokens[0].float().to(device), image.shape[:2], opts)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from model.dino import dino_patch_tokens
+from model.options import MethodOptions
 from model.preprocess import to_dino_input, to_sam_input
 from model.proposals import (build_proposals, compute_proposals, decode_points, encode_image,
                              filter_by_iou, point_grid, pool_descriptors)
@@ -152,3 +153,43 @@ def test_compute_proposals_is_the_documented_pipeline(sam_t, dino_s, small_opts,
 def test_compute_proposals_checks_sam_input_size(sam_t, dino_s, small_opts, image):
     with pytest.raises(ValueError, match="sam_image_size=1024"):
         compute_proposals(sam_t, dino_s, image, replace(small_opts, sam_image_size=1024))
+
+
+# ------------------------------------------------------------------ compiled decoder (opt-in)
+def _state(sam_t):
+    image = (np.random.default_rng(1).random((48, 64, 3)) * 255).astype(np.uint8)
+    return encode_image(sam_t, to_sam_input(image, 256), orig_hw=(48, 64))
+
+
+def test_compiled_decoder_is_built_once_and_matches_eager(sam_t):
+    """opts.compile_decoder: the torch.compile'd decoder gives the eager outputs up to float
+    rounding (same masks, same best-of-3 choice) and is compiled once per model."""
+    from model.proposals import mask_decoder
+
+    state, pts = _state(sam_t), point_grid(3, 256)
+    eager_logits, eager_iou = decode_points(sam_t, state, pts, 4)
+    logits, iou = decode_points(sam_t, state, pts, 4, compiled=True)
+    assert mask_decoder(sam_t, True) is mask_decoder(sam_t, True) is not sam_t.sam_mask_decoder
+    assert mask_decoder(sam_t, False) is sam_t.sam_mask_decoder
+    assert (logits - eager_logits).abs().max() < 1e-3 and (iou - eager_iou).abs().max() < 1e-4
+    assert ((logits > 0) == (eager_logits > 0)).float().mean() > 0.999
+    assert "-c1" in MethodOptions(compile_decoder=True).cache_key()
+    assert "-c1" not in MethodOptions().cache_key()
+
+
+def test_failed_compile_falls_back_to_eager(sam_t, monkeypatch, caplog):
+    """No compiler on the box (or an unsupported GPU): predictions go on with the eager decoder."""
+    import model.proposals as proposals
+
+    class Broken(torch.nn.Module):
+        def forward(self, **kwargs):
+            raise RuntimeError("InductorError: no C compiler found")
+
+    fake: dict = {sam_t: Broken()}
+    monkeypatch.setattr(proposals, "_COMPILED", fake)
+    state, pts = _state(sam_t), point_grid(2, 256)
+    logits, iou = decode_points(sam_t, state, pts, 2, compiled=True)
+    eager_logits, eager_iou = decode_points(sam_t, state, pts, 2)
+    assert torch.equal(logits, eager_logits) and torch.equal(iou, eager_iou)
+    assert fake[sam_t] is sam_t.sam_mask_decoder
+    assert "compiled SAM2 mask decoder failed (RuntimeError: InductorError: no C compiler found)" in caplog.text
