@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--keep-all", action="store_true", help="iou threshold -1: every prompt is a proposal")
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--compile-decoder", action="store_true", help="torch.compile the SAM2 mask decoder")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--no-cache-stages", action="store_true",
                     help="skip cache write/read timings (random-weight masks are noise: huge entries)")
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     h, w = (int(v) for v in args.image_size.split("x"))
     opts = replace(MethodOptions(), sam_image_size=args.sam_image_size, dino_image_size=args.dino_image_size,
                    points_per_side=args.points_per_side, point_batch_size=args.point_batch, bf16=args.bf16,
+                   compile_decoder=args.compile_decoder,
                    iou_threshold=-1.0 if args.keep_all else MethodOptions.iou_threshold)
     t0 = time.perf_counter()
     engine = Engine(EngineConfig(args.sam, args.dino, args.sam_checkpoint, args.dino_checkpoint,
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
         state = timer.run("SAM2 image encoder", lambda: encode_image(engine.sam, x, orig_hw=(h, w), bf16=opts.bf16))
         pts = point_grid(opts.points_per_side, opts.sam_image_size, opts.grid)
         logits, iou = timer.run(f"SAM2 decoder ({len(pts)} prompts)",
-                                lambda: decode_points(engine.sam, state, pts, opts.point_batch_size))
+                                lambda: decode_points(engine.sam, state, pts, opts.point_batch_size,
+                                                             opts.compile_decoder))
         props = timer.run("IoU filter + descriptor pooling", lambda: build_proposals(
             logits, iou, tokens[0].float(), (h, w), opts))
         if args.no_cache_stages:
@@ -159,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     timer.print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
                 f"{args.sam} @ {opts.sam_image_size} + {args.dino} @ {opts.dino_image_size}, "
                 f"grid {opts.points_per_side}x{opts.points_per_side}, image {h}x{w}, bf16={opts.bf16}, "
+                f"compiled decoder={opts.compile_decoder}, "
                 f"models loaded in {load_s:.1f} s")
     print(f"proposals: {len(props)}; cache entry {len(blob or b'') / 1024:.0f} KiB; detections {len(det)}; "
           f"full-res masks computed lazy/reference: {st_l.upsampled}/{st_n.upsampled}; identical: {same}")
