@@ -553,7 +553,10 @@ def refresh_project(pid: int) -> dict:
             break
     retired = 0
     if bulk_ok and retire and not superseded:
-        retired = bulk_delivery.retire(pid, retire)
+        try:
+            retired = bulk_delivery.retire(pid, retire)
+        except LabelStudioAPIError as exc:  # the new predictions are in: the next refresh retires these
+            log.warning("project %s: deleting our older predictions (%s) failed: %s", pid, ", ".join(retire), exc)
     result = {**counts, "model_version": mv, "superseded": superseded, "bulk": retire is not None,
               "retired": retired, "seconds": round(time.monotonic() - t0, 3)}
     log.info("project %s: refresh to %s: %d re-scored, %d changed, %d posted%s, %d failed, %d queued%s (%.2f s)",

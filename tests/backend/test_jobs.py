@@ -422,6 +422,36 @@ def test_refresh_of_many_tasks_replaces_predictions_in_bulk(env, ls, engine):
     assert again["rescored"] == 0 and len(ls.writes()) == 3
 
 
+def test_bulk_refresh_survives_label_studio_refusing_the_bulk_routes(env, ls, engine, monkeypatch, caplog):
+    """A token without the right to import (403) falls back to PATCHes; one that cannot delete the
+    old version leaves it for the next refresh, and the job still succeeds."""
+    _bank_from(ls, env)
+    old = _many_cached_tasks(ls, 25)
+    webhook(ls, "ANNOTATION_CREATED", annotation(12, 1, [polygon_region("b", "Dog", DOG)]))
+    real = ls.handle
+
+    def refuse(path_part):
+        def handle(req, method, path, query):
+            if path_part in path and method in ("POST", "DELETE"):
+                return Reply(403, {"detail": "You do not have permission to perform this action."})
+            return real(req, method, path, query)
+        return handle
+
+    monkeypatch.setattr(ls, "handle", refuse("/model-versions/"))
+    summary = jobs.refresh_project(PID)
+    assert summary["bulk"] is True and summary["posted"] == 25 and summary["retired"] == 0
+    assert "deleting our older predictions" in caplog.text and old in caplog.text
+    assert sum(p["model_version"] == old for p in ls.predictions.values()) == 25   # left for later
+
+    webhook(ls, "ANNOTATION_CREATED", annotation(13, 1, [polygon_region("c", "Cat", CAT)]))
+    monkeypatch.setattr(ls, "handle", refuse("/import/predictions"))
+    before = len(ls.writes())
+    summary = jobs.refresh_project(PID)
+    assert summary["bulk"] is True and "bulk import failed" in caplog.text
+    assert summary["failed"] == 0 and summary["posted"] == summary["changed"] and summary["retired"] == 0
+    assert [c[0] for c in ls.writes()[before:]] == ["PATCH"] * summary["changed"]
+
+
 def test_refresh_goes_task_by_task_when_an_old_prediction_would_be_stranded(env, ls, engine):
     """An old-version prediction on a task that is not re-scored now (here: unknown to the
     registry) must not be deleted: the refresh PATCHes the changed tasks one by one instead."""
