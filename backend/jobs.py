@@ -525,6 +525,20 @@ def refresh_project(pid: int) -> dict:
     cached = {tid: rec for tid, rec in stale.items() if rec.proposal_key and cache.contains(rec.proposal_key)}
     retire = bulk_delivery.plan(pid, cached, mv, OUR_VERSION_PREFIX) if len(bank) else None
     bulk_ok = retire is not None
+    importer = bulk_delivery.Importer(pid)
+
+    def post_each(items: dict[int, dict]) -> None:
+        if items:
+            delivered = _deliver(pid, items)
+            counts["posted"] += delivered["posted"]
+            counts["failed"] += delivered["failed"]
+
+    def give_up(why: str) -> bool:
+        """Leave bulk mode: what was collected but not imported goes task by task."""
+        log.warning("project %s: %s; posting task by task", pid, why)
+        post_each(importer.drain_changed())
+        return False
+
     ids = list(stale)
     superseded = False
     for start in range(0, len(ids), REFRESH_BATCH):
@@ -534,23 +548,25 @@ def refresh_project(pid: int) -> dict:
         changed = {tid: item for tid, item, is_changed in rescored if is_changed}
         counts["changed"] += len(changed)
         if bulk_ok and {tid for tid, _, _ in rescored} != set(batch) & set(cached):
-            bulk_ok = False  # a planned task could not be re-scored: its old prediction must stay
-        if bulk_ok and rescored:
+            bulk_ok = give_up("a task planned for the bulk refresh could not be re-scored")
+        if bulk_ok:
             try:
-                counts["posted"] += bulk_delivery.post(pid, {tid: item for tid, item, _ in rescored})["posted"]
+                counts["posted"] += importer.add({tid: item for tid, item, _ in rescored}, set(changed))
             except LabelStudioAPIError as exc:
-                log.warning("project %s: bulk import failed (%s); posting task by task", pid, exc)
-                bulk_ok = False
-        if not bulk_ok and changed:
-            delivered = _deliver(pid, changed)
-            counts["posted"] += delivered["posted"]
-            counts["failed"] += delivered["failed"]
+                bulk_ok = give_up(f"bulk import failed ({exc})")  # this batch's items were pending too
+        else:
+            post_each(changed)
         missing = {tid: batch[tid] for tid in set(batch) - {tid for tid, _, _ in rescored}}
         counts["enqueued"] += _enqueue_predictions(pid, missing, xml, config.value_key, version)
         _progress(start + len(batch), len(ids), stage="refresh", model_version=mv, **counts)
         if runtime.get_bank_store().version(pid) != version:
             superseded = True
             break
+    if bulk_ok:
+        try:
+            counts["posted"] += importer.flush()
+        except LabelStudioAPIError as exc:
+            bulk_ok = give_up(f"bulk import failed ({exc})")
     retired = 0
     if bulk_ok and retire and not superseded:
         try:

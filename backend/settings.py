@@ -215,9 +215,9 @@ class Settings:
         "LS_POST_CONCURRENCY", 4, "Predictions a job posts to Label Studio at once (a refresh of many "
         "tasks is mostly waiting on LS's answers).", _positive_int, default_doc="`4`")
     ls_bulk_refresh: bool = _var(
-        "LS_BULK_REFRESH", True, "A refresh of 20+ cached tasks replaces our predictions in bulk (one "
-        "import request per 50 tasks, then our old model versions deleted) instead of one PATCH per "
-        "task, when every prediction of those versions belongs to a re-posted task.", _bool,
+        "LS_BULK_REFRESH", True, "A refresh of 20+ cached tasks replaces our predictions in bulk (import "
+        "requests of up to 1,000 predictions, then our old model versions deleted) instead of one PATCH "
+        "per task, when every prediction of those versions belongs to a re-posted task.", _bool,
         default_doc="`1`")
     predict_budget_s: float = _var(
         "PREDICT_BUDGET_S", 80.0, "Time /predict waits for results; later ones are posted to Label "

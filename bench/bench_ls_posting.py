@@ -3,8 +3,8 @@
 The refresh job's last stage PATCHes every changed prediction (backend.jobs._deliver). Against a real
 Label Studio each PATCH is a Django request with database writes, so this stage is mostly waiting.
 This script times exactly that code path, side by side for each LS_POST_CONCURRENCY, and the bulk
-path of large refreshes (backend.bulk_delivery: plan + one import per 50 tasks + deleting the old
-model version), on one LS:
+path of large refreshes (backend.bulk_delivery: plan + imports of up to 1,000 predictions + deleting
+the old model version), on one LS:
 
   python bench/bench_ls_posting.py --ls-url http://127.0.0.1:8080 --api-key TOKEN --tasks 200 --concurrency 1,4,8
 
@@ -113,8 +113,9 @@ def main() -> None:
                     records = {tid: registry.get(pid, tid) for tid in tasks}
                     retire = bulk_delivery.plan(pid, records, mv, "bench-")
                     assert retire == [f"bench-{version - 1}"], retire
-                    posted = sum(bulk_delivery.post(pid, dict(list(items.items())[k:k + jobs.REFRESH_BATCH]))["posted"]
-                                 for k in range(0, len(tasks), jobs.REFRESH_BATCH))
+                    importer = bulk_delivery.Importer(pid)  # fed as refresh_project does, batch by batch
+                    posted = sum(importer.add(dict(list(items.items())[k:k + jobs.REFRESH_BATCH]), set())
+                                 for k in range(0, len(tasks), jobs.REFRESH_BATCH)) + importer.flush()
                     assert posted == len(tasks) and bulk_delivery.retire(pid, retire) == len(tasks)
                 else:
                     counts = jobs._deliver(pid, items)

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from backend import jobs, queueing, runtime
+from backend import bulk_delivery, jobs, queueing, runtime
 from backend.errors import LabelStudioAPIError
 from backend.settings import Settings
 from backend.store import RedisStore
@@ -398,8 +398,8 @@ def _many_cached_tasks(ls, n: int, first: int = 100) -> str:
     return old
 
 
-def test_refresh_of_many_tasks_replaces_predictions_in_bulk(env, ls, engine):
-    """>= BULK_MIN_TASKS cached tasks: one import per batch, then the old version deleted; every
+def test_refresh_of_many_tasks_replaces_predictions_in_bulk(env, ls, engine, monkeypatch):
+    """>= BULK_MIN_TASKS cached tasks: few large imports, then the old version deleted; every
     task ends with exactly one prediction of ours, under the new version, and no PATCH is sent."""
     _bank_from(ls, env)
     ls.predictions[800] = {"id": 800, "task": 1, "result": [], "model_version": "someone-else"}
@@ -409,9 +409,8 @@ def test_refresh_of_many_tasks_replaces_predictions_in_bulk(env, ls, engine):
     summary = jobs.refresh_project(PID)
     assert summary["bulk"] is True and summary["rescored"] == summary["posted"] == 60
     assert summary["retired"] == 60 and summary["failed"] == 0 and engine.propose_calls == 1
-    kinds = [c[0] for c in ls.writes()]
-    assert kinds == ["IMPORT", "IMPORT", "DELETE-VERSION"]          # 60 tasks = batches of 50 + 10
-    assert ls.writes()[-1][2] == {"model_version": old}
+    assert [(c[0], len(c[2]) if c[0] == "IMPORT" else c[2]) for c in ls.writes()] == [
+        ("IMPORT", 60), ("DELETE-VERSION", {"model_version": old})]
     held = {}
     for p in ls.predictions.values():
         held.setdefault(p["task"], []).append(p["model_version"])
@@ -419,7 +418,13 @@ def test_refresh_of_many_tasks_replaces_predictions_in_bulk(env, ls, engine):
     assert held[1] == ["someone-else"]                              # not ours: untouched
     assert all(runtime.get_registry().get(PID, tid).model_version == mv for tid in range(100, 160))
     again = jobs.refresh_project(PID)
-    assert again["rescored"] == 0 and len(ls.writes()) == 3
+    assert again["rescored"] == 0 and len(ls.writes()) == 2
+
+    # at most BULK_IMPORT_ITEMS per request: 60 tasks with a cap of 25 -> 50 (two refresh batches) + 10
+    monkeypatch.setattr(bulk_delivery, "BULK_IMPORT_ITEMS", 25)
+    webhook(ls, "ANNOTATION_CREATED", annotation(13, 1, [polygon_region("c", "Cat", CAT)]))
+    summary = jobs.refresh_project(PID)
+    assert [len(c[2]) for c in ls.writes()[2:] if c[0] == "IMPORT"] == [50, 10] and summary["retired"] == 60
 
 
 def test_bulk_refresh_survives_label_studio_refusing_the_bulk_routes(env, ls, engine, monkeypatch, caplog):
