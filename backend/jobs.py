@@ -10,7 +10,10 @@
 
 Jobs may run twice (retries, spool replays): each one is idempotent, and every prediction goes to
 Label Studio through `_deliver`, which PATCHes our existing prediction instead of adding another
-and skips a result our own earlier post already delivered. Every job returns a small JSON-able dict.
+and skips a result our own earlier post already delivered, or through a bulk refresh, which records
+each import as it lands and never imports a version a re-posted task already holds (a worker killed
+between an import and its record write can leave one task with two predictions of the new version).
+Every job returns a small JSON-able dict.
 """
 from __future__ import annotations
 
