@@ -48,7 +48,8 @@ class ProposalCache:
         return self.dir / key[:2] / (key + _SUFFIX)
 
     def get(self, key: str) -> Proposals | None:
-        """Cached proposals, or None on a miss; an unreadable entry (corrupt, or an older format) is deleted and counts as a miss."""
+        """Cached proposals, or None on a miss; an unreadable entry (corrupt, or an older format) is
+        deleted and counts as a miss."""
         path = self._path(key)
         try:
             data = path.read_bytes()

@@ -233,7 +233,8 @@ class _MaskCache:
         if not missing:
             return
         sel = self.index[torch.as_tensor(missing, device=self.index.device)]
-        for r, crop in zip(missing, upsample_mask_crops(self.proposals.logits_of(sel), self.size, self.reach[missing])):
+        crops = upsample_mask_crops(self.proposals.logits_of(sel), self.size, self.reach[missing])
+        for r, crop in zip(missing, crops):
             self.crops[r] = crop
             self.areas[r] = int(np.count_nonzero(crop[2]))
         self.stats.upsampled += len(missing)
