@@ -2,16 +2,19 @@
 
 A real Label Studio answers a prediction PATCH in ~70 ms (bench/bench_ls_posting.py), far more than
 re-scoring a cached task. For a refresh of many tasks the backend therefore:
-  1. checks that every prediction of our older model versions sits on a task it is about to re-post
-     (one GET of the project's predictions) and that none of those tasks already holds the new one;
+  1. checks (`plan`, one GET of the project's predictions) that every prediction of our older model
+     versions sits on a task it is about to re-post or on one that already holds the new version,
+     and that none of the tasks to re-post holds the new version yet;
   2. imports the new predictions in few large requests (`/import/predictions`; LS's cost per request
      grows with the project, ~0.5 s at 1,000 tasks whatever the batch size, so `Importer` collects
      up to BULK_IMPORT_ITEMS items or BULK_IMPORT_BYTES of JSON per request);
-  3. once every batch went in, deletes the older versions (`DELETE /model-versions/`).
-When the check fails (a prediction of an old version on a task that will not be re-posted, an LS
-without these endpoints, ...) the refresh PATCHes task by task as before, so nothing is deleted that
-is not replaced. A crash between 2 and 3 leaves both versions on those tasks until the next refresh,
-whose check sees the same tasks and deletes them.
+  3. deletes (`retire`) each older version of ours whose every prediction sits on a task that now
+     holds the new version (checked again against LS, so a partial import deletes nothing it did
+     not replace).
+When the check fails (an older prediction on a task that is not re-posted, an LS without these
+endpoints, ...) the refresh PATCHes task by task as before. A worker killed between 2 and 3 leaves
+both versions on those tasks; the next refresh (the job's retry included, which finds nothing stale)
+runs step 3 again.
 """
 from __future__ import annotations
 
@@ -31,8 +34,9 @@ BULK_IMPORT_BYTES = 32 << 20   # JSON bytes of results per import request (LS ac
 
 
 def plan(pid: int, records: dict[int, TaskRecord], model_version: str, prefix: str) -> list[str] | None:
-    """Older model versions (ours: `prefix`) to delete after a bulk re-post of `records`, or None
-    when this refresh must go task by task. `records` are the tasks about to be re-scored."""
+    """Older model versions of ours (`prefix`) that a bulk re-post of `records` will make
+    retirable, or None when this refresh must go task by task. `records`: the tasks about to be
+    re-scored."""
     settings = runtime.get_settings()
     if not settings.ls_bulk_refresh or len(records) < BULK_MIN_TASKS:
         return None
@@ -49,7 +53,7 @@ def plan(pid: int, records: dict[int, TaskRecord], model_version: str, prefix: s
     except LabelStudioAPIError as exc:
         log.info("project %s: bulk refresh not possible (%s); posting task by task", pid, exc)
         return None
-    stranded = set().union(*(holders.get(v, set()) for v in old)) - set(records)
+    stranded = set().union(*(holders.get(v, set()) for v in old)) - set(records) - holders.get(model_version, set())
     if stranded:
         log.info("project %s: %d tasks hold our older predictions but are not re-scored now; "
                  "posting task by task", pid, len(stranded))
@@ -108,10 +112,23 @@ class Importer:
         return out
 
 
-def retire(pid: int, versions: list[str]) -> int:
-    """Delete our older model versions once every task holding them got the new one."""
+def retire(pid: int, model_version: str, prefix: str) -> int:
+    """Delete each older model version of ours (`prefix`) whose every prediction sits on a task that
+    holds `model_version`; returns how many predictions went. Cheap when there is none (one
+    aggregate GET)."""
     client = runtime.get_ls_client(pid)
+    old = [v for v in client.model_version_counts(pid) if v.startswith(prefix) and v != model_version]
+    if not old:
+        return 0
+    holders: dict[str, set[int]] = {}
+    for p in client.list_project_predictions(pid):
+        holders.setdefault(str(p.get("model_version") or ""), set()).add(int(p.get("task") or 0))
+    current = holders.get(model_version, set())
     deleted = 0
-    for version in versions:
-        deleted += client.delete_model_version(pid, version)
+    for version in old:
+        if holders.get(version, set()) <= current:
+            deleted += client.delete_model_version(pid, version)
+        else:
+            log.info("project %s: keeping %s: %d of its tasks do not hold %s yet", pid, version,
+                     len(holders.get(version, set()) - current), model_version)
     return deleted

@@ -571,11 +571,14 @@ def refresh_project(pid: int) -> dict:
         except LabelStudioAPIError as exc:
             bulk_ok = give_up(f"bulk import failed ({exc})")
     retired = 0
-    if bulk_ok and retire and not superseded:
+    # after a bulk re-post, or when nothing was stale (e.g. the retry of a refresh killed before
+    # this step): delete our older versions whose every task now holds the current one
+    cleanup = not stale and runtime.get_settings().ls_bulk_refresh
+    if not superseded and len(bank) and ((bulk_ok and retire) or cleanup):
         try:
-            retired = bulk_delivery.retire(pid, retire)
+            retired = bulk_delivery.retire(pid, mv, OUR_VERSION_PREFIX)
         except LabelStudioAPIError as exc:  # the new predictions are in: the next refresh retires these
-            log.warning("project %s: deleting our older predictions (%s) failed: %s", pid, ", ".join(retire), exc)
+            log.warning("project %s: deleting our model versions older than %s failed: %s", pid, mv, exc)
     result = {**counts, "model_version": mv, "superseded": superseded, "bulk": retire is not None,
               "retired": retired, "seconds": round(time.monotonic() - t0, 3)}
     log.info("project %s: refresh to %s: %d re-scored, %d changed, %d posted%s, %d failed, %d queued%s (%.2f s)",

@@ -116,7 +116,7 @@ def main() -> None:
                     importer = bulk_delivery.Importer(pid)  # fed as refresh_project does, batch by batch
                     posted = sum(importer.add(dict(list(items.items())[k:k + jobs.REFRESH_BATCH]), set())
                                  for k in range(0, len(tasks), jobs.REFRESH_BATCH)) + importer.flush()
-                    assert posted == len(tasks) and bulk_delivery.retire(pid, retire) == len(tasks)
+                    assert posted == len(tasks) and bulk_delivery.retire(pid, mv, "bench-") == len(tasks)
                 else:
                     counts = jobs._deliver(pid, items)
                     assert counts == {"posted": len(tasks), "skipped": 0, "failed": 0}, counts

@@ -445,8 +445,13 @@ def test_bulk_refresh_survives_label_studio_refusing_the_bulk_routes(env, ls, en
     monkeypatch.setattr(ls, "handle", refuse("/model-versions/"))
     summary = jobs.refresh_project(PID)
     assert summary["bulk"] is True and summary["posted"] == 25 and summary["retired"] == 0
-    assert "deleting our older predictions" in caplog.text and old in caplog.text
+    assert f"deleting our model versions older than {runtime.model_version(PID)} failed" in caplog.text
     assert sum(p["model_version"] == old for p in ls.predictions.values()) == 25   # left for later
+    # the job's retry (or any later refresh) finds nothing stale and retires the old version
+    monkeypatch.setattr(ls, "handle", real)
+    again = jobs.refresh_project(PID)
+    assert again["rescored"] == 0 and again["retired"] == 25
+    assert {p["model_version"] for p in ls.predictions.values() if p["task"] >= 100} == {runtime.model_version(PID)}
 
     webhook(ls, "ANNOTATION_CREATED", annotation(13, 1, [polygon_region("c", "Cat", CAT)]))
     monkeypatch.setattr(ls, "handle", refuse("/import/predictions"))
