@@ -80,7 +80,9 @@ def polygon_parts(x0: int, y0: int, crop: np.ndarray, tolerance: float) -> list[
 
 
 def _polygon_value(points: np.ndarray, W: int, H: int) -> dict:
-    return {"points": [[_pct(x, W), _pct(y, H)] for x, y in points], "closed": True}
+    # the same float64 arithmetic as _pct, for all vertices at once
+    return {"points": np.clip(100.0 * np.asarray(points, dtype=np.float64) / [W, H], 0.0, 100.0).tolist(),
+            "closed": True}
 
 
 def _brush_value(mask: np.ndarray) -> dict:

@@ -462,6 +462,42 @@ def test_bulk_refresh_survives_label_studio_refusing_the_bulk_routes(env, ls, en
     assert [c[0] for c in ls.writes()[before:]] == ["PATCH"] * summary["changed"]
 
 
+def test_bulk_plan_guards(env, ls, engine, monkeypatch):
+    """When bulk replacement is allowed: enough tasks, the setting on, a listable project, no task
+    already holding the new version; old predictions on tasks that already hold it are fine."""
+    _bank_from(ls, env)
+    old = _many_cached_tasks(ls, 30)
+    records = runtime.get_registry().all(PID)
+    mv = "ntt-new"
+    assert bulk_delivery.plan(PID, records, mv, "ntt-") == [old]
+    assert bulk_delivery.plan(PID, dict(list(records.items())[:bulk_delivery.BULK_MIN_TASKS - 1]), mv, "ntt-") is None
+    # an old prediction outside the re-posted tasks, on a task that already holds the new version
+    ls.predictions[990] = {"id": 990, "task": 555, "result": [], "model_version": old}
+    ls.predictions[991] = {"id": 991, "task": 555, "result": [], "model_version": mv}
+    assert bulk_delivery.plan(PID, records, mv, "ntt-") == [old]
+    ls.predictions[992] = {"id": 992, "task": 100, "result": [], "model_version": mv}   # would duplicate
+    assert bulk_delivery.plan(PID, records, mv, "ntt-") is None
+    del ls.predictions[992]
+    monkeypatch.setattr(bulk_delivery, "BULK_MAX_PREDICTIONS", 10)
+    assert bulk_delivery.plan(PID, records, mv, "ntt-") is None
+    monkeypatch.setattr(bulk_delivery, "BULK_MAX_PREDICTIONS", 50_000)
+    runtime.configure(settings=replace(runtime.get_settings(), ls_bulk_refresh=False))
+    assert bulk_delivery.plan(PID, records, mv, "ntt-") is None
+
+
+def test_importer_caps_requests_by_bytes(env, ls):
+    """Big results (brush RLE of large images) are imported in several requests, none above the cap."""
+    importer = bulk_delivery.Importer(PID, max_items=1000, max_bytes=20_000)
+    runtime.get_registry().update(PID, {t: {"image_url": f"/x/{t}.png"} for t in range(1, 11)})
+    for t in range(1, 11):
+        ls.tasks[t] = {"id": t, "project": PID, "data": {}}
+    item = {"result": [{"value": {"rle": list(range(1500))}}], "score": 0.5, "model_version": "ntt-v"}
+    posted = sum(importer.add({t: dict(item)}, set()) for t in range(1, 11)) + importer.flush()
+    sizes = [len(c[2]) for c in ls.writes() if c[0] == "IMPORT"]
+    assert posted == 10 and sum(sizes) == 10 and len(sizes) > 1
+    assert runtime.get_registry().get(PID, 7).model_version == "ntt-v"
+
+
 def test_refresh_goes_task_by_task_when_an_old_prediction_would_be_stranded(env, ls, engine):
     """An old-version prediction on a task that is not re-scored now (here: unknown to the
     registry) must not be deleted: the refresh PATCHes the changed tasks one by one instead."""
