@@ -9,6 +9,7 @@ with a one-line message, never a silent partial load (method doc §11.13).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import sys
@@ -62,6 +63,24 @@ def require_one_source(name: str, checkpoint: object, random_weights: bool) -> N
     if checkpoint is None and not random_weights:
         raise ValueError(f"{name} needs checkpoint=<path to {checkpoint_filename(name)}> (python -m "
                          f"model.checkpoints {flag} {name} downloads it) or random_weights=True (tests)")
+
+
+RANDOM_WEIGHTS_SEED = 0
+
+
+def random_init(random_weights: bool) -> contextlib.AbstractContextManager:
+    """Around building a model: random weights come from a fixed seed (without touching the
+    caller's RNG state), so every process of a test or benchmark deployment (web, workers) builds
+    the same random model and computes the same proposals."""
+    if not random_weights:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def seeded():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            yield
+    return seeded()
 
 
 def default_checkpoint_dir() -> Path:

@@ -12,8 +12,8 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
 from model.catalog import DINO_MODELS
-from model.checkpoints import (CheckpointError, load_state_dict_strict, read_checkpoint, require_one_source,
-                               resolve_device)
+from model.checkpoints import (CheckpointError, load_state_dict_strict, random_init, read_checkpoint,
+                               require_one_source, resolve_device)
 
 
 
@@ -39,7 +39,8 @@ def build_dino(name: str, checkpoint: str | Path | None = None, *, random_weight
             raise CheckpointError(f"checkpoint {checkpoint} does not match {expected}: it has "
                                   f"{state_dict['register_tokens'].shape[1]} register tokens "
                                   f"(a *_reg4 file); the method's DINOv2 has none")
-    model = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True)
+    with random_init(random_weights):
+        model = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True)
     if state_dict is not None:
         try:  # Meta -> timm key layout (drops mask_token, renames ViT-g SwiGLU weights)
             state_dict = checkpoint_filter_fn(dict(state_dict), model)

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from model.catalog import SAM_MODELS
-from model.checkpoints import (CheckpointError, load_state_dict_strict, read_checkpoint, require_one_source,
-                               resolve_device)
+from model.checkpoints import (CheckpointError, load_state_dict_strict, random_init, read_checkpoint,
+                               require_one_source, resolve_device)
 
 
 
@@ -38,8 +38,9 @@ def build_sam(name: str, checkpoint: str | Path | None = None, *, random_weights
                                   f"no 'model' entry (expected {{'model': state_dict}}, found {found})")
         state_dict = ckpt["model"]
     overrides = [f"++model.image_size={int(image_size)}"] if image_size else []
-    model = build_sam2(config, ckpt_path=None, device="cpu", mode="eval",
-                       hydra_overrides_extra=overrides)
+    with random_init(random_weights):
+        model = build_sam2(config, ckpt_path=None, device="cpu", mode="eval",
+                           hydra_overrides_extra=overrides)
     if state_dict is not None:
         load_state_dict_strict(model, state_dict, checkpoint, expected)
     return model.to(device=resolve_device(device), dtype=torch.float32).eval()

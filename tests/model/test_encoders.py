@@ -315,3 +315,23 @@ def test_cli_help_and_unreachable_network(monkeypatch, tmp_path, capsys):
     assert "dinov2_vitl14_pretrain.pth already present" in out
     assert "cannot download sam2-l from http://127.0.0.1:9/sam2_hiera_large.pt" in err
     assert str(tmp_path / "sam2_hiera_large.pt") in err
+
+
+def test_random_weights_are_the_same_in_every_process_and_leave_the_callers_rng_alone():
+    """Web process and workers of a test deployment build the same random model (same proposals
+    everywhere), and building one does not consume the caller's random stream."""
+    from model.dino import build_dino
+    from model.sam import build_sam
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = build_dino("dinov2-s", random_weights=True, device="cpu")
+    assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(7)
+    b = build_dino("dinov2-s", random_weights=True, device="cpu")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    s1 = build_sam("sam2.1-t", random_weights=True, device="cpu", image_size=256)
+    torch.manual_seed(99)
+    s2 = build_sam("sam2.1-t", random_weights=True, device="cpu", image_size=256)
+    assert all(torch.equal(x, y) for x, y in zip(s1.state_dict().values(), s2.state_dict().values()))
