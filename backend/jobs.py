@@ -578,7 +578,8 @@ def refresh_project(pid: int) -> dict:
         try:
             retired = bulk_delivery.retire(pid, mv, OUR_VERSION_PREFIX)
         except LabelStudioAPIError as exc:  # the new predictions are in: the next refresh retires these
-            log.warning("project %s: deleting our model versions older than %s failed: %s", pid, mv, exc)
+            log.log(logging.WARNING if retire else logging.INFO,
+                    "project %s: deleting our model versions older than %s failed: %s", pid, mv, exc)
     result = {**counts, "model_version": mv, "superseded": superseded, "bulk": retire is not None,
               "retired": retired, "seconds": round(time.monotonic() - t0, 3)}
     log.info("project %s: refresh to %s: %d re-scored, %d changed, %d posted%s, %d failed, %d queued%s (%.2f s)",

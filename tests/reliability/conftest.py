@@ -456,21 +456,15 @@ def wait_job(job_id: str, timeout: float = 60.0) -> queueing.JobInfo:
 
 
 # ------------------------------------------------------------------------------------------ workers
-# backend.worker's entry point after torch.manual_seed(0): every worker process then builds the same
-# random weights (and so computes the same descriptors), as workers loading real checkpoints do.
-SEEDED_WORKER = ("import sys, torch; torch.manual_seed(0); "
-                 "from backend.worker import main; sys.exit(main(sys.argv[1:]))")
-
-
 class WorkerProcess:
     """The backend worker in its own process group (a SIGKILL takes its scheduler too, like a
-    container being killed); output goes to a file. `seeded`: see SEEDED_WORKER."""
+    container being killed); output goes to a file. Random-weight models come from a fixed seed,
+    so every worker process computes the same descriptors, as workers with real checkpoints do."""
 
-    def __init__(self, env: dict, log_path: Path, *args: str, seeded: bool = False) -> None:
+    def __init__(self, env: dict, log_path: Path, *args: str) -> None:
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "w")
-        entry = ["-c", SEEDED_WORKER] if seeded else ["-m", "backend.worker"]
-        self.proc = subprocess.Popen([sys.executable, *entry, *args], cwd=ROOT, env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "backend.worker", *args], cwd=ROOT, env=env,
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def output(self) -> str:
@@ -506,12 +500,12 @@ class WorkerProcess:
 
 @pytest.fixture
 def workers():
-    """workers(env, log_path, *args, seeded=False) -> a WorkerProcess whose models are loaded; all
+    """workers(env, log_path, *args) -> a WorkerProcess whose models are loaded; all
     are stopped after the test, and `workers.logs()` is everything they printed."""
     started: list[WorkerProcess] = []
 
-    def start(env: dict, log_path: Path, *args: str, seeded: bool = False) -> WorkerProcess:
-        started.append(WorkerProcess(env, log_path, *args, seeded=seeded))
+    def start(env: dict, log_path: Path, *args: str) -> WorkerProcess:
+        started.append(WorkerProcess(env, log_path, *args))
         started[-1].wait_ready()
         return started[-1]
 

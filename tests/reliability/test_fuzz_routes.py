@@ -297,7 +297,14 @@ def test_unknown_label_names_never_reach_predictions(embedded, fake_ls):
     body = {"project": "1.1717", "label_config": CONFIG_XML, "tasks": [fake_ls.tasks[2]]}
     item = client.post("/predict", json=body).json["results"][0]
     labels = {lab for r in item["result"] for lab in r["value"][r["type"]]}
-    assert labels <= {"Cat", "Dog"} and item["result"], item  # "cat" maps to Cat; "Zebra" is never emitted
+    assert labels <= {"Cat", "Dog"}, item  # "Zebra" is never emitted (proposals it wins get no region)
+    assert LabelInterface(CONFIG_XML).validate_prediction(item, return_errors=True) == []
+    # with "cat" the only class every proposal is a cat: emitted under the config's "Cat"
+    payload = {**payload, "action": "ANNOTATION_UPDATED",
+               "annotation": {**payload["annotation"], "result": [polygon_region("c", "cat", DOG)]}}
+    assert wait_job(client.post("/webhook", json=payload).json["job"]).status == "finished"
+    item = client.post("/predict", json=body).json["results"][0]
+    assert item["result"] and {lab for r in item["result"] for lab in r["value"][r["type"]]} == {"Cat"}, item
     assert LabelInterface(CONFIG_XML).validate_prediction(item, return_errors=True) == []
 
 

@@ -4,8 +4,8 @@ Setup: a private redis-server (with a password), the web app in-process, the fak
 `backend.worker` subprocesses with the small random-weight models. The job is made slow
 deterministically without any test hook in the product: the fake LS holds the image download
 the job is waiting for, and the test kills the worker's whole process group (worker + scheduler)
-while it waits. The workers are seeded (torch.manual_seed(0) before backend.worker.main) so that
-every worker process computes the same descriptors, as workers with real checkpoints do.
+while it waits. Random-weight models come from a fixed seed, so every worker process computes the
+same descriptors, as workers with real checkpoints do.
 
 What must hold:
 * the bank stays at its last good version while the killed job is pending (updates are atomic);
@@ -51,7 +51,7 @@ def test_sigkill_mid_bank_update_and_mid_training(tmp_path, private_redis, fake_
     client = app.test_client()
 
     def worker(name: str):
-        return workers(env, tmp_path / f"{name}.log", seeded=True)
+        return workers(env, tmp_path / f"{name}.log")
 
     try:
         assert client.post("/setup", json={"project": f"{PID}.1717", "schema": CONFIG_XML}).status_code == 200
