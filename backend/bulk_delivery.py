@@ -28,7 +28,7 @@ from backend.tasks_registry import TaskRecord, result_hash
 log = logging.getLogger(__name__)
 
 BULK_MIN_TASKS = 20            # below this, per-task PATCHes cost less than the check
-BULK_MAX_PREDICTIONS = 50_000  # beyond this the one-GET listing of the project is not worth it
+BULK_MAX_PREDICTIONS = 20_000  # beyond this, listing the project (results included, ~7 KiB each) costs too much
 BULK_IMPORT_ITEMS = 1000       # predictions per import request
 BULK_IMPORT_BYTES = 32 << 20   # JSON bytes of results per import request (LS accepts 250 MB)
 
@@ -117,8 +117,9 @@ def retire(pid: int, model_version: str, prefix: str) -> int:
     holds `model_version`; returns how many predictions went. Cheap when there is none (one
     aggregate GET)."""
     client = runtime.get_ls_client(pid)
-    old = [v for v in client.model_version_counts(pid) if v.startswith(prefix) and v != model_version]
-    if not old:
+    counts = client.model_version_counts(pid)
+    old = [v for v in counts if v.startswith(prefix) and v != model_version]
+    if not old or sum(counts.values()) > BULK_MAX_PREDICTIONS:
         return 0
     holders: dict[str, set[int]] = {}
     for p in client.list_project_predictions(pid):

@@ -480,7 +480,7 @@ def test_bulk_plan_guards(env, ls, engine, monkeypatch):
     del ls.predictions[992]
     monkeypatch.setattr(bulk_delivery, "BULK_MAX_PREDICTIONS", 10)
     assert bulk_delivery.plan(PID, records, mv, "ntt-") is None
-    monkeypatch.setattr(bulk_delivery, "BULK_MAX_PREDICTIONS", 50_000)
+    monkeypatch.setattr(bulk_delivery, "BULK_MAX_PREDICTIONS", 20_000)
     runtime.configure(settings=replace(runtime.get_settings(), ls_bulk_refresh=False))
     assert bulk_delivery.plan(PID, records, mv, "ntt-") is None
 
