@@ -217,7 +217,8 @@ class Settings:
     ls_bulk_refresh: bool = _var(
         "LS_BULK_REFRESH", True, "A refresh of 20+ cached tasks replaces our predictions in bulk (import "
         "requests of up to 1,000 predictions, then our old model versions deleted) instead of one PATCH "
-        "per task, when every prediction of those versions belongs to a re-posted task.", _bool,
+        "per task, when every prediction of those versions belongs to a re-posted task (projects of up to "
+        "20,000 predictions).", _bool,
         default_doc="`1`")
     predict_budget_s: float = _var(
         "PREDICT_BUDGET_S", 80.0, "Time /predict waits for results; later ones are posted to Label "
