@@ -21,7 +21,7 @@ import hashlib
 import logging
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -399,7 +399,11 @@ def rebuild_bank(pid: int, refresh: bool = True) -> dict:
 
 
 def train_project(pid: int) -> dict:
-    """START_TRAINING: rebuild the bank, then pre-annotate every unlabelled task through the LS API."""
+    """START_TRAINING: rebuild the bank, then pre-annotate every unlabelled task through the LS API.
+
+    Tasks are predicted one after the other (one model); their predictions are posted by
+    LS_POST_CONCURRENCY threads meanwhile, so waiting on Label Studio overlaps the next prediction.
+    """
     t0 = time.monotonic()
     rebuilt = rebuild_bank(pid, refresh=False)
     client = runtime.get_ls_client(pid)
@@ -408,23 +412,41 @@ def train_project(pid: int) -> dict:
     bank = _current_bank(pid)
     todo = [t for t in client.iter_tasks(pid) if not _labelled(t)]
     counts = {"posted": 0, "skipped": 0, "failed": 0}
-    for n, task in enumerate(todo, 1):
-        task_id = int(task["id"])
-        try:
-            item, fields = _predict_one(pid, task_id, _image_url(task, config), config, bank)
-            stored = {p.get("model_version") for p in task.get("predictions") or [] if isinstance(p, dict)}
-            if "predictions" in task and item["model_version"] not in stored:
-                fields = {**fields, "prediction_id": None, "result_hash": None}  # deleted in LS: post again
-            registry.update(pid, {task_id: fields})
-            for key, value in _deliver(pid, {task_id: item}).items():
-                counts[key] += value
-        except Exception as exc:  # noqa: BLE001 - one task must not stop the batch
-            counts["failed"] += 1
-            log.error("project %s task %s: pre-annotation failed: %s", pid, task_id, exc)
-        _progress(n, len(todo), stage="pre-annotate", **counts)
-        if n % LOG_EVERY == 0 or n == len(todo):
-            log.info("project %s: pre-annotated %d/%d tasks (%d posted, %d unchanged, %d failed)",
-                     pid, n, len(todo), counts["posted"], counts["skipped"], counts["failed"])
+    workers = max(1, runtime.get_settings().ls_post_concurrency)
+    in_flight: dict[Future, int] = {}
+
+    def collect(futures: list[Future]) -> None:
+        for future in futures:
+            task_id = in_flight.pop(future)
+            try:
+                for key, value in future.result().items():
+                    counts[key] += value
+            except Exception as exc:  # noqa: BLE001 - one task must not stop the batch
+                counts["failed"] += 1
+                log.error("project %s task %s: posting the pre-annotation failed: %s", pid, task_id, exc)
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="ls-post") as posting:
+        for n, task in enumerate(todo, 1):
+            task_id = int(task["id"])
+            try:
+                item, fields = _predict_one(pid, task_id, _image_url(task, config), config, bank)
+                stored = {p.get("model_version") for p in task.get("predictions") or [] if isinstance(p, dict)}
+                if "predictions" in task and item["model_version"] not in stored:
+                    fields = {**fields, "prediction_id": None, "result_hash": None}  # deleted in LS: post again
+                registry.update(pid, {task_id: fields})
+                in_flight[posting.submit(_deliver, pid, {task_id: item})] = task_id
+            except Exception as exc:  # noqa: BLE001 - one task must not stop the batch
+                counts["failed"] += 1
+                log.error("project %s task %s: pre-annotation failed: %s", pid, task_id, exc)
+            if len(in_flight) >= 2 * workers:  # keep the posting queue short
+                wait(list(in_flight), return_when=FIRST_COMPLETED)
+            collect([f for f in list(in_flight) if f.done()])
+            _progress(n, len(todo), stage="pre-annotate", **counts)
+            if n % LOG_EVERY == 0 or n == len(todo):
+                log.info("project %s: pre-annotated %d/%d tasks (%d posted, %d unchanged, %d failed)",
+                         pid, n, len(todo), counts["posted"], counts["skipped"], counts["failed"])
+        wait(list(in_flight))
+        collect(list(in_flight))
     # tasks labelled meanwhile but predicted before still deserve the new bank
     refresh_job = _schedule_refresh(pid, bank_version(bank)) if rebuilt["changed"] else None
     return {"rebuild": rebuilt, "tasks": len(todo), **counts, "refresh_job": refresh_job,

@@ -561,6 +561,33 @@ def test_train_project_posts_every_unlabelled_task_once(env, ls, engine, caplog)
     assert "task 3" in caplog.text and TOKEN not in caplog.text
 
 
+def test_train_project_posts_while_it_predicts_the_next_tasks(env, ls, engine, monkeypatch):
+    """Posting (slow here: 0.4 s per task) overlaps the next predictions: several posts are in
+    flight at once, and every one is counted when the job returns."""
+    ls.add_task(1, seed=1, annotations=[annotation(31, 1, [polygon_region("a", "Cat", CAT)])])
+    for tid in range(2, 8):
+        ls.add_task(tid, seed=tid % 3 + 2)  # 3 distinct images: later tasks are cache hits
+    in_flight, peak, lock = [0], [0], threading.Lock()
+    real = jobs._deliver
+
+    def slow_deliver(pid, items):
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(0.4)
+        try:
+            return real(pid, items)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(jobs, "_deliver", slow_deliver)
+    out = jobs.train_project(PID)
+    assert out["tasks"] == 6 and out["posted"] == 6 and out["failed"] == 0
+    assert peak[0] > 1 and in_flight[0] == 0
+    assert sorted(body["task"] for method, _, body in ls.writes() if method == "POST") == list(range(2, 8))
+
+
 def test_ls_connection_falls_back_to_setup_values(env, ls, tmp_path):
     runtime.configure(settings=Settings.from_env({"MODEL_DIR": str(tmp_path), "NTT_SAM_MODEL": "sam2.1-t",
                                                   "NTT_DINO_MODEL": "dinov2-s"}))

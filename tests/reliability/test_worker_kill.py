@@ -96,6 +96,10 @@ def test_sigkill_mid_bank_update_and_mid_training(tmp_path, private_redis, fake_
         train = client.post("/webhook", json={"action": "START_TRAINING",
                                               "project": {"id": PID, "label_config": CONFIG_XML}}).json["job"]
         wait_for(arrived.is_set, 60, "training to reach task 5")
+        # posts run beside the predictions: let those of 3 and 4 be recorded before the kill
+        registry = runtime.get_registry()
+        wait_for(lambda: all((r := registry.get(PID, t)) and r.prediction_id for t in (3, 4)), 30,
+                 "the posts of tasks 3 and 4 to be recorded")
         assert [len(fake_ls.ours(t)) for t in (3, 4, 5, 6)] == [1, 1, 0, 0]
         w2.kill()
         release.set()
