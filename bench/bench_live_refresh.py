@@ -9,6 +9,7 @@ refresh; with LS_BULK_REFRESH=0 unchanged tasks keep the older version and this 
 
   python bench/bench_live_refresh.py --ls-url http://127.0.0.1:8080 --api-key TOKEN \\
       --backend-url http://127.0.0.1:9090 --tasks 100,1000
+  ... --train --tasks 200      # "Start training" on 200 tasks (one annotated) until all are posted
 
 The backend must already run against that Label Studio (LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY)
 with at least one worker. Per N: a new project (deleted at the end) whose N tasks all show one of 4
@@ -118,16 +119,48 @@ def run(ls: LS, backend_url: str, n: int) -> dict:
         ls.call("DELETE", f"/api/projects/{pid}/")
 
 
+def run_training(ls: LS, backend_url: str, n: int) -> dict:
+    """"Start training" on a project of n tasks (one annotated): time until every other task holds
+    one prediction of the bank's version (posted by the worker through the LS API)."""
+    pid = ls.call("POST", "/api/projects", json={"title": f"ntt live train {n}", "label_config": CONFIG})["id"]
+    try:
+        ls.call("POST", f"/api/projects/{pid}/import",
+                files={f"f{i}": (f"img{i}.png", picture(i)) for i in range(4)})
+        uploads = [t["data"]["image"] for t in ls.call("GET", "/api/tasks", params={"project": pid})["tasks"]]
+        ls.call("POST", f"/api/projects/{pid}/import", json=[{"image": uploads[i % 4]} for i in range(n - 4)])
+        tasks = ls.call("GET", "/api/tasks", params={"project": pid, "page_size": n})["tasks"]
+        ml = ls.call("POST", "/api/ml", json={"url": backend_url, "project": pid, "title": "ntt",
+                                              "is_interactive": False})
+        version = lambda: ls.call("GET", f"/api/ml/{ml['id']}")["model_version"]  # noqa: E731
+        v0 = version()
+        ls.call("POST", f"/api/tasks/{tasks[0]['id']}/annotations", json={"result": [polygon(CAT, "Cat", "a")]})
+        v1 = wait(lambda: (v := version()) != v0 and v, 120, "the bank version")
+        counts = lambda: ls.call("GET", f"/api/projects/{pid}/model-versions/")  # noqa: E731
+        t0 = time.monotonic()
+        ls.call("POST", f"/api/ml/{ml['id']}/train")
+        wait(lambda: counts().get(v1, 0) >= n - 1, 900, f"{n - 1} predictions of {v1}", interval=0.2)
+        return {"n": n, "train_s": time.monotonic() - t0, "final": counts()}
+    finally:
+        ls.call("DELETE", f"/api/projects/{pid}/")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ls-url", required=True)
     ap.add_argument("--api-key", required=True)
     ap.add_argument("--backend-url", required=True)
     ap.add_argument("--tasks", default="100,1000", help="comma-separated N")
+    ap.add_argument("--train", action="store_true", help="time 'Start training' on N tasks instead")
     args = ap.parse_args()
     ls = LS(args.ls_url, args.api_key)
     health = requests.get(f"{args.backend_url}/health", timeout=10).json()
     print(f"backend {health.get('model')} (ready: {health.get('ready')}), Label Studio {args.ls_url}")
+    if args.train:
+        print(f"{'N':>6} {'train s':>8} {'ms/task':>8}")
+        for n in (int(v) for v in args.tasks.split(",") if v.strip()):
+            r = run_training(ls, args.backend_url, n)
+            print(f"{n:>6} {r['train_s']:>8.2f} {1000 * r['train_s'] / (n - 1):>8.2f}   {r['final']}")
+        return
     print(f"{'N':>6} {'retrieve s':>10} {'new version s':>13} {'webhook->LS s':>13} {'ms/task':>8}")
     for n in (int(v) for v in args.tasks.split(",") if v.strip()):
         r = run(ls, args.backend_url, n)
