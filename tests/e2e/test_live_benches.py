@@ -49,3 +49,16 @@ def test_live_refresh_bench_webhook_to_bulk_replaced_predictions(label_studio: L
     results = [requests.get(f"{backend.url}/jobs", params={"id": i}, timeout=5).json().get("result") or {} for i in ids]
     done = [r for r in results if r.get("rescored")]
     assert any(r["bulk"] is True and r["retired"] == 24 and r["posted"] == 24 for r in done), results
+
+
+def test_live_training_bench_posts_every_unlabelled_task(label_studio: LabelStudio, start_backend) -> None:
+    """bench/bench_live_refresh.py --train on 12 tasks: Start training through LS's own /train call,
+    the worker posts one prediction of the bank's version to each of the 11 unlabelled tasks."""
+    backend = start_backend(label_studio)
+    out = subprocess.run(
+        [sys.executable, "bench/bench_live_refresh.py", "--ls-url", label_studio.url, "--api-key", LEGACY_TOKEN,
+         "--backend-url", backend.url, "--train", "--tasks", "12"],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (row,) = re.findall(r"^\s+12\s+([\d.]+)\s+([\d.]+)\s+\{'(ntt-[^']+)': 11", out.stdout, re.M)
+    assert float(row[0]) > 0, out.stdout
