@@ -7,6 +7,24 @@ scripted local HTTP server standing in for Label Studio and image hosts.
 from bench.fake_http import JSON, Reply, Request, RouteServer
 
 
+def purge_queues(settings) -> None:
+    """Delete one test deployment's RQ jobs, queues and keys (its queue prefix) from Redis."""
+    import redis
+    from rq.job import Job
+
+    from backend import queueing
+
+    conn = redis.Redis.from_url(settings.redis_url)
+    for info in queueing.list_jobs(1000):
+        Job.fetch(info.id, connection=conn).delete()
+    for queue in queueing.backend().queues.values():
+        queue.delete(delete_jobs=True)  # also leaves rq's global queue set
+    patterns = [f"{settings.queue_prefix}:*"] + [f"rq:*{settings.queue_name(q)}*" for q in queueing.QUEUES]
+    for pattern in patterns:
+        for key in conn.scan_iter(match=pattern):
+            conn.delete(key)
+
+
 LEGACY_TOKEN = "0123456789abcdef0123456789abcdef01234567"
 
 # The 3-control config of ls_live_server.md §3 (e2e_check.py CONFIG).

@@ -16,6 +16,7 @@ from rq.job import Job
 from backend import queueing, runtime
 from backend.settings import Settings
 from backend.worker import NTTWorker
+from tests.backend.fixtures import purge_queues
 
 MOD = __name__  # jobs below are referenced by import path, like backend.jobs functions
 
@@ -151,15 +152,7 @@ def rq_settings():
     runtime.reset()
     runtime.configure(settings=settings)
     yield settings
-    conn = queueing.backend().redis
-    for info in queueing.list_jobs(1000):
-        Job.fetch(info.id, connection=conn).delete()
-    for queue in queueing.backend().queues.values():
-        queue.delete(delete_jobs=True)  # also leaves rq's global queue set
-    patterns = [f"{prefix}:*"] + [f"rq:*{settings.queue_name(q)}*" for q in queueing.QUEUES]
-    for pattern in patterns:
-        for key in conn.scan_iter(match=pattern):
-            conn.delete(key)
+    purge_queues(settings)
     runtime.reset()
 
 

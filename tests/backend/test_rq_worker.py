@@ -19,16 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 from PIL import Image
-from rq.job import Job
 
 from backend import queueing, runtime
 from backend.app import create_app
 from backend.settings import Settings
 from bench.fake_http import Reply, Request, RouteServer
 from tests.backend.fixtures import (BRUSH_REGION, LEGACY_TOKEN, PREDICT_BODY, SETUP_BODY,
-                                    WEBHOOK_ANNOTATION_CREATED)
+                                    WEBHOOK_ANNOTATION_CREATED, purge_queues)
 
 ROOT = Path(__file__).resolve().parents[2]
 PID = 1
@@ -76,15 +74,7 @@ def deployment(tmp_path, fake_ls):
     runtime.reset()
     app = create_app(settings)
     yield env, settings, app.test_client(), seen
-    conn = redis.Redis.from_url(settings.redis_url)
-    for info in queueing.list_jobs(1000):
-        Job.fetch(info.id, connection=conn).delete()
-    for queue in queueing.backend().queues.values():
-        queue.delete(delete_jobs=True)  # also leaves rq's global queue set
-    patterns = [f"{settings.queue_prefix}:*"] + [f"rq:*{settings.queue_name(q)}*" for q in queueing.QUEUES]
-    for pattern in patterns:
-        for key in conn.scan_iter(match=pattern):
-            conn.delete(key)
+    purge_queues(settings)
     runtime.reset()
 
 

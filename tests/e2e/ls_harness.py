@@ -29,12 +29,12 @@ from typing import Any, TypeVar
 
 import requests
 
+from tests.backend.fixtures import LEGACY_TOKEN  # noqa: F401 - LS needs 5 < len <= 40; re-exported
+
 REPO = Path(__file__).resolve().parents[2]
 LS_VERSION = "1.23.2"
 LS_USER = "ci@example.com"
 LS_PASSWORD = "ci-password-123"
-# Test-only credential of a throw-away local instance (LS needs 5 < len <= 40).
-LEGACY_TOKEN = "0123456789abcdef0123456789abcdef01234567"
 STRICT_VALIDATION_FLAG = "fflag_feat_utc_210_prediction_validation_15082025"
 REDIS_HOST_PORT = "127.0.0.1:6379"
 

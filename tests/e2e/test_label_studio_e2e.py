@@ -16,16 +16,12 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from PIL import Image, ImageDraw
 
+from tests.backend.fixtures import CONFIG_XML as CONFIG
+
 from .ls_harness import LEGACY_TOKEN, Backend, LabelStudio, LSClient, wait_for
 
 pytestmark = pytest.mark.timeout(420)
 
-CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <RectangleLabels name="bbox" toName="image"><Label value="Cat"/><Label value="Dog"/></RectangleLabels>
-  <PolygonLabels name="poly" toName="image"><Label value="Cat"/><Label value="Dog"/></PolygonLabels>
-  <BrushLabels name="brush" toName="image"><Label value="Cat"/><Label value="Dog"/></BrushLabels>
-</View>"""
 CONTROL_TYPES = {"bbox": "rectanglelabels", "poly": "polygonlabels", "brush": "brushlabels"}
 LABELS = {"Cat", "Dog"}
 EXIF_ORIENTATION = 0x0112

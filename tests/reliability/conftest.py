@@ -33,17 +33,11 @@ from backend import queueing, runtime
 from backend.app import create_app
 from backend.settings import Settings
 from bench.fake_http import DROP, Reply, Request, RouteServer
+from tests.backend.fixtures import CONFIG_XML, LEGACY_TOKEN  # noqa: F401 - the tests import them from here
 
 ROOT = Path(__file__).resolve().parents[2]
-LEGACY_TOKEN = "0123456789abcdef0123456789abcdef01234567"
 LS_SIGNING_KEY = "fake-label-studio-signing-key-0123456789"
 PAT = jwt.encode({"token_type": "refresh", "exp": 4102444800, "jti": "pat-7c1e"}, LS_SIGNING_KEY, algorithm="HS256")
-CONFIG_XML = """<View>
-  <Image name="image" value="$image"/>
-  <RectangleLabels name="bbox" toName="image"><Label value="Cat"/><Label value="Dog"/></RectangleLabels>
-  <PolygonLabels name="poly" toName="image"><Label value="Cat"/><Label value="Dog"/></PolygonLabels>
-  <BrushLabels name="brush" toName="image"><Label value="Cat"/><Label value="Dog"/></BrushLabels>
-</View>"""
 
 
 # ------------------------------------------------------------------------------------------ helpers
