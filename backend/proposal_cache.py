@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from model.atomic import atomic_write
+from model.atomic import TEMP_GLOB, atomic_write
 from model.options import MethodOptions
 from model.types import Proposals
 
@@ -115,7 +115,7 @@ class ProposalCache:
             removed += 1
         self._total = total
         stale = time.time() - 3600
-        for tmp in self.dir.glob("*/.tmp-*"):  # left by a writer killed mid-put
+        for tmp in self.dir.glob(f"*/{TEMP_GLOB}"):  # left by a writer killed mid-put
             try:
                 if tmp.stat().st_mtime < stale:
                     tmp.unlink()

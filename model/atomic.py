@@ -5,6 +5,8 @@ import os
 import tempfile
 from pathlib import Path
 
+TEMP_GLOB = ".*.tmp"  # names of atomic_write's temp files (left behind only by a killed writer)
+
 
 def atomic_write(path: str | os.PathLike, data: bytes | str, *, fsync: bool = True) -> None:
     """Write `data` to a temp file beside `path`, optionally fsync it, then os.replace: readers

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,6 +87,33 @@ def test_eviction_keeps_total_under_max_and_drops_least_recently_used(tmp_path):
     assert cache.total_bytes() <= int(3.5 * one)
     present = [i for i in range(5) if cache._path(key(i)).exists()]
     assert present == [0, 3, 4]
+
+
+def test_eviction_sweeps_temp_files_of_killed_writers(tmp_path, monkeypatch):
+    """A writer killed mid-put leaves atomic_write's temp file behind; eviction removes it once it
+    is an hour old (a younger one may still be being written)."""
+    import model.atomic as atomic
+
+    one = len(make_proposals(0).to_bytes())
+    cache = ProposalCache(tmp_path, max_bytes=int(1.5 * one), low_water=1.0)
+    cache.put(key(0), make_proposals(0))
+    folder = cache._path(key(0)).parent
+    used = []
+
+    def fail(src, dst):
+        used.append(Path(src).name)
+        raise OSError("killed")
+
+    with monkeypatch.context() as m:  # learn the temp name atomic_write really uses
+        m.setattr(atomic.os, "replace", fail)
+        with pytest.raises(OSError):
+            atomic.atomic_write(folder / (key(9) + ".ntp"), b"partial")
+    old, young = folder / used[0], folder / f".{key(8)}.ntp.abcd.tmp"
+    for path, age in ((old, 7200), (young, 10)):   # what a SIGKILL would have left
+        path.write_bytes(b"partial")
+        os.utime(path, (time.time() - age, time.time() - age))
+    cache.put(key(1), make_proposals(1))  # over the limit: evicts, then sweeps
+    assert not old.exists() and young.exists()
 
 
 def test_corrupt_entry_is_a_miss_and_deleted(tmp_path):
