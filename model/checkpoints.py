@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import requests
@@ -68,19 +68,17 @@ def require_one_source(name: str, checkpoint: object, random_weights: bool) -> N
 RANDOM_WEIGHTS_SEED = 0
 
 
-def random_init(random_weights: bool) -> contextlib.AbstractContextManager:
-    """Around building a model: random weights come from a fixed seed (without touching the
-    caller's RNG state), so every process of a test or benchmark deployment (web, workers) builds
-    the same random model and computes the same proposals."""
+@contextlib.contextmanager
+def random_init(random_weights: bool) -> Iterator[None]:
+    """Around building a model: random weights come from a fixed seed (on the CPU generator, the
+    caller's CPU and CUDA states untouched), so every process of a test or benchmark deployment
+    (web, workers) builds the same random model and computes the same proposals."""
     if not random_weights:
-        return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def seeded():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_WEIGHTS_SEED)
-            yield
-    return seeded()
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(RANDOM_WEIGHTS_SEED)
+        yield
 
 
 def default_checkpoint_dir() -> Path:
