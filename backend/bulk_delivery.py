@@ -23,6 +23,7 @@ import logging
 
 from backend import runtime
 from backend.errors import LabelStudioAPIError
+from backend.ls_client import LabelStudioClient
 from backend.tasks_registry import TaskRecord, result_hash
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,21 @@ BULK_MIN_TASKS = 20            # below this, per-task PATCHes cost less than the
 BULK_MAX_PREDICTIONS = 20_000  # beyond this, listing the project (results included, ~7 KiB each) costs too much
 BULK_IMPORT_ITEMS = 1000       # predictions per import request
 BULK_IMPORT_BYTES = 32 << 20   # JSON bytes of results per import request (LS accepts 250 MB)
+
+
+def _holders(client: LabelStudioClient, pid: int, counts: dict[str, int]) -> dict[str, set[int]] | None:
+    """{model_version: task ids holding it} from one listing of the project's predictions, or None
+    when the listing does not account for every prediction LS counts (e.g. a paginated answer):
+    deleting a whole version is only safe on a complete picture."""
+    listing = client.list_project_predictions(pid)
+    if len(listing) != sum(counts.values()):
+        log.info("project %s: %d predictions listed, %d counted; no bulk replacement", pid, len(listing),
+                 sum(counts.values()))
+        return None
+    holders: dict[str, set[int]] = {}
+    for p in listing:
+        holders.setdefault(str(p.get("model_version") or ""), set()).add(int(p.get("task") or 0))
+    return holders
 
 
 def plan(pid: int, records: dict[int, TaskRecord], model_version: str, prefix: str) -> list[str] | None:
@@ -46,10 +62,9 @@ def plan(pid: int, records: dict[int, TaskRecord], model_version: str, prefix: s
         if sum(counts.values()) > BULK_MAX_PREDICTIONS:
             return None
         old = sorted(v for v in counts if v.startswith(prefix) and v != model_version)
-        holders: dict[str, set[int]] = {}
-        if old or model_version in counts:
-            for p in client.list_project_predictions(pid):
-                holders.setdefault(str(p.get("model_version") or ""), set()).add(int(p.get("task") or 0))
+        holders = _holders(client, pid, counts) if old or model_version in counts else {}
+        if holders is None:
+            return None
     except LabelStudioAPIError as exc:
         log.info("project %s: bulk refresh not possible (%s); posting task by task", pid, exc)
         return None
@@ -119,11 +134,11 @@ def retire(pid: int, model_version: str, prefix: str) -> int:
     client = runtime.get_ls_client(pid)
     counts = client.model_version_counts(pid)
     old = [v for v in counts if v.startswith(prefix) and v != model_version]
-    if not old or sum(counts.values()) > BULK_MAX_PREDICTIONS:
+    if not old or not counts.get(model_version) or sum(counts.values()) > BULK_MAX_PREDICTIONS:
         return 0
-    holders: dict[str, set[int]] = {}
-    for p in client.list_project_predictions(pid):
-        holders.setdefault(str(p.get("model_version") or ""), set()).add(int(p.get("task") or 0))
+    holders = _holders(client, pid, counts)
+    if holders is None:
+        return 0
     current = holders.get(model_version, set())
     deleted = 0
     for version in old:

@@ -559,9 +559,14 @@ def refresh_project(pid: int) -> dict:
             counts["failed"] += delivered["failed"]
 
     def give_up(why: str) -> bool:
-        """Leave bulk mode: what was collected but not imported goes task by task."""
+        """Leave bulk mode: what was collected but not imported goes task by task. A failed import
+        may still have landed in LS, so those tasks forget the prediction id they knew: each post
+        then updates our newest prediction there (the imported one if it exists)."""
         log.warning("project %s: %s; posting task by task", pid, why)
-        post_each(importer.drain_changed())
+        items = importer.drain_changed()
+        if items:
+            runtime.get_registry().update(pid, {tid: {"prediction_id": None} for tid in items})
+        post_each(items)
         return False
 
     ids = list(stale)

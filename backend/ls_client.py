@@ -136,7 +136,8 @@ class LabelStudioClient:
     def _sleep(self, attempt: int) -> None:
         time.sleep(self.backoff * 2 ** attempt)
 
-    def _request(self, method: str, path: str, *, params: dict | None = None, json: Any = None) -> Any:
+    def _request(self, method: str, path: str, *, params: dict | None = None, json: Any = None,
+                 post_retry_statuses: tuple[int, ...] = (429, 502, 503, 504)) -> Any:
         url = f"{self.url}/{path}"
         what = f"{method} /{path}"
         headers = self.auth.headers() if self.auth else {}
@@ -157,7 +158,7 @@ class LabelStudioClient:
                 headers, refreshed = self.auth.headers(rejected=headers), True
                 continue
             if (status == 429 or status >= 500) and attempt < self.retries and (
-                    method != "POST" or status in (429, 502, 503, 504)):
+                    method != "POST" or status in post_retry_statuses):
                 self._sleep(attempt)
                 attempt += 1
                 continue
@@ -227,9 +228,11 @@ class LabelStudioClient:
 
     def import_predictions(self, project_id: int, items: list[dict]) -> int:
         """Create many predictions in one request ({task, result, score, model_version} each);
-        returns how many LS created. Not retried once sent (it would create them twice)."""
-        body = self._request("POST", f"api/projects/{int(project_id)}/import/predictions", json=items)
-        return int((body or {}).get("created", 0))
+        returns how many LS created."""
+        # a 502/504 may come from a proxy while LS goes on importing: not resent, or it would import twice
+        body = self._request("POST", f"api/projects/{int(project_id)}/import/predictions", json=items,
+                             post_retry_statuses=(429, 503))
+        return int(body.get("created", 0)) if isinstance(body, dict) else 0
 
     def delete_model_version(self, project_id: int, model_version: str) -> int:
         """Delete every prediction of one model_version in a project; returns how many.

@@ -7,6 +7,8 @@ asserted, not run), the store is the real Redis under a per-test key prefix.
 from __future__ import annotations
 
 import io
+import json
+import logging
 import os
 import re
 import threading
@@ -483,6 +485,58 @@ def test_bulk_plan_guards(env, ls, engine, monkeypatch):
     monkeypatch.setattr(bulk_delivery, "BULK_MAX_PREDICTIONS", 20_000)
     runtime.configure(settings=replace(runtime.get_settings(), ls_bulk_refresh=False))
     assert bulk_delivery.plan(PID, records, mv, "ntt-") is None
+
+
+def test_bulk_needs_a_complete_listing_and_never_resends_an_import(env, ls, engine, monkeypatch, caplog):
+    """A listing that misses predictions LS counts (e.g. a paginated answer) stops both the bulk
+    plan and the retiring of old versions; an import answered 504 (LS may still be importing) is not
+    sent again, and its tasks are then updated through our newest prediction, not duplicated."""
+    _bank_from(ls, env)
+    old = _many_cached_tasks(ls, 25)
+    records = runtime.get_registry().all(PID)
+    real = ls.handle
+
+    def short_listing(req, method, path, query):
+        reply = real(req, method, path, query)
+        if method == "GET" and path == "/api/predictions/" and "project" in query:
+            return Reply(200, json.loads(reply.data)[:-1])
+        return reply
+
+    caplog.set_level(logging.INFO, logger="backend.bulk_delivery")
+    monkeypatch.setattr(ls, "handle", short_listing)
+    assert bulk_delivery.plan(PID, records, "ntt-new", "ntt-") is None and "25 counted" in caplog.text
+    for k, tid in enumerate(range(100, 125)):   # every task holds the new version: retirable...
+        ls.predictions[2000 + k] = {"id": 2000 + k, "task": tid, "result": [], "model_version": "ntt-new"}
+    assert bulk_delivery.retire(PID, "ntt-new", "ntt-") == 0                  # ... but not on a partial list
+    monkeypatch.setattr(ls, "handle", real)
+    assert bulk_delivery.retire(PID, "ntt-new", "ntt-") == 25                 # complete list: retired
+    assert not any(p["model_version"] == old for p in ls.predictions.values())
+    for k, tid in enumerate(range(100, 125)):   # back to one old prediction per task, known by id
+        ls.predictions[2000 + k]["model_version"] = old
+        runtime.get_registry().update(PID, {tid: {"prediction_id": 2000 + k}})
+    ls._next = 10_000   # as LS: what it creates from now on has the highest ids
+
+    imports = []
+
+    def import_lands_then_504(req, method, path, query):
+        reply = real(req, method, path, query)   # LS stores the predictions ...
+        if path.endswith("/import/predictions"):
+            imports.append(path)
+            return Reply(504, {"detail": "gateway timeout"})   # ... but the proxy gives up
+        return reply
+
+    monkeypatch.setattr(ls, "handle", import_lands_then_504)
+    runtime.get_registry().update(PID, {t: {"result_hash": "from-an-older-bank"} for t in range(100, 125)})
+    webhook(ls, "ANNOTATION_CREATED", annotation(12, 1, [polygon_region("b", "Dog", DOG)]))
+    mv = runtime.model_version(PID)
+    summary = jobs.refresh_project(PID)
+    assert len(imports) == 1 and summary["failed"] == 0 and summary["posted"] == 25
+    for tid in range(100, 125):   # the imported prediction was updated; the old one is still there
+        held = sorted(p["model_version"] for p in ls.predictions.values() if p["task"] == tid)
+        assert held == sorted([mv, old]), (tid, held)
+    monkeypatch.setattr(ls, "handle", real)
+    assert jobs.refresh_project(PID)["retired"] == 25   # nothing stale: the cleanup retires the old one
+    assert {p["model_version"] for p in ls.predictions.values() if p["task"] >= 100} == {mv}
 
 
 def test_importer_caps_requests_by_bytes(env, ls):
