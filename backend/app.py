@@ -46,10 +46,8 @@ from backend.settings import Settings
 log = logging.getLogger(__name__)
 
 MODEL_CLASS = "NTTBackend"
-WEBHOOK_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED",
-                            "ANNOTATIONS_DELETED", "START_TRAINING", "PROJECT_UPDATED"})
+WEBHOOK_EVENTS = frozenset(openapi.WEBHOOK_EVENTS)
 TRAIN_TIMEOUT_S = 24 * 3600          # START_TRAINING rebuilds the bank and pre-annotates the project
-DELIVERY_CLAIM_TTL_S = 24 * 3600     # outlives any queued predict job
 HANDOVER_GRACE_S = 5.0               # the job claimed delivery to the web: its result is moments away
 POLL_START_S, POLL_MAX_S = 0.02, 0.25
 
@@ -256,14 +254,15 @@ def create_app(settings: Settings | None = None) -> Flask:
         return jsonify({"results": results})
 
     def _predict_tasks(pid: int, tasks: list, xml: str, value_key: str) -> list[dict]:
-        mv = runtime.model_version(pid)
+        version = runtime.get_bank_store().version(pid)
+        mv = runtime.model_version(pid, version)
         items: list[dict | None] = [None] * len(tasks)
         for i, task in enumerate(tasks):
             reason = _task_error(task, value_key)
             if reason:
                 items[i] = {"model_version": mv, "error": reason}
         todo = [i for i in range(len(tasks)) if items[i] is None]
-        if todo and runtime.get_bank_store().version(pid) == EMPTY_VERSION:
+        if todo and version == EMPTY_VERSION:
             for i in todo:  # nothing to match against: a valid, empty prediction
                 items[i] = {"result": [], "score": 0.0, "model_version": mv}
             return items
@@ -318,7 +317,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         waiting = {}
         for i, (job_id, key) in pending.items():
             try:
-                winner = store.claim(key, "api", DELIVERY_CLAIM_TTL_S)
+                winner = store.claim(key, "api")
             except Exception as exc:  # noqa: BLE001 - store down: the job will deliver to nobody
                 log.warning("project %s: delivery claim for job %s failed: %s", pid, job_id, type(exc).__name__)
                 items[i] = {"model_version": mv, "error": "prediction did not finish in time"}

@@ -34,6 +34,7 @@ from backend.label_config import SUPPORTED_CONTROLS, LabelConfig, parse_label_co
 from backend.ls_client import LabelStudioClient
 from backend.proposal_cache import cache_key
 from backend.results import detections_to_regions, prediction_item
+from backend.store import DELIVERY_TTL_S
 from backend.tasks_registry import TaskRecord, result_hash
 from model.bank import MemoryBank
 from model.types import Proposals
@@ -41,7 +42,6 @@ from model.types import Proposals
 log = logging.getLogger(__name__)
 
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
-DELIVERY_TTL_S = 24 * 3600   # late-delivery claims outlive any queued predict job
 REFRESH_BATCH = 50           # tasks re-scored, posted and recorded per round (progress granularity)
 LOG_EVERY = 25               # train_project logs a progress line every N tasks
 OUR_VERSION_PREFIX = "ntt-"  # model_version prefix of the predictions this backend made
@@ -465,7 +465,7 @@ def predict_task(pid: int, task: dict, label_config: str, delivery_key: str | No
     url = _image_url(task, config)
     item, fields = _predict_one(pid, task_id, url, config, _current_bank(pid))
     registry = runtime.get_registry()
-    if delivery_key is None or runtime.get_store().claim(delivery_key, "web", DELIVERY_TTL_S) == "web":
+    if delivery_key is None or runtime.get_store().claim(delivery_key, "web") == "web":
         # LS stores the item the web returns as a new prediction whose id we do not learn
         registry.update(pid, {task_id: {**fields, "prediction_id": None, "model_version": item["model_version"],
                                         "result_hash": result_hash(item["result"])}})

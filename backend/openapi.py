@@ -10,6 +10,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+# The Label Studio webhook actions the backend handles (any other is answered 200 and ignored).
+WEBHOOK_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED",
+                  "START_TRAINING", "PROJECT_UPDATED")
+
 _PROJECT_UID = {"oneOf": [{"type": "string", "pattern": r"^\d{1,18}(\.\d+)?$"},
                           {"type": "integer", "minimum": 0}],
                 "description": "Label Studio project uid \"<project id>.<created_at>\" (or the bare id)."}
@@ -145,9 +149,7 @@ _PATHS: dict[str, Any] = {
         "requestBody": {"required": True, "content": {"application/json": {"schema": {
             "type": "object", "required": ["action"],
             "properties": {
-                "action": {"type": "string", "enum": ["ANNOTATION_CREATED", "ANNOTATION_UPDATED",
-                                                      "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED",
-                                                      "START_TRAINING", "PROJECT_UPDATED"],
+                "action": {"type": "string", "enum": list(WEBHOOK_EVENTS),
                            "description": "Handled events; any other action is answered 200 and ignored."},
                 "project": _ref("Project"), "annotation": _ref("Annotation"), "task": _ref("Task"),
                 "annotations": {"type": "array", "items": _ref("Annotation")}}}}}},

@@ -35,6 +35,9 @@ class LockTimeout(RuntimeError):
     """A store lock could not be acquired in time."""
 
 
+DELIVERY_TTL_S = 24 * 3600  # late-delivery claims outlive any queued predict job
+
+
 class Store(ABC):
     """The operations the backend needs; see the module docstring for the value conventions."""
 
@@ -88,7 +91,7 @@ class Store(ABC):
     def ping(self) -> bool:
         """True when the store answers (never raises)."""
 
-    def claim(self, key: str, who: str, ttl: float = 3600.0) -> str:
+    def claim(self, key: str, who: str, ttl: float = DELIVERY_TTL_S) -> str:
         """First caller wins: set key to `who` if absent and return whoever holds it now.
 
         Used for late delivery of /predict results: the web process and the job both claim the
