@@ -495,12 +495,16 @@ class SpoolReplayer:
         self.interval = interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()  # start() runs from every request's before_request
         self.replayed = 0
 
     def start(self) -> None:
-        if self._thread is None and not self._stop.is_set():
-            self._thread = threading.Thread(target=self._run, name="ntt-spool-replay", daemon=True)
-            self._thread.start()
+        if self._thread is not None:
+            return
+        with self._start_lock:
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._run, name="ntt-spool-replay", daemon=True)
+                self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
