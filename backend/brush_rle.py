@@ -82,14 +82,18 @@ def _encode_runs(num: int, lengths: np.ndarray, values: np.ndarray) -> list[int]
     return _pack_fields(np.concatenate([header_codes, codes]), np.concatenate([header_widths, _WIDTHS[kind]]))
 
 
+def _encode(values: np.ndarray, repeat: int = 1) -> list[int]:
+    """LS RLE of the 1-D 8-bit `values`, each repeated `repeat` times (without materialising it)."""
+    if len(values) == 0:
+        return _encode_runs(0, np.zeros(0, np.int64), np.zeros(0, np.int64))
+    starts = np.concatenate([[0], np.flatnonzero(values[1:] != values[:-1]) + 1])
+    lengths = repeat * np.diff(np.append(starts, len(values)))
+    return _encode_runs(repeat * len(values), lengths, values[starts])
+
+
 def encode_values(arr: np.ndarray) -> list[int]:
     """Same as the SDK's `encode_rle(arr)` for a 1-D array of 8-bit values (0..255)."""
-    arr = np.asarray(arr).ravel()
-    if len(arr) == 0:
-        return _encode_runs(0, np.zeros(0, np.int64), np.zeros(0, np.int64))
-    starts = np.concatenate([[0], np.flatnonzero(arr[1:] != arr[:-1]) + 1])
-    lengths = np.diff(np.append(starts, len(arr)))
-    return _encode_runs(len(arr), lengths, arr[starts])
+    return _encode(np.asarray(arr).ravel())
 
 
 def mask_to_ls_rle(mask: np.ndarray) -> list[int]:
@@ -103,8 +107,4 @@ def mask_to_ls_rle(mask: np.ndarray) -> list[int]:
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
     flat = mask.ravel() if mask.dtype == bool else mask.ravel() != 0
-    if len(flat) == 0:
-        return _encode_runs(0, np.zeros(0, np.int64), np.zeros(0, np.int64))
-    starts = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1])
-    lengths = 4 * np.diff(np.append(starts, len(flat)))
-    return _encode_runs(4 * len(flat), lengths, flat[starts].astype(np.uint8) * np.uint8(255))
+    return _encode(flat.astype(np.uint8) * np.uint8(255), repeat=4)  # RGBA: every pixel 4 times

@@ -59,15 +59,16 @@ class _PackedLogits:
     def take(self, index: torch.Tensor | None = None) -> torch.Tensor:
         """Float logits of the masks at `index` (all if None), thresholded-exact (see to_bytes)."""
         if index is None:
-            signs, rows = self.signs, np.arange(self.signs.shape[0])
+            signs, rows = self.signs, None
         else:
             signs, rows = self.signs[index], index.cpu().numpy().reshape(-1)
         logits = torch.where(signs, 1.0, -1.0)
         if signs.shape[0]:
             # the boundary of a mask depends on that mask alone: computing it for a subset is exact
             boundary = _sign_boundary(signs, self.radius)
-            parts = [self.values[self.offsets[r]:self.offsets[r + 1]] for r in rows]
-            logits[boundary] = torch.cat(parts).to(logits.device)
+            values = self.values if index is None else torch.cat(
+                [self.values[self.offsets[r]:self.offsets[r + 1]] for r in rows])
+            logits[boundary] = values.to(logits.device)
         return logits
 
     def to(self, device: torch.device | str) -> "_PackedLogits":
@@ -116,7 +117,7 @@ class Proposals:
 
     def lowres_boxes(self) -> torch.Tensor:
         """[N, 4] inclusive xyxy boxes of the low-res masks (stored in the cache: no pass over them)."""
-        return self._packed.boxes if self._logits is None else batched_mask_to_box(self._logits > 0)
+        return self._packed.boxes if self._packed is not None else batched_mask_to_box(self._logits > 0)
 
     def logits_of(self, index: torch.Tensor) -> torch.Tensor:
         """[n, h, w] float logits of the proposals at `index`, decoding only those."""
