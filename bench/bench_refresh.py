@@ -31,9 +31,10 @@ import sys
 import tempfile
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest.mock import patch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,21 +92,6 @@ class Stopwatch:
 
     def s(self, name: str) -> float:
         return self.seconds.get(name, 0.0)
-
-
-@contextmanager
-def patched(obj, name: str, value):
-    """Replace attribute `name` of a module or instance for the duration of the block."""
-    had = name in vars(obj)
-    old = vars(obj).get(name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        if had:
-            setattr(obj, name, old)
-        else:
-            delattr(obj, name)
 
 
 def png(image: np.ndarray) -> bytes:
@@ -197,7 +183,6 @@ class Bench:
             runtime.configure(settings=settings, store=self.store)
         else:
             runtime.configure(settings=settings)
-        torch.manual_seed(0)
         t0 = time.perf_counter()
         self.engine = runtime.get_engine()
         self.load_s = time.perf_counter() - t0
@@ -293,11 +278,11 @@ class Bench:
 
         self.sw.reset()
         writes0 = self.ls.writes()
-        with patched(jobs, "rescore_cached", self.sw.wrap("rescore", jobs.rescore_cached)), \
-                patched(jobs, "_deliver", self.sw.wrap("post", jobs._deliver)), \
-                patched(bulk_delivery, "plan", self.sw.wrap("post", bulk_delivery.plan)), \
-                patched(bulk_delivery, "post", self.sw.wrap("post", bulk_delivery.post)), \
-                patched(bulk_delivery, "retire", self.sw.wrap("post", bulk_delivery.retire)):
+        timed = [(jobs, "rescore_cached", "rescore"), (jobs, "_deliver", "post"), (bulk_delivery, "plan", "post"),
+                 (bulk_delivery, "post", "post"), (bulk_delivery, "retire", "post")]
+        with ExitStack() as stack:
+            for obj, name, label in timed:
+                stack.enter_context(patch.object(obj, name, self.sw.wrap(label, getattr(obj, name))))
             out, t0, bank_s = self.reference(pid, annotation_id=2, seed=REF_SEED + 1 + k, label="Dog")
             (info,), t1 = wait_jobs([out["refresh_job"]], 600)
         if info.status != "finished":
