@@ -18,40 +18,34 @@ export MODEL_DIR=${MODEL_DIR:-$ROOT/data}
 # Which checkpoint files the settings point at (also validates every env var up front).
 if ! CKPTS=$("$PY" - <<'PY'
 from backend.settings import Settings, SettingsError
+from model.catalog import checkpoint_filename, checkpoint_url
 try:
     s = Settings.from_env()
 except SettingsError as exc:
     raise SystemExit(f"configuration error: {exc}")
 if not s.random_weights:
-    print(s.sam_model, s.sam_checkpoint)
-    print(s.dino_model, s.dino_checkpoint)
+    for model, path in ((s.sam_model, s.sam_checkpoint), (s.dino_model, s.dino_checkpoint)):
+        print(model, path, checkpoint_filename(model), checkpoint_url(model))
 PY
 ); then
   exit 2
 fi
 
-MISSING=()
 FAILED=()
-while read -r model path; do
-  [ -n "${model:-}" ] || continue
-  [ -s "$path" ] || MISSING+=("$model=$path")
-done <<<"$CKPTS"
-
-for item in "${MISSING[@]}"; do
-  model=${item%%=*}; path=${item#*=}
-  case "$model" in sam2*) args=(--sam "$model" --dino none) ;; *) args=(--sam none --dino "$model") ;; esac
-  echo "checkpoint of $model missing: downloading the official file (once)" >&2
-  "$PY" -m model.checkpoints "${args[@]}" --dir "$(dirname "$path")" >&2 || true
-  if [ ! -s "$path" ]; then
-    url=$("$PY" -c "import sys; from model.checkpoints import checkpoint_url as u; print(u(sys.argv[1]))" "$model")
-    FAILED+=("  $path"$'\n'"      from $url")
+while read -r model path official url; do
+  [ -n "${model:-}" ] && [ ! -s "$path" ] || continue
+  if [ "$(basename "$path")" = "$official" ]; then  # the official file: fetch it (once)
+    case "$model" in sam2*) args=(--sam "$model" --dino none) ;; *) args=(--sam none --dino "$model") ;; esac
+    echo "checkpoint of $model missing: downloading the official file (once)" >&2
+    "$PY" -m model.checkpoints "${args[@]}" --dir "$(dirname "$path")" >&2 || true
   fi
-done
+  [ -s "$path" ] || FAILED+=("  $path"$'\n'"      (the official $model file is $official, from $url)")
+done <<<"$CKPTS"
 
 if [ -n "${FAILED[*]:-}" ]; then
   {
     echo
-    echo "Could not fetch these checkpoints (no internet access?):"
+    echo "These checkpoint files are missing (an official one could not be fetched: no internet access?):"
     printf '%s\n' "${FAILED[@]}"
     echo "Copy them there, or point NTT_SAM_CHECKPOINT / NTT_DINO_CHECKPOINT at files you have"
     echo "(MODEL_DIR=$MODEL_DIR; NTT_SAM_MODEL / NTT_DINO_MODEL choose other models, e.g. sam2.1-t and"
