@@ -22,6 +22,7 @@ MOD = __name__  # jobs below are referenced by import path, like backend.jobs fu
 
 ORDER: list[str] = []
 GATE = threading.Event()
+STARTED = threading.Event()  # block_then_record is running
 CALLS: dict[str, int] = {}
 
 
@@ -31,6 +32,7 @@ def record(name: str) -> str:
 
 
 def block_then_record(name: str) -> str:
+    STARTED.set()
     assert GATE.wait(10)
     return record(name)
 
@@ -81,6 +83,7 @@ def embedded(monkeypatch):
     ORDER.clear()
     CALLS.clear()
     GATE.clear()
+    STARTED.clear()
     yield queueing._backend
     GATE.set()
 
@@ -98,7 +101,7 @@ def test_embedded_worker_starts_lazily_and_runs_by_import_path(embedded):
 
 def test_embedded_bank_jobs_run_before_waiting_predict_jobs(embedded):
     first = queueing.enqueue(f"{MOD}.block_then_record", "busy", queue="predict")
-    time.sleep(0.05)  # the thread is now inside `first`
+    assert STARTED.wait(10)  # the thread is now inside `first`
     p1 = queueing.enqueue(f"{MOD}.record", "p1", queue="predict")
     p2 = queueing.enqueue(f"{MOD}.record", "p2", queue="predict")
     b1 = queueing.enqueue(f"{MOD}.record", "b1", queue="bank")
@@ -228,11 +231,12 @@ def test_heartbeat_keeps_a_long_job_from_looking_abandoned(rq_settings):
     job_id = queueing.enqueue(f"{MOD}.slow", 3.0, queue="predict", retries=0)
     other = _worker()
     seen = []
-    check = threading.Timer(2.8, lambda: seen.append(other.requeue_abandoned()))  # past the 2 s deadline
+    check = threading.Timer(2.8, lambda: seen.append(  # past the 2 s deadline, while the job runs
+        (queueing.fetch(job_id).status, other.requeue_abandoned())))
     check.start()
     _worker().work(burst=True)
     check.join()
-    assert seen == [0]
+    assert seen == [("started", 0)]
     info = queueing.fetch(job_id)
     assert (info.status, info.result, info.meta) == ("finished", 3.0, {})
 

@@ -329,8 +329,7 @@ def test_windowed_upsampling_is_bit_identical_to_the_full_one(low, size):
     for k in range(logits.shape[0]):
         for x0, y0, x1, y1 in windows:
             got = upsample_window(logits[k], size, x0, y0, x1, y1)
-            if W > 1:
-                assert torch.equal(got, full[k, y0:y1 + 1, x0:x1 + 1]), (k, x0, y0, x1, y1)
+            assert torch.equal(got, full[k, y0:y1 + 1, x0:x1 + 1]), (k, x0, y0, x1, y1)
     within = np.array([windows[-1]] * 3)
     crops = upsample_mask_crops(logits, size, within=within)
     for (x, y, m), ref in zip(crops, full > 0):
