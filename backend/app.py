@@ -268,20 +268,20 @@ def create_app(settings: Settings | None = None) -> Flask:
             return items
 
         deadline = time.monotonic() + settings.predict_budget_s
-        jobs: dict[int, tuple[str, str]] = {}  # task index -> (job id, delivery key)
-        for i in todo:
+        pending: dict[int, tuple[str, str]] = {}  # task index -> (job id, delivery key)
+        for n, i in enumerate(todo):
             key = f"delivery:{pid}:{uuid.uuid4().hex}"
             try:
                 job_id = queueing.enqueue("backend.jobs.predict_task", pid, tasks[i], xml, delivery_key=key,
                                           queue="predict", retries=1,
                                           meta={"project": pid, "task": tasks[i]["id"]})
-            except queueing.QueueUnavailable as exc:
-                items[i] = {"model_version": mv, "error": f"queue unavailable, try again later ({exc})"}
-                continue
-            jobs[i] = (job_id, key)
+            except queueing.QueueUnavailable as exc:  # one timeout, not one per remaining task
+                for j in todo[n:]:
+                    items[j] = {"model_version": mv, "error": f"queue unavailable, try again later ({exc})"}
+                break
+            pending[i] = (job_id, key)
             metrics.inc("jobs_enqueued predict")
 
-        pending = dict(jobs)
         pause = POLL_START_S
         while pending and time.monotonic() < deadline:
             _collect(pending, items, mv)
@@ -351,14 +351,14 @@ def create_app(settings: Settings | None = None) -> Flask:
             func, args, timeout = "backend.jobs.train_project", [pid], TRAIN_TIMEOUT_S
         else:
             func, args, timeout = "backend.jobs.apply_webhook", [pid, action, body], None
+        job_kwargs = {"timeout": timeout, "meta": {"project": pid, "event": action}}
         try:
             if replayer is not None and spool.pending():  # in order: none may overtake spooled events
                 raise queueing.QueueUnavailable("earlier events are still spooled")
-            job_id = queueing.enqueue(func, *args, queue="bank", timeout=timeout,
-                                      meta={"project": pid, "event": action})
+            job_id = queueing.enqueue(func, *args, queue="bank", **job_kwargs)
         except queueing.QueueUnavailable as exc:
             try:
-                spool.append(func, args, "bank", timeout)
+                spool.append(func, args, "bank", **job_kwargs)
             except OSError as disk:  # disk full / read-only: nowhere left to keep it
                 metrics.inc("webhooks_lost")
                 log.error("project %s: %s lost: it can be neither queued (%s) nor spooled (%s); "

@@ -420,10 +420,11 @@ class Spool:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
-    def append(self, func_path: str, args: list, queue: str, timeout: int | None = None,
-               retries: int = 2) -> None:
-        line = json.dumps({"func": func_path, "args": args, "queue": queue, "timeout": timeout,
-                           "retries": retries, "spooled_at": time.time()}) + "\n"
+    def append(self, func_path: str, args: list, queue: str, **enqueue_kwargs: Any) -> None:
+        """Keep a job that could not be queued; `enqueue_kwargs` (timeout, meta, ...) are given to
+        `enqueue` as they are when it is replayed."""
+        line = json.dumps({"func": func_path, "args": args, "queue": queue, "kwargs": enqueue_kwargs,
+                           "spooled_at": time.time()}) + "\n"
         fd = self._locked()
         try:
             with open(self.path, "a", encoding="utf-8") as f:
@@ -477,8 +478,10 @@ class Spool:
 
 def submit_spooled(record: dict) -> None:
     """Enqueue one spooled record (raises QueueUnavailable while Redis is still down)."""
-    enqueue(record["func"], *record["args"], queue=record["queue"], timeout=record.get("timeout"),
-            retries=record.get("retries", 2))
+    kwargs = record.get("kwargs")
+    if kwargs is None:  # a line spooled by an older version
+        kwargs = {"timeout": record.get("timeout"), "retries": record.get("retries", 2)}
+    enqueue(record["func"], *record["args"], queue=record["queue"], **kwargs)
 
 
 class SpoolReplayer:

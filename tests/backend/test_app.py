@@ -202,6 +202,24 @@ def test_predict_one_item_per_task_in_order(client, jobs):
     assert sorted(c[2] for c in jobs.calls) == [1, 3, 5, 8]
 
 
+def test_predict_stops_enqueueing_at_the_first_queue_failure(client, jobs, monkeypatch):
+    """A dead queue costs one enqueue attempt, not one per task: every remaining task gets the
+    error item at once (LS asks again later), well inside LS's /predict timeout."""
+    fill_bank()
+    attempts = []
+
+    def down(*args, **kwargs):
+        attempts.append(args[0])
+        raise queueing.QueueUnavailable("ConnectionError")
+
+    monkeypatch.setattr(queueing, "enqueue", down)
+    body = copy.deepcopy(PREDICT_BODY)
+    body["tasks"] = [dict(body["tasks"][1], id=tid) for tid in range(1, 7)]
+    results = client.post("/predict", json=body).get_json()["results"]
+    assert len(attempts) == 1 and len(results) == 6
+    assert all("result" not in r and r["error"].startswith("queue unavailable") for r in results)
+
+
 def test_predict_per_task_errors_keep_the_batch(client, jobs):
     fill_bank()
     good = PREDICT_BODY["tasks"][1]

@@ -287,13 +287,17 @@ def test_spool_drops_a_torn_line(tmp_path):
 
 def test_spool_replayer_enqueues_when_redis_answers(rq_settings, tmp_path):
     spool = queueing.Spool(tmp_path)
-    spool.append(f"{MOD}.add", [1, 2], "bank", timeout=50)
+    spool.append(f"{MOD}.add", [1, 2], "bank", timeout=50, meta={"project": 7, "event": "ANNOTATION_CREATED"})
     spool.append(f"{MOD}.add", [3, 4], "bank")
+    with open(spool.path, "a", encoding="utf-8") as f:  # a line an older version spooled
+        f.write(json.dumps({"func": f"{MOD}.add", "args": [5, 6], "queue": "bank", "timeout": None,
+                            "retries": 2}) + "\n")
     replayer = queueing.SpoolReplayer(spool, rq_settings)
-    assert replayer.run_once() == 2
-    assert len(spool) == 0 and replayer.replayed == 2
-    assert queueing.health(max_age=0)["queued"]["bank"] == 2
+    assert replayer.run_once() == 3
+    assert len(spool) == 0 and replayer.replayed == 3
+    assert queueing.health(max_age=0)["queued"]["bank"] == 3
     run_burst(rq_settings)
-    results = sorted(j.result for j in queueing.list_jobs(10))
-    assert results == [3, 7]
+    jobs = queueing.list_jobs(10)
+    assert sorted(j.result for j in jobs) == [3, 7, 11]
+    assert [j.meta for j in jobs if j.result == 3] == [{"project": 7, "event": "ANNOTATION_CREATED"}]
     assert json.loads(json.dumps([j.to_dict() for j in queueing.list_jobs(10)]))  # JSON-safe
