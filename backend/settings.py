@@ -135,6 +135,15 @@ def _var(env: str, default: Any, help: str, parse: Callable[[str], Any] = _str, 
     return field(default=default, metadata=meta)
 
 
+def _option(option: str, env: str, help: str, parse: Callable[[str], Any]) -> Any:
+    """A field overriding the MethodOptions field `option`: its default (and documented default)
+    is the method's own value, and Settings.method_options() applies it."""
+    default = getattr(MethodOptions(), option)
+    doc = f"`{int(default)}`" if isinstance(default, bool) else f"`{default}`"
+    f = _var(env, default, help, parse, default_doc=doc)
+    return field(default=default, metadata={**f.metadata, "option": option})
+
+
 # ----------------------------------------------------------------------------------------- settings
 @dataclass(frozen=True)
 class Settings:
@@ -183,25 +192,22 @@ class Settings:
     device: str | None = _var(
         "NTT_DEVICE", None, "Torch device of the workers: auto, cpu, cuda, cuda:N, mps.", _device,
         default_doc="`auto` (CUDA if present)")
-    sam_image_size: int | None = _var(
-        "NTT_SAM_IMAGE_SIZE", None, "Override of the SAM2 input side (method: 1024).", _positive_int,
-        default_doc="method default")
-    dino_image_size: int | None = _var(
-        "NTT_DINO_IMAGE_SIZE", None, "Override of the DINOv2 input side (method: 518).", _positive_int,
-        default_doc="method default")
-    points_per_side: int | None = _var(
-        "NTT_POINTS_PER_SIDE", None, "Override of the SAM2 point grid side (method: 32).", _positive_int,
-        default_doc="method default")
-    point_batch: int | None = _var(
-        "NTT_POINT_BATCH", None, "Prompts per SAM2 decoder call (memory only, results unchanged).",
-        _positive_int, default_doc="method default")
-    bf16: bool | None = _var(
-        "NTT_BF16", None, "bf16 autocast of the encoders on CUDA (deviation from the fp32 reference).",
-        _bool, default_doc="`0`")
-    compile_decoder: bool | None = _var(
-        "NTT_COMPILE_DECODER", None, "torch.compile the SAM2 mask decoder (the cold path's largest "
-        "stage; first prediction waits for the compile; results differ from eager by float rounding).",
-        _bool, default_doc="`0`")
+    sam_image_size: int = _option(
+        "sam_image_size", "NTT_SAM_IMAGE_SIZE", "SAM2 input side (the method's value).", _positive_int)
+    dino_image_size: int = _option(
+        "dino_image_size", "NTT_DINO_IMAGE_SIZE", "DINOv2 input side (the method's value).", _positive_int)
+    points_per_side: int = _option(
+        "points_per_side", "NTT_POINTS_PER_SIDE", "SAM2 point grid side (the method's value).", _positive_int)
+    point_batch_size: int = _option(
+        "point_batch_size", "NTT_POINT_BATCH", "Prompts per SAM2 decoder call (memory only, results "
+        "unchanged).", _positive_int)
+    bf16: bool = _option(
+        "bf16", "NTT_BF16", "bf16 autocast of the encoders and the SAM2 decoder on CUDA (deviation from "
+        "the fp32 reference).", _bool)
+    compile_decoder: bool = _option(
+        "compile_decoder", "NTT_COMPILE_DECODER", "torch.compile the SAM2 mask decoder (the cold path's "
+        "largest stage; first prediction waits for the compile; results differ from eager by float "
+        "rounding).", _bool)
     score_threshold: float = _var(
         "SCORE_THRESHOLD", 0.5, "Minimum region score in pre-annotations (the method itself has none); "
         "a control's `model_score_threshold` attribute overrides it.", _unit_float, default_doc="`0.5`")
@@ -301,12 +307,10 @@ class Settings:
         """Full RQ queue name of a logical queue ("bank" or "predict")."""
         return f"{self.queue_prefix}-{queue}"
 
-    def method_options(self, base: MethodOptions | None = None) -> MethodOptions:
-        """MethodOptions with the NTT_* overrides applied (unset ones keep the method's values)."""
-        overrides = {"sam_image_size": self.sam_image_size, "dino_image_size": self.dino_image_size,
-                     "points_per_side": self.points_per_side, "point_batch_size": self.point_batch,
-                     "bf16": self.bf16, "compile_decoder": self.compile_decoder}
-        return replace(base or MethodOptions(), **{k: v for k, v in overrides.items() if v is not None})
+    def method_options(self) -> MethodOptions:
+        """MethodOptions with the NTT_* overrides (fields made by `_option`) applied."""
+        return replace(MethodOptions(), **{f.metadata["option"]: getattr(self, f.name)
+                                           for f in fields(self) if "option" in f.metadata})
 
     def __repr__(self) -> str:
         shown = []
