@@ -1,18 +1,33 @@
-"""A small in-process stand-in for Label Studio, for benchmarks (no pytest needed).
+"""An in-process stand-in for Label Studio's REST API, for benchmarks and tests (no pytest needed).
 
-It serves what the backend's jobs read and write: task images under /data/upload/, projects,
-tasks (paginated as LS does), and predictions (list, create, PATCH, bulk import, model versions:
-count and delete), behind a legacy token. HTTP/1.1
-with keep-alive and TCP_NODELAY, like LS behind gunicorn, so a refresh's posting time is not
-dominated by connection set-up or Nagle delays. Prediction writes are counted, not logged, and the time the fake spends
-handling them (parse, store, answer) is summed in `counts["write_s"]`: it shares this process's CPU,
+It answers what the backend reads and writes, as LS does:
+
+* task images at /data/upload/<pid>/<name>;
+* GET /api/projects/<pid>/ (404 for an unknown project);
+* GET /api/tasks/ paginated (`project`, `page`, `page_size`; {"total", "tasks"}; 404 "Invalid page."
+  past the end) and GET /api/tasks/<id>/, each task listing the predictions LS holds for it;
+* predictions: GET /api/predictions/?task= or ?project=, POST, PATCH (404 for an unknown id), bulk
+  POST /api/projects/<pid>/import/predictions;
+* GET/DELETE /api/projects/<pid>/model-versions/: counts per version / delete one version, in that
+  project only;
+
+all behind a legacy token (`Authorization: Token <key>`). By default HTTP/1.1 with keep-alive and
+TCP_NODELAY, like LS behind gunicorn, so a refresh's posting time is not dominated by connection
+set-up or Nagle delays. Prediction writes are counted (`writes()`), and the time the fake spends
+handling them (parse, store, answer) is summed in counts["write_s"]: it shares this process's CPU,
 so a benchmark can tell its own cost from the backend's.
+
+Tests subclass it: `dispatch` (every request; wrap it for faults), `_authorized` / `unauthorized`
+(the token check and its 401), `handle` (the routes, under `lock`), `record` (every prediction
+write) and `project_of` (which project a prediction is in).
 """
 from __future__ import annotations
 
 import re
 import threading
 import time
+from collections import Counter
+from typing import Any
 
 try:
     from bench.fake_http import Reply, Request, RouteServer
@@ -20,20 +35,31 @@ except ImportError:  # run with bench/ (not the repository root) on sys.path
     from fake_http import Reply, Request, RouteServer
 
 
-class FakeLabelStudio:
-    """Thread-safe fake LS on 127.0.0.1 (random port); `url` is its base URL."""
+def _not_found() -> Reply:
+    return Reply(404, {"detail": "Not found."})
 
-    def __init__(self, token: str) -> None:
+
+def _no_route(req: Request) -> Reply:
+    return Reply(404, {"detail": f"no route {req.method} {req.path}"})
+
+
+class FakeLabelStudio:
+    """Thread-safe fake LS on `host` (random port); `url` is its base URL. `host`, `keep_alive` and
+    `nodelay` go to its RouteServer, which calls `after(request)` once a reply has been written."""
+
+    def __init__(self, token: str | None, *, host: str = "127.0.0.1", keep_alive: bool = True,
+                 nodelay: bool = True) -> None:
         self.token = token
         self.projects: dict[int, str] = {}          # id -> label config
-        self.tasks: dict[int, dict] = {}
-        self.images: dict[str, bytes] = {}          # path -> PNG bytes
-        self.predictions: dict[int, dict] = {}
-        self.counts: dict[str, float] = {"POST": 0, "PATCH": 0, "IMPORT": 0, "image": 0, "write_s": 0.0}
+        self.tasks: dict[int, dict] = {}            # id -> task (its "predictions" are filled in when listed)
+        self.images: dict[str, bytes] = {}          # upload file name (unique, as LS makes them) -> bytes
+        self.predictions: dict[int, dict] = {}      # id -> prediction
+        self.counts: dict[str, float] = {"POST": 0, "PATCH": 0, "IMPORT": 0, "DELETE-VERSION": 0, "image": 0,
+                                         "write_s": 0.0}
         self.lock = threading.Lock()
-        self._next_prediction = 1
-        # HTTP/1.1 keep-alive with TCP_NODELAY, as LS behind gunicorn
-        self.http = RouteServer(self._route, nodelay=True, after=self._count_write)
+        self._next = 100                            # the next prediction id
+        self.http = RouteServer(self.dispatch, host=host, keep_alive=keep_alive, nodelay=nodelay,
+                                after=self.after)
         self.url = self.http.url
 
     # ------------------------------------------------------------------------------ content
@@ -43,24 +69,23 @@ class FakeLabelStudio:
 
     def add_task(self, pid: int, task_id: int, image_name: str, png: bytes, annotations=()) -> dict:
         """A task whose image LS serves at /data/upload/<pid>/<image_name>."""
-        path = f"/data/upload/{pid}/{image_name}"
-        task = {"id": task_id, "project": pid, "data": {"image": path}, "annotations": list(annotations),
-                "predictions": []}
+        task = {"id": task_id, "project": pid, "data": {"image": f"/data/upload/{pid}/{image_name}"},
+                "annotations": list(annotations), "predictions": []}
         with self.lock:
-            self.images[path] = png
+            self.images[image_name] = png
             self.tasks[task_id] = task
         return task
 
     def add_prediction(self, task_id: int, result: list, model_version: str, score: float = 0.0) -> int:
         """A prediction LS already holds (e.g. one it stored from a /predict answer); returns its id."""
         with self.lock:
-            pred_id = self._next_prediction
-            self._next_prediction += 1
+            pred_id = self._new_id()
             self.predictions[pred_id] = {"id": pred_id, "task": task_id, "result": result, "score": score,
                                          "model_version": model_version}
         return pred_id
 
     def writes(self) -> dict[str, float]:
+        """The counts of prediction writes (an IMPORT counts its items), image downloads and write_s."""
         with self.lock:
             return dict(self.counts)
 
@@ -73,77 +98,117 @@ class FakeLabelStudio:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # ------------------------------------------------------------------------------ HTTP
-    def _route(self, req: Request) -> Reply:
-        body = req.json() if req.method in ("POST", "PATCH", "DELETE") and req.raw else None
-        if req.headers.get("Authorization") != f"Token {self.token}":
-            return Reply(401, {"detail": "Authentication credentials were not provided."})
-        return self._answer(req.method, req.path, req.query, body)
+    # ------------------------------------------------------------------------------ hooks
+    def dispatch(self, req: Request) -> object:
+        """The reply to one request: `unauthorized` without the token, else `handle` under the lock."""
+        auth = req.headers.get("Authorization")
+        if not self._authorized(auth):
+            return self.unauthorized(auth)
+        with self.lock:
+            return self.handle(req, req.method, req.path, req.query)
 
-    def _count_write(self, req: Request) -> None:
-        """Adds the time spent on a prediction write (read, parse, store, answer) to counts["write_s"]."""
+    def _authorized(self, auth: str | None) -> bool:
+        return self.token is not None and auth == f"Token {self.token}"
+
+    def unauthorized(self, auth: str | None) -> Reply:
+        return Reply(401, {"detail": "Authentication credentials were not provided."})
+
+    def record(self, kind: str, path: str, body: Any) -> None:
+        """Called under the lock for each prediction write before it is applied; `kind` is POST,
+        PATCH, IMPORT (`body` is the list of items) or DELETE-VERSION (`body` {"model_version"})."""
+        self.counts[kind] += len(body) if kind == "IMPORT" else 1
+
+    def project_of(self, prediction: dict) -> int | None:
+        """The project a prediction is in: its task's (None for a task this fake does not hold)."""
+        return self.tasks.get(prediction["task"], {}).get("project")
+
+    def after(self, req: Request) -> None:
+        """Adds the time spent on a write (read, parse, store, answer) to counts["write_s"]."""
         if req.method in ("POST", "PATCH", "DELETE") and req.raw:
             with self.lock:
                 self.counts["write_s"] += time.perf_counter() - req.started
 
-    def _answer(self, method: str, path: str, query: dict, body) -> Reply:
-        """The reply to one authorized request."""
-        with self.lock:
-            if method == "GET" and path in self.images:
-                self.counts["image"] += 1
-                return Reply(200, self.images[path], "image/png")
-            if method == "GET" and (m := re.fullmatch(r"/api/projects/(\d+)/", path)):
-                pid = int(m.group(1))
-                if pid not in self.projects:
-                    return Reply(404, {"detail": "Not found."})
-                return Reply(200, {"id": pid, "label_config": self.projects[pid]})
-            if method == "GET" and path == "/api/tasks/":
-                pid = int(query.get("project", ["0"])[0])
-                page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["100"])[0])
-                tasks = [t for _, t in sorted(self.tasks.items()) if t["project"] == pid]
-                chunk = tasks[(page - 1) * size: page * size]
-                if page > 1 and not chunk:
-                    return Reply(404, {"detail": "Invalid page."})
-                return Reply(200, {"total": len(tasks), "tasks": chunk})
-            if method == "GET" and (m := re.fullmatch(r"/api/tasks/(\d+)/", path)):
-                task = self.tasks.get(int(m.group(1)))
-                return Reply(200, task) if task else Reply(404, {"detail": "Not found."})
-            if method == "GET" and path == "/api/predictions/":
-                if "project" in query:
-                    pid = int(query["project"][0])
-                    return Reply(200, [p for p in self.predictions.values()
-                                       if self.tasks.get(p["task"], {}).get("project") == pid])
-                tid = int(query.get("task", ["0"])[0])
-                return Reply(200, [p for p in self.predictions.values() if p["task"] == tid])
-            if (m := re.fullmatch(r"/api/projects/(\d+)/model-versions/", path)) and method in ("GET", "DELETE"):
-                pid = int(m.group(1))
-                ours = {k: p for k, p in self.predictions.items() if self.tasks.get(p["task"], {}).get("project") == pid}
-                if method == "GET":
-                    versions: dict[str, int] = {}
-                    for p in ours.values():
-                        versions[p["model_version"]] = versions.get(p["model_version"], 0) + 1
-                    return Reply(200, versions)
-                gone = [k for k, p in ours.items() if p["model_version"] == (body or {}).get("model_version")]
-                for k in gone:
-                    del self.predictions[k]
-                return Reply(200, {"deleted_predictions": len(gone)})
-            if method == "POST" and re.fullmatch(r"/api/projects/(\d+)/import/predictions", path):
-                self.counts["IMPORT"] += len(body)
-                for item in body:
-                    self.predictions[self._next_prediction] = {**item, "id": self._next_prediction}
-                    self._next_prediction += 1
-                return Reply(201, {"created": len(body)})
-            if method == "POST" and path == "/api/predictions/":
-                self.counts["POST"] += 1
-                pred = {**body, "id": self._next_prediction}
-                self._next_prediction += 1
-                self.predictions[pred["id"]] = pred
-                return Reply(201, pred)
-            if method == "PATCH" and (m := re.fullmatch(r"/api/predictions/(\d+)/", path)):
-                self.counts["PATCH"] += 1
-                pred = self.predictions.get(int(m.group(1)))
-                if pred is None:
-                    return Reply(404, {"detail": "Not found."})
-                pred.update(body)
-                return Reply(200, pred)
-        return Reply(404, {"detail": f"no route {method} {path}"})
+    # ------------------------------------------------------------------------------ routes
+    def handle(self, req: Request, method: str, path: str, query: dict[str, list[str]]) -> Reply:
+        """The reply to one authorized request; the caller holds the lock."""
+        if method == "GET" and (m := re.fullmatch(r"/data/upload/(\d+)/([^/]+)", path)):
+            image = self.images.get(m.group(2)) if int(m.group(1)) in self.projects else None
+            if image is None:
+                return _not_found()
+            self.counts["image"] += 1
+            return Reply(200, image, "image/png")
+        if m := re.fullmatch(r"/api/projects/(\d+)/(|model-versions/|import/predictions)", path):
+            return self._project(req, int(m.group(1)), m.group(2))
+        if method == "GET" and path == "/api/tasks/":
+            return self._task_page(query)
+        if method == "GET" and (m := re.fullmatch(r"/api/tasks/(\d+)/", path)):
+            task = self.tasks.get(int(m.group(1)))
+            return Reply(200, self._listed([task])[0]) if task else _not_found()
+        if method == "GET" and path == "/api/predictions/":
+            preds = list(self.predictions.values())
+            if "task" in query:
+                preds = [p for p in preds if p["task"] == int(query["task"][0])]
+            if "project" in query:
+                preds = [p for p in preds if self.project_of(p) == int(query["project"][0])]
+            return Reply(200, preds)
+        if method == "POST" and path == "/api/predictions/":
+            body = req.json()
+            self.record("POST", path, body)
+            pred = {**body, "id": self._new_id()}
+            self.predictions[pred["id"]] = pred
+            return Reply(201, pred)
+        if method == "PATCH" and (m := re.fullmatch(r"/api/predictions/(\d+)/", path)):
+            body = req.json()
+            self.record("PATCH", path, body)
+            pred = self.predictions.get(int(m.group(1)))
+            if pred is None:
+                return _not_found()
+            pred.update(body)
+            return Reply(200, pred)
+        return _no_route(req)
+
+    def _project(self, req: Request, pid: int, route: str) -> Reply:
+        """/api/projects/<pid>/<route>."""
+        if pid not in self.projects:
+            return _not_found()
+        if req.method == "GET" and route == "":
+            return Reply(200, {"id": pid, "label_config": self.projects[pid]})
+        ours = {k: p for k, p in self.predictions.items() if self.project_of(p) == pid}
+        if req.method == "GET" and route == "model-versions/":
+            return Reply(200, dict(Counter(p["model_version"] for p in ours.values())))
+        if req.method == "DELETE" and route == "model-versions/":
+            version = (req.json() or {}).get("model_version")
+            self.record("DELETE-VERSION", req.path, {"model_version": version})
+            gone = [k for k, p in ours.items() if p["model_version"] == version]
+            for k in gone:
+                del self.predictions[k]
+            return Reply(200, {"deleted_predictions": len(gone)})
+        if req.method == "POST" and route == "import/predictions":
+            items = req.json()
+            self.record("IMPORT", req.path, items)
+            for item in items:
+                pred_id = self._new_id()
+                self.predictions[pred_id] = {**item, "id": pred_id}
+            return Reply(201, {"created": len(items)})
+        return _no_route(req)
+
+    def _task_page(self, query: dict[str, list[str]]) -> Reply:
+        page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["100"])[0])
+        tasks = [t for _, t in sorted(self.tasks.items())
+                 if "project" not in query or t.get("project") == int(query["project"][0])]
+        chunk = tasks[(page - 1) * size:page * size]
+        if page > 1 and not chunk:
+            return Reply(404, {"detail": "Invalid page."})
+        return Reply(200, {"total": len(tasks), "tasks": self._listed(chunk)})
+
+    def _listed(self, tasks: list[dict]) -> list[dict]:
+        """`tasks` as LS answers them: each with the predictions it holds."""
+        held: dict[int, list[dict]] = {t["id"]: [] for t in tasks}
+        for p in self.predictions.values():
+            if p["task"] in held:
+                held[p["task"]].append(p)
+        return [{**t, "predictions": held[t["id"]]} for t in tasks]
+
+    def _new_id(self) -> int:
+        pred_id, self._next = self._next, self._next + 1
+        return pred_id

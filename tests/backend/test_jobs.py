@@ -1,27 +1,24 @@
 """Jobs end to end with the real small engine (random weights) and a fake Label Studio.
 
-The fake LS is a local http.server implementing the routes the jobs use and recording every
-POST/PATCH of a prediction. Queueing is replaced by a recorder (the jobs' enqueue calls are
-asserted, not run), the store is the real Redis under a per-test key prefix.
+The fake LS is bench/fake_ls.py's (real HTTP), recording every prediction write. Queueing is
+replaced by a recorder (the jobs' enqueue calls are asserted, not run), the store is the real Redis
+under a per-test key prefix.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
-import re
 import threading
 import time
 import uuid
 from dataclasses import replace
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from backend import bulk_delivery, jobs, queueing, runtime
 from backend.errors import LabelStudioAPIError
@@ -29,7 +26,9 @@ from backend.settings import Settings
 from backend.store import RedisStore
 from backend.tasks_registry import result_hash
 from bench.fake_http import Reply, Request, RouteServer
+from bench.fake_ls import FakeLabelStudio
 from tests.backend.fixtures import LEGACY_TOKEN as TOKEN
+from tests.helpers import png_bytes
 from model.engine import Engine, EngineConfig
 from model.options import MethodOptions
 
@@ -42,105 +41,29 @@ LABEL_CONFIG = """<View>
 
 
 # ------------------------------------------------------------------------------ fake Label Studio
-def _png(seed: int, size=(80, 60)) -> bytes:
-    """Background noise with two flat blobs: something for the point grid to find."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    arr = (rng.random((h, w, 3)) * 60).astype(np.uint8)
-    arr[10:35, 8:40] = (200, 40, 40)
-    arr[30:55, 45:75] = (40, 40, 200)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-class FakeLS:
-    """The LS routes the jobs use, behind the legacy token; prediction writes are recorded."""
+class FakeLS(FakeLabelStudio):
+    """bench/fake_ls.py's Label Studio holding project PID, one connection per request; every
+    prediction write is recorded in `calls` as (kind, path, body), kind POST, PATCH, IMPORT or
+    DELETE-VERSION."""
 
     def __init__(self) -> None:
-        self.tasks: dict[int, dict] = {}
-        self.images: dict[str, bytes] = {}
-        self.predictions: dict[int, dict] = {}
-        self.calls: list[tuple[str, str, dict | None]] = []   # prediction writes: (method, path, body)
-        self._next = 100
-        self.lock = threading.Lock()
-        self.http = RouteServer(self._route, keep_alive=False)
-        self.url = self.http.url
-
-    def close(self) -> None:
-        self.http.close()
+        super().__init__(TOKEN, keep_alive=False)
+        self.calls: list[tuple[str, str, Any]] = []
+        self.add_project(PID, LABEL_CONFIG)
 
     def add_task(self, tid: int, seed: int, annotations=()) -> dict:
-        name = f"img{tid}.png"
-        self.images[name] = _png(seed)
-        task = {"id": tid, "project": PID, "data": {"image": f"/data/upload/{PID}/{name}"},
-                "annotations": list(annotations), "predictions": []}
-        self.tasks[tid] = task
-        return task
+        return super().add_task(PID, tid, f"img{tid}.png", png_bytes(seed), annotations)
 
-    def writes(self) -> list[tuple[str, str, dict | None]]:
+    def project_of(self, prediction: dict) -> int:
+        return PID  # the only project: also for predictions a test puts on tasks it did not add
+
+    def record(self, kind: str, path: str, body: Any) -> None:
+        super().record(kind, path, body)
+        self.calls.append((kind, path, body))
+
+    def writes(self) -> list[tuple[str, str, Any]]:
         with self.lock:
             return list(self.calls)
-
-    def _route(self, req: Request) -> Reply:
-        if req.headers.get("Authorization") != f"Token {TOKEN}":
-            return Reply(401, {"detail": "no auth"})
-        with self.lock:
-            return self.handle(req, req.method, req.path, req.query)
-
-    def handle(self, req: Request, method: str, path: str, query: dict) -> Reply:
-        if method == "GET" and (m := re.fullmatch(r"/data/upload/\d+/(.+)", path)):
-            if m.group(1) not in self.images:
-                return Reply(404, {"detail": "Not found."})
-            return Reply(200, self.images[m.group(1)], "image/png")
-        if method == "GET" and path == f"/api/projects/{PID}/":
-            return Reply(200, {"id": PID, "label_config": LABEL_CONFIG})
-        if method == "GET" and path == "/api/tasks/":
-            tasks = [{**self.tasks[t], "predictions": [p for p in self.predictions.values() if p["task"] == t]}
-                     for t in sorted(self.tasks)]  # as LS: a task lists its stored predictions
-            return Reply(200, {"total": len(tasks), "tasks": tasks})
-        if method == "GET" and (m := re.fullmatch(r"/api/tasks/(\d+)/", path)):
-            return Reply(200, self.tasks[int(m.group(1))])
-        if method == "GET" and path == "/api/predictions/":
-            if "project" in query:
-                return Reply(200, list(self.predictions.values()))
-            tid = int(query["task"][0])
-            return Reply(200, [p for p in self.predictions.values() if p["task"] == tid])
-        if method == "GET" and path == f"/api/projects/{PID}/model-versions/":
-            versions: dict[str, int] = {}
-            for p in self.predictions.values():
-                versions[p["model_version"]] = versions.get(p["model_version"], 0) + 1
-            return Reply(200, versions)
-        if method == "POST" and path == f"/api/projects/{PID}/import/predictions":
-            body = req.json()
-            self.calls.append(("IMPORT", path, body))
-            for item in body:
-                self.predictions[self._next] = {**item, "id": self._next}
-                self._next += 1
-            return Reply(201, {"created": len(body)})
-        if method == "DELETE" and path == f"/api/projects/{PID}/model-versions/":
-            version = req.json()["model_version"]
-            self.calls.append(("DELETE-VERSION", path, {"model_version": version}))
-            gone = [k for k, p in self.predictions.items() if p["model_version"] == version]
-            for k in gone:
-                del self.predictions[k]
-            return Reply(200, {"deleted_predictions": len(gone)})
-        if method == "POST" and path == "/api/predictions/":
-            body = req.json()
-            self.calls.append(("POST", path, body))
-            pred = {**body, "id": self._next}
-            self._next += 1
-            self.predictions[pred["id"]] = pred
-            return Reply(201, pred)
-        if method == "PATCH" and (m := re.fullmatch(r"/api/predictions/(\d+)/", path)):
-            body = req.json()
-            self.calls.append(("PATCH", path, body))
-            pid = int(m.group(1))
-            if pid not in self.predictions:
-                return Reply(404, {"detail": "Not found."})
-            self.predictions[pid].update(body)
-            return Reply(200, self.predictions[pid])
-        return Reply(404, {"detail": f"no route {method} {path}"})
 
 
 # ------------------------------------------------------------------------------ fixtures

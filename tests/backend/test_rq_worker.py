@@ -10,12 +10,10 @@ from __future__ import annotations
 import copy
 import io
 import os
-import signal
 import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,8 +25,8 @@ from backend.settings import Settings
 from bench.fake_http import Reply, Request, RouteServer
 from tests.backend.fixtures import (BRUSH_REGION, LEGACY_TOKEN, PREDICT_BODY, SETUP_BODY,
                                     WEBHOOK_ANNOTATION_CREATED, purge_queues)
+from tests.helpers import ROOT, WorkerProcess, wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
 PID = 1
 IMAGE_PATH = "/data/upload/1/cat-64x48.png"
 
@@ -78,17 +76,7 @@ def deployment(tmp_path, fake_ls):
     runtime.reset()
 
 
-def _wait(predicate, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def test_webhook_to_worker_to_new_model_version(deployment):
+def test_webhook_to_worker_to_new_model_version(deployment, tmp_path):
     env, settings, client, seen = deployment
     t_start = time.monotonic()
 
@@ -105,10 +93,9 @@ def test_webhook_to_worker_to_new_model_version(deployment):
     job_id = resp.get_json()["job"]
     assert queueing.fetch(job_id).status == "queued"
 
-    worker = subprocess.Popen([sys.executable, "-m", "backend.worker"], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    worker = WorkerProcess(env, tmp_path / "worker.log")
     try:
-        info = _wait(lambda: (i := queueing.fetch(job_id)) and i.done and i, 60, "the bank job")
+        info = wait_for(lambda: (i := queueing.fetch(job_id)) and i.done and i, 60, "the bank job")
         assert info.status == "finished", info.error
         assert (info.result["event"], info.result["annotation"], info.result["references"]) == (
             "ANNOTATION_CREATED", 1, 1)
@@ -119,8 +106,8 @@ def test_webhook_to_worker_to_new_model_version(deployment):
         assert mv1 != mv0 and mv1 == f"ntt-sam2.1-t+dinov2-s-{info.result['version']}"
         assert client.get("/versions", json={"project": "1.1795705944"}).get_json() == {"versions": [mv1]}
         # a worker listens now (/health reads a snapshot up to HEALTH_MAX_AGE_S old)
-        _wait(lambda: client.get("/health").get_json()["ready"] is True, 3 * queueing.HEALTH_MAX_AGE_S,
-              "/health to report a ready worker")
+        wait_for(lambda: client.get("/health").get_json()["ready"] is True, 3 * queueing.HEALTH_MAX_AGE_S,
+                 "/health to report a ready worker")
 
         # /predict runs on the worker against the new bank
         body = copy.deepcopy(PREDICT_BODY)
@@ -131,12 +118,8 @@ def test_webhook_to_worker_to_new_model_version(deployment):
         assert results[0]["model_version"] == mv1 and isinstance(results[0]["result"], list)
         assert "result" not in results[1] and "no image URL" in results[1]["error"]
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            out, _ = worker.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            out, _ = worker.communicate()
+        worker.stop()
+    out = worker.output()
     assert "engine sam2.1-t+dinov2-s loaded on cpu" in out, out
     assert f"serving queues ['{settings.queue_name('bank')}', '{settings.queue_name('predict')}']" in out
     assert LEGACY_TOKEN not in out

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from typing import Any, TypeVar
 import requests
 
 from tests.backend.fixtures import LEGACY_TOKEN  # noqa: F401 - LS needs 5 < len <= 40; re-exported
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 LS_VERSION = "1.23.2"
@@ -45,12 +45,6 @@ T = TypeVar("T")
 def cache_root() -> Path:
     """Where venvs and the template data folder are cached (outside the checkout)."""
     return Path(os.environ.get("NTT_CACHE_DIR", Path.home() / ".cache" / "ntt-ls-backend"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening_pids(port: int) -> set[int]:

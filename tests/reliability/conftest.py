@@ -6,18 +6,14 @@ redis-server on a free loopback port, in its tmp_path, and stops it afterwards.
 """
 from __future__ import annotations
 
-import io
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import types
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -26,54 +22,24 @@ import jwt
 import numpy as np
 import pytest
 import redis
-from PIL import Image
 from werkzeug.serving import make_server
 
 from backend import queueing, runtime
 from backend.app import create_app
 from backend.settings import Settings
-from bench.fake_http import DROP, Reply, Request, RouteServer
+from bench import fake_ls as bench_ls
+from bench.fake_http import DROP, Reply, Request
 from tests.backend.fixtures import CONFIG_XML, LEGACY_TOKEN  # noqa: F401 - the tests import them from here
+from tests.helpers import ROOT, WorkerProcess, free_port, png_bytes, wait_for  # noqa: F401 - tests import ROOT here
 
-ROOT = Path(__file__).resolve().parents[2]
 LS_SIGNING_KEY = "fake-label-studio-signing-key-0123456789"
 PAT = jwt.encode({"token_type": "refresh", "exp": 4102444800, "jti": "pat-7c1e"}, LS_SIGNING_KEY, algorithm="HS256")
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
-    """The first truthy value of predicate() within `timeout` s; AssertionError naming `what` otherwise."""
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
 def assert_no_secrets(text: str, *secrets: str) -> None:
     for secret in secrets:
         assert secret and secret not in text, f"a secret ({secret[:4]}…) appears in the output"
-
-
-def png_bytes(seed: int = 0, size: tuple[int, int] = (80, 60)) -> bytes:
-    """Noise with two flat blobs (something for the point grid to find)."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    arr = (rng.random((h, w, 3)) * 60).astype(np.uint8)
-    arr[h // 6:h * 7 // 12, w // 10:w // 2] = (200, 40, 40)
-    arr[h // 2:h * 11 // 12, w * 9 // 16:w * 15 // 16] = (40, 40, 200)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def polygon_region(rid: str, label: str, points, size=(80, 60), from_name="poly") -> dict:
@@ -151,13 +117,14 @@ def private_redis(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ fake LS
-class FakeLabelStudio:
-    """A stateful stand-in for Label Studio's REST API and media routes on 127.0.0.1.
+class FakeLabelStudio(bench_ls.FakeLabelStudio):
+    """bench/fake_ls.py's Label Studio holding project `pid`, scriptable for fault injection:
 
-    * tasks / images / predictions as LS keeps them; legacy token auth (`Token <key>`);
+    * a personal access token `pat` is exchanged at POST /api/token/refresh/ for access JWTs
+      (`Bearer`), accepted like the legacy `token` (None: no legacy token works);
     * `fail(method, path_regex, *outcomes)`: the next matching requests get these outcomes in
       order (an int = that HTTP status, with a body that echoes the Authorization header, as a
-      careless proxy might; "drop" = connection closed without an answer);
+      careless proxy might, and so does a 401; "drop" = connection closed without an answer);
     * `hold(path_regex)`: matching requests wait until the returned Event is set (`arrived` tells
       that one came in), so a test can act while a worker is inside a job;
     * `redirect(path_regex, location)`: 302 to another host (presigned storage, or an attacker's hop);
@@ -166,32 +133,36 @@ class FakeLabelStudio:
 
     def __init__(self, pid: int = 1, token: str | None = LEGACY_TOKEN, label_config: str = CONFIG_XML,
                  host: str = "127.0.0.1", pat: str | None = None) -> None:
+        super().__init__(token, host=host)
         self.pid = pid
-        self.token = token
-        self.pat = pat                      # personal access token: exchanged at /api/token/refresh/
-        self.access_tokens: list[str] = []  # access JWTs handed out for it
-        self.label_config = label_config
-        self.tasks: dict[int, dict] = {}
-        self.images: dict[str, bytes] = {}
-        self.predictions: dict[int, dict] = {}
+        self.pat = pat
+        self.access_tokens: list[str] = []  # access JWTs handed out for the PAT
         self.requests: list[tuple[str, str, str | None]] = []
         self.faults: list[list] = []
         self.holds: list[tuple[re.Pattern, threading.Event, threading.Event]] = []
         self.redirects: list[tuple[re.Pattern, str]] = []
-        self.lock = threading.Lock()
-        self._next_prediction = 100
-        self.http = RouteServer(self.dispatch, host=host)
         self.server = self.http.server  # the socketserver: `server_address` names the port
-        self.url = self.http.url
+        self.add_project(pid, label_config)
+
+    @property
+    def label_config(self) -> str:
+        """Project `pid`'s label config (a test may replace it)."""
+        return self.projects[self.pid]
+
+    @label_config.setter
+    def label_config(self, value: str) -> None:
+        with self.lock:
+            self.projects[self.pid] = value
 
     # -------------------------------------------------------------- scripting
     def add_task(self, tid: int, seed: int | None = None, annotations=(), image: bytes | None = None,
                  url: str | None = None) -> dict:
-        name = f"img{tid}.png"
-        self.images[name] = image if image is not None else png_bytes(tid if seed is None else seed)
-        task = {"id": tid, "project": self.pid, "data": {"image": url or f"/data/upload/{self.pid}/{name}"},
-                "annotations": list(annotations), "predictions": []}
-        self.tasks[tid] = task
+        """Task `tid` showing `image` (default png_bytes(seed, else tid)) at /data/upload/<pid>/img<tid>.png;
+        `url` replaces that address in the task."""
+        task = super().add_task(self.pid, tid, f"img{tid}.png",
+                                image if image is not None else png_bytes(tid if seed is None else seed), annotations)
+        if url:
+            task["data"]["image"] = url
         return task
 
     def fail(self, method: str, path_regex: str, *outcomes) -> None:
@@ -224,7 +195,7 @@ class FakeLabelStudio:
 
     def close(self) -> None:
         self.release_all()
-        self.http.close()
+        super().close()
 
     # -------------------------------------------------------------- serving
     def _fault(self, method: str, path: str):
@@ -235,7 +206,7 @@ class FakeLabelStudio:
         return None
 
     def dispatch(self, req: Request) -> Reply | object:
-        """The reply to one request (or DROP): redirects, holds and faults first, then auth and routes."""
+        """Redirects, holds and faults first, then the PAT exchange, then bench's auth and routes."""
         method, auth = req.method, req.headers.get("Authorization")
         with self.lock:
             self.requests.append((method, req.target, auth))
@@ -251,20 +222,19 @@ class FakeLabelStudio:
             return DROP
         if isinstance(outcome, int):
             return Reply(outcome, {"detail": f"injected {outcome}", "seen_authorization": auth})
-        path, query = req.path, req.query
-        if method == "POST" and path == "/api/token/refresh/":
+        if method == "POST" and req.path == "/api/token/refresh/":
             return self._refresh(req)
-        if not self._authorized(auth):
-            return Reply(401, {"detail": "Authentication credentials were not provided.",
-                               "seen_authorization": auth})
-        with self.lock:
-            return self._route(req, method, path, query)
+        return super().dispatch(req)
 
     def _authorized(self, auth: str | None) -> bool:
-        if self.token and auth == f"Token {self.token}":
+        if super()._authorized(auth):
             return True
         with self.lock:
             return bool(auth and auth.startswith("Bearer ") and auth[7:] in self.access_tokens)
+
+    def unauthorized(self, auth: str | None) -> Reply:
+        return Reply(401, {"detail": "Authentication credentials were not provided.",
+                           "seen_authorization": auth})
 
     def _refresh(self, req: Request) -> Reply:
         body = req.json() or {}
@@ -275,41 +245,6 @@ class FakeLabelStudio:
         with self.lock:
             self.access_tokens.append(access)
         return Reply(200, {"access": access})
-
-    def _route(self, req: Request, method: str, path: str, query: dict) -> Reply:
-        if method == "GET" and (m := re.fullmatch(r"/data/upload/\d+/(.+)", path)):
-            if m.group(1) not in self.images:
-                return Reply(404, {"detail": "Not found."})
-            return Reply(200, self.images[m.group(1)], "image/png")
-        if method == "GET" and path == f"/api/projects/{self.pid}/":
-            return Reply(200, {"id": self.pid, "label_config": self.label_config})
-        if method == "GET" and path == "/api/tasks/":
-            page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["100"])[0])
-            # as LS: a task lists its stored predictions (the caller holds self.lock)
-            tasks = [{**self.tasks[t], "predictions": [p for p in self.predictions.values() if p["task"] == t]}
-                     for t in sorted(self.tasks)]
-            chunk = tasks[(page - 1) * size:page * size]
-            if page > 1 and not chunk:
-                return Reply(404, {"detail": "Invalid page."})
-            return Reply(200, {"total": len(tasks), "tasks": chunk})
-        if method == "GET" and (m := re.fullmatch(r"/api/tasks/(\d+)/", path)):
-            task = self.tasks.get(int(m.group(1)))
-            return Reply(200, task) if task else Reply(404, {"detail": "Not found."})
-        if method == "GET" and path == "/api/predictions/":
-            tid = int(query["task"][0])
-            return Reply(200, [p for p in self.predictions.values() if p["task"] == tid])
-        if method == "POST" and path == "/api/predictions/":
-            pred = {**req.json(), "id": self._next_prediction}
-            self._next_prediction += 1
-            self.predictions[pred["id"]] = pred
-            return Reply(201, pred)
-        if method == "PATCH" and (m := re.fullmatch(r"/api/predictions/(\d+)/", path)):
-            pred = self.predictions.get(int(m.group(1)))
-            if pred is None:
-                return Reply(404, {"detail": "Not found."})
-            pred.update(req.json())
-            return Reply(200, pred)
-        return Reply(404, {"detail": f"no route {method} {path}"})
 
 
 @pytest.fixture
@@ -450,48 +385,6 @@ def wait_job(job_id: str, timeout: float = 60.0) -> queueing.JobInfo:
 
 
 # ------------------------------------------------------------------------------------------ workers
-class WorkerProcess:
-    """The backend worker in its own process group (a SIGKILL takes its scheduler too, like a
-    container being killed); output goes to a file. Random-weight models come from a fixed seed,
-    so every worker process computes the same descriptors, as workers with real checkpoints do."""
-
-    def __init__(self, env: dict, log_path: Path, *args: str) -> None:
-        self.log_path = Path(log_path)
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "backend.worker", *args], cwd=ROOT, env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        def ready() -> bool:
-            assert self.proc.poll() is None, f"worker exited early:\n{self.output()[-3000:]}"
-            return "serving queues" in self.output()
-        wait_for(ready, timeout, "the worker to load its models", interval=0.2)
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group: no cleanup of any kind runs."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # a scheduler child left behind
-        except (ProcessLookupError, PermissionError):
-            pass
-        self._log.close()
-
-
 @pytest.fixture
 def workers():
     """workers(env, log_path, *args) -> a WorkerProcess whose models are loaded; all
