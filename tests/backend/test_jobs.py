@@ -270,12 +270,17 @@ def test_refresh_rescores_cached_tasks_without_proposing(env, ls, engine):
     ls.predictions[500] = {"id": 500, "task": 2, "result": [], "model_version": "ntt-old"}
     assert engine.propose_calls == 3
 
-    # a new reference of another class: the bank changes, and so do (some) results
-    webhook(ls, "ANNOTATION_CREATED", annotation(12, 1, [polygon_region("b", "Dog", DOG)]))
+    # the reference is relabelled Dog: the bank changes, and every region found becomes a Dog
+    # (a new reference of another class may or may not win a proposal of a random-weight model)
+    webhook(ls, "ANNOTATION_UPDATED", annotation(11, 1, [polygon_region("a", "Dog", CAT)]))
     bank = runtime.get_bank_store().get(PID)
+    assert bank.classes == ["Dog"]
     rescored = {tid: (item, changed) for tid, item, changed in jobs.rescore_cached(PID, bank)}
     assert set(rescored) == {2, 3, 4}
     assert engine.propose_calls == 3
+    for item, changed in rescored.values():
+        assert all(r["value"][r["type"]] == ["Dog"] for r in item["result"])
+        assert changed == bool(item["result"])
     # pretend task 4's new result is already in LS: it must not be posted again
     same = rescored[4][0]
     runtime.get_registry().update(PID, {4: {"result_hash": result_hash(same["result"])}})
