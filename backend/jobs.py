@@ -479,10 +479,12 @@ def predict_task(pid: int, task: dict, label_config: str, delivery_key: str | No
 
 def rescore_cached(pid: int, bank: MemoryBank, records: dict[int, TaskRecord] | None = None,
                    config: LabelConfig | None = None) -> list[tuple[int, dict, bool]]:
-    """(task id, new item, changed) for every registered task whose proposals are cached.
+    """(task id, new item, changed) for every registered task whose proposals are cached, in
+    `records` order.
 
-    No model runs: cached proposals are re-matched against `bank`. `changed` compares the result
-    with the one last delivered. With an empty bank every task gets an empty result.
+    No model runs: cached proposals are re-matched against `bank`, REFRESH_THREADS tasks at once
+    (cache reads, torch, numpy and OpenCV release the GIL). `changed` compares the result with the
+    one last delivered. With an empty bank every task gets an empty result.
     """
     if config is None:
         xml = runtime.get_bank_store().label_config(pid)
@@ -493,17 +495,25 @@ def rescore_cached(pid: int, bank: MemoryBank, records: dict[int, TaskRecord] | 
         records = runtime.get_registry().all(pid)
     mv = runtime.model_version(pid, bank_version(bank))
     cache = runtime.get_proposal_cache()
-    out = []
-    for task_id, record in records.items():
+
+    def rescore(task: tuple[int, TaskRecord]) -> tuple[int, dict, bool] | None:
+        task_id, record = task
         if len(bank) == 0:
             item = prediction_item([], mv)
         else:
             proposals = cache.get(record.proposal_key) if record.proposal_key else None
             if proposals is None:
-                continue
+                return None
             item = _match_item(proposals, bank, config, mv)
-        out.append((task_id, item, result_hash(item["result"]) != record.result_hash))
-    return out
+        return task_id, item, result_hash(item["result"]) != record.result_hash
+
+    threads = min(len(records), runtime.get_settings().refresh_threads)
+    if threads > 1:
+        with ThreadPoolExecutor(threads, thread_name_prefix="rescore") as pool:
+            out = list(pool.map(rescore, records.items()))
+    else:
+        out = [rescore(task) for task in records.items()]
+    return [r for r in out if r is not None]
 
 
 def _enqueue_predictions(pid: int, records: dict[int, TaskRecord], xml: str, value_key: str, version: str) -> int:

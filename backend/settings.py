@@ -220,6 +220,10 @@ class Settings:
     ls_post_concurrency: int = _var(
         "LS_POST_CONCURRENCY", 4, "Predictions a job posts to Label Studio at once (a refresh of many "
         "tasks is mostly waiting on LS's answers).", _positive_int, default_doc="`4`")
+    refresh_threads: int = _var(
+        "REFRESH_THREADS", min(8, os.cpu_count() or 1), "Cached tasks a refresh re-scores at once (threads of "
+        "the worker; re-scoring is CPU work: cache read, re-match, region conversion).", _positive_int,
+        default_doc="CPU cores, at most 8")
     ls_bulk_refresh: bool = _var(
         "LS_BULK_REFRESH", True, "A refresh of 20+ cached tasks replaces our predictions in bulk (import "
         "requests of up to 1,000 predictions, then our old model versions deleted) instead of one PATCH "

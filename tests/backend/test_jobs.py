@@ -313,6 +313,25 @@ def test_refresh_rescores_cached_tasks_without_proposing(env, ls, engine):
     assert len(ls.writes()) == len(writes)
 
 
+def test_rescore_threads_give_the_same_items_in_task_order(env, ls, engine):
+    """REFRESH_THREADS re-scores several tasks at once: same items, same order, as one thread."""
+    _bank_from(ls, env)
+    for tid in (2, 3, 4, 5):
+        jobs.predict_task(PID, ls.add_task(tid, seed=tid), LABEL_CONFIG)
+    records = dict(sorted(runtime.get_registry().all(PID).items(), reverse=True))  # not id order
+    bank = runtime.get_bank_store().get(PID)
+    settings = runtime.get_settings()
+    out = {}
+    for threads in (1, 3):
+        runtime.configure(settings=replace(settings, refresh_threads=threads))
+        out[threads] = [(tid, result_hash(item["result"]), item["score"], item["model_version"], changed)
+                        for tid, item, changed in jobs.rescore_cached(PID, bank, records=records)]
+    assert out[1] == out[3]
+    assert [(row[0], row[-1]) for row in out[3]] == [(tid, False) for tid in records]  # as delivered
+    assert any(row[1] != result_hash([]) for row in out[3])  # something was found to compare
+    assert engine.propose_calls == 4
+
+
 def _many_cached_tasks(ls, n: int, first: int = 100) -> str:
     """n registered tasks sharing the cached proposals of one predicted image, each holding our
     prediction in LS under the current (soon old) model_version. Returns that version."""
