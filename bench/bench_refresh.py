@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import os
 import platform
 import resource
@@ -29,10 +30,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from unittest.mock import patch
 
@@ -71,10 +73,12 @@ REF_BYTES_PER_DIM = 37 * 37 * 4  # reference code: a 37x37 patch map of D float3
 # ------------------------------------------------------------------------------------ helpers
 @dataclass
 class Stopwatch:
-    """Seconds and calls accumulated per name by wrapped functions."""
+    """Seconds and calls accumulated per name by wrapped functions (thread-safe: with several
+    re-score threads, a name's seconds are summed over threads)."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def wrap(self, name: str, fn):
         def timed(*args, **kwargs):
@@ -82,8 +86,9 @@ class Stopwatch:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-                self.calls[name] = self.calls.get(name, 0) + 1
+                with self.lock:
+                    self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+                    self.calls[name] = self.calls.get(name, 0) + 1
         return timed
 
     def reset(self) -> None:
@@ -139,7 +144,7 @@ def settings_env(args, model_dir: Path, ls_url: str, queue_prefix: str, redis_ur
            "NTT_DEVICE": args.device or "auto", "NTT_SAM_IMAGE_SIZE": str(args.sam_image_size),
            "NTT_DINO_IMAGE_SIZE": str(args.dino_image_size), "NTT_POINTS_PER_SIDE": str(args.points_per_side),
            "NTT_BF16": "1" if args.bf16 else "0", "SCORE_THRESHOLD": str(args.score_threshold),
-           "NTT_QUEUE_PREFIX": queue_prefix, "LOG_LEVEL": "WARNING"}
+           "NTT_QUEUE_PREFIX": queue_prefix, "REFRESH_THREADS": str(args.refresh_threads), "LOG_LEVEL": "WARNING"}
     if redis_url:
         env["REDIS_URL"] = redis_url
     return env
@@ -295,6 +300,25 @@ class Bench:
                 "other": total - bank_s - rescore - post, "result": info.result,
                 "patches": writes["PATCH"], "posts": writes["POST"] + writes["IMPORT"], "proposes": self.sw.calls.get("propose", 0)}
 
+    def rescore_threads(self, pid: int) -> dict:
+        """jobs.rescore_cached over every registered task of `pid` (cache read + match + regions, no
+        posting) with REFRESH_THREADS = 1 and = --refresh-threads, alternated, best of 2 each."""
+        records = runtime.get_registry().all(pid)
+        bank = runtime.get_bank_store().get(pid)
+        settings = runtime.get_settings()
+        best: dict[int, float] = {}
+        try:
+            for threads in (1, self.args.refresh_threads) * 2:
+                runtime.configure(settings=replace(settings, refresh_threads=threads))
+                t0 = time.perf_counter()
+                done = jobs.rescore_cached(pid, bank, records)
+                best[threads] = min(best.get(threads, math.inf), time.perf_counter() - t0)
+                if len(done) != len(records):
+                    raise RuntimeError(f"{len(records) - len(done)} tasks were not re-scored")
+        finally:
+            runtime.configure(settings=settings)
+        return {"n": len(records), "threads": self.args.refresh_threads, "seconds": best}
+
     # ------------------------------------------------------------------ 3. bank bytes
     def bank_bytes(self, pid: int) -> dict:
         bank = runtime.get_bank_store().get(pid)
@@ -380,7 +404,8 @@ class Bench:
 
 
 # ------------------------------------------------------------------------------------ report
-def report(b: Bench, pred: dict, refreshes: list[dict], bank: dict, workers: list[dict]) -> None:
+def report(b: Bench, pred: dict, refreshes: list[dict], threads: dict | None, bank: dict,
+           workers: list[dict]) -> None:
     a = b.args
     mb = 2**20
     print(f"\n== bench_refresh: {a.sam} @ {a.sam_image_size} + {a.dino} @ {a.dino_image_size}, grid "
@@ -409,7 +434,12 @@ def report(b: Bench, pred: dict, refreshes: list[dict], bank: dict, workers: lis
         core = big["read"] + big["match"]
         rows.append((f"cache read + match only, N={big['n']}", f"{core:.2f} s",
                      f"{core / big['n'] * 1e3:.2f} ms/task: the method's share of the refresh (no regions, "
-                     f"no posting)"))
+                     f"no posting{'; thread-seconds over the re-score threads' if a.refresh_threads > 1 else ''})"))
+    if threads:
+        one, many = threads["seconds"][1], threads["seconds"][threads["threads"]]
+        rows.append((f"re-score N={threads['n']}, {threads['threads']} vs 1 threads", f"x{one / many:.2f}",
+                     f"{many:.3f} s vs {one:.3f} s (REFRESH_THREADS; cache read + match + regions, "
+                     f"no posting; best of 2 each, alternated)"))
     if len(refreshes) >= 2:
         ns = np.array([r["n"] for r in refreshes], float)
         slope, icpt = np.polyfit(ns, [r["total"] for r in refreshes], 1)
@@ -445,12 +475,14 @@ def report(b: Bench, pred: dict, refreshes: list[dict], bank: dict, workers: lis
           f"{'(read':>8s} {'match':>8s} {'convert)':>8s} {'posting':>8s} {'(fakeLS)':>8s} {'other':>8s} "
           f"{'ms/task':>8s} {'posted':>6s} {'proposed':>8s}")
     for r in refreshes:
-        convert = r["rescore"] - r["read"] - r["match"]
+        # with several threads, read and match are thread-seconds: the rest of the wall time is not "convert"
+        convert = f"{r['rescore'] - r['read'] - r['match']:8.3f}" if a.refresh_threads == 1 else f"{'-':>8s}"
         print(f"{r['n']:6d} {r['total']:8.3f} {r['bank']:8.3f} {r['rescore']:8.3f} {r['read']:8.3f} "
-              f"{r['match']:8.3f} {convert:8.3f} {r['post']:8.3f} {r['ls']:8.3f} {r['other']:8.3f} "
+              f"{r['match']:8.3f} {convert} {r['post']:8.3f} {r['ls']:8.3f} {r['other']:8.3f} "
               f"{r['total'] / r['n'] * 1e3:8.2f} {r['patches'] + r['posts']:6d} {r['proposes']:8d}")
     print("  bank upd: apply_webhook (fetch the reference image, DINOv2 descriptor, atomic bank write); "
-          "re-score: cached proposals -> match -> LS regions; posting: PATCHes or bulk import + old-version delete (+ registry), of which "
+          "re-score: cached proposals -> match -> LS regions (read and match summed over the "
+          f"{b.args.refresh_threads} re-score threads); posting: PATCHes or bulk import + old-version delete (+ registry), of which "
           "(fakeLS) the fake LS's own handling in this process; "
           "other: queue hop, registry reads, progress")
 
@@ -477,6 +509,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="torch threads per worker (0: CPU cores / workers); 1 keeps the 1-vs-2 comparison "
                          "about workers, and OpenMP threads stall on a busy shared machine")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of this process (0: torch default)")
+    ap.add_argument("--refresh-threads", type=int, default=Settings().refresh_threads,
+                    help="REFRESH_THREADS of the refreshes (default: the product's, CPU cores up to 8); "
+                         "> 1 also times re-scoring with 1 thread, side by side")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0",
                     help="Redis for the store and the workers ('': embedded MemoryStore, no workers)")
     args = ap.parse_args(argv)
@@ -499,12 +534,16 @@ def main(argv: list[str] | None = None) -> None:
             for k, n in enumerate(ns):
                 print(f"[2/5] webhook -> refresh of N={n} cached tasks", flush=True)
                 refreshes.append(b.refresh(k, n, pred["templates"], pred["bank_version"]))
+            threads = None
+            if ns and args.refresh_threads > 1:
+                print(f"[2/5] re-score N={ns[-1]} with 1 and {args.refresh_threads} threads", flush=True)
+                threads = b.rescore_threads(10 + len(ns) - 1)
             bank = b.bank_bytes(10 + len(ns) - 1 if ns else pred["pid"])
             workers = []
             for c in counts:
                 print(f"[5/5] {args.jobs} predict jobs on {c} RQ worker(s)", flush=True)
                 workers.append(b.workers(c))
-            report(b, pred, refreshes, bank, workers)
+            report(b, pred, refreshes, threads, bank, workers)
         finally:
             b.cleanup()
 

@@ -3,13 +3,15 @@
 Random-weight SAM2 masks are dithered noise, so their cache entries are pathological (176 MB per
 image instead of ~1 MB). This script times the refresh path (cache read + re-match) on N cached
 tasks whose proposals are smooth blob masks of realistic count and size (hand-made, as the tests).
-  python bench/gpu_refresh.py --tasks 1000 --proposals 300 --device cuda
+  python bench/gpu_refresh.py --tasks 1000 --proposals 300 --device cuda --threads 1,8
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,8 @@ def main() -> None:
     ap.add_argument("--image-size", default="768x1024")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="/tmp/ntt_refresh_cache")
+    ap.add_argument("--threads", default="1", help="comma-separated re-score thread counts, timed in turn "
+                    "(REFRESH_THREADS), e.g. 1,2,8")
     args = ap.parse_args()
     h, w = (int(v) for v in args.image_size.split("x"))
     blobs = [blob_proposals(args.proposals, args.dim, (h, w), seed=s).to_bytes() for s in range(args.distinct)]
@@ -62,23 +66,43 @@ def main() -> None:
     opts = MethodOptions()
     for p in paths[:3]:  # warm-up
         match(Proposals.from_bytes(p.read_bytes(), args.device), bank, opts)
-    t_read = t_match = 0.0
-    n_det = 0
-    for p in paths:
+    entry_kib = np.mean([len(b) for b in blobs]) / 1024
+    timings = {}
+    for threads in [int(t) for t in args.threads.split(",")]:
+        t_read, t_match, n_det, wall = run(paths, bank, opts, args.device, threads)
+        timings[threads] = wall
+        print(f"refresh {args.tasks} cached tasks on {args.device}, {threads} thread(s): {args.proposals} blob "
+              f"proposals each, image {h}x{w}, entry {entry_kib:.0f} KiB; cache read {t_read:.2f} s + re-match "
+              f"{t_match:.2f} s{' (summed over threads)' if threads > 1 else ''}; wall {wall:.2f} s "
+              f"({wall / args.tasks * 1000:.1f} ms/task, {n_det} detections)", flush=True)
+    if len(timings) > 1:
+        one = timings.get(1, next(iter(timings.values())))
+        print("speed-up vs 1 thread: " + ", ".join(f"{t} threads x{one / w:.2f}" for t, w in timings.items() if t != 1))
+
+
+def run(paths: list[Path], bank, opts: MethodOptions, device: str, threads: int) -> tuple[float, float, int, float]:
+    """(cache read s, re-match s, detections, wall s) of re-scoring every path on `threads` threads
+    (as REFRESH_THREADS does in backend.jobs.rescore_cached)."""
+    lock = threading.Lock()
+    totals = [0.0, 0.0, 0]
+
+    def one(path: Path) -> None:
         t0 = time.perf_counter()
-        props = Proposals.from_bytes(p.read_bytes(), args.device)
+        props = Proposals.from_bytes(path.read_bytes(), device)
         t1 = time.perf_counter()
-        n_det += len(match(props, bank, opts, score_threshold=0.0))
-        if args.device == "cuda":
+        n = len(match(props, bank, opts, score_threshold=0.0))
+        if device == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
-        t_read += t1 - t0
-        t_match += t2 - t1
-    print(f"refresh {args.tasks} cached tasks on {args.device}: {args.proposals} blob proposals each, "
-          f"image {h}x{w}, entry {np.mean([len(b) for b in blobs]) / 1024:.0f} KiB; "
-          f"cache read {t_read:.2f} s + re-match {t_match:.2f} s = {t_read + t_match:.2f} s "
-          f"({(t_read + t_match) / args.tasks * 1000:.1f} ms/task, {n_det} detections)")
+        with lock:
+            totals[0] += t1 - t0
+            totals[1] += t2 - t1
+            totals[2] += n
 
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, paths))
+    return totals[0], totals[1], totals[2], time.perf_counter() - t0
 
 if __name__ == "__main__":
     main()

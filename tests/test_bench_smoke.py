@@ -24,7 +24,7 @@ def _row(out: str, name: str) -> str:
 
 def test_bench_refresh_prints_its_table():
     cmd = [sys.executable, "bench/bench_refresh.py", "--images", "1", "--tasks", "2,4", "--jobs", "1",
-           "--workers", "1", "--points-per-side", "2", "--image-size", "48x64", "--dino-image-size", "112",
+           "--workers", "1", "--refresh-threads", "2", "--points-per-side", "2", "--image-size", "48x64", "--dino-image-size", "112",
            "--redis-url", os.environ.get("NTT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -46,10 +46,16 @@ def test_bench_refresh_prints_its_table():
         rescored, changed, posted = map(int, re.search(r"(\d+) re-scored, (\d+) changed, (\d+) posted", row).groups())
         assert rescored == n and changed == posted <= n
     assert "over N = 2, 4" in _row(out, "refresh growth with N (linear fit)")
+    threads = _row(out, "re-score N=4, 2 vs 1 threads")
+    ratio, many, one = map(float, re.search(r"x([\d.]+)\s+([\d.]+) s vs ([\d.]+) s", threads).groups())
+    rounding = 0.005 + one / many * (0.0005 / many + 0.0005 / one)  # printed to 2 and 3 decimals
+    assert many > 0 and one > 0 and abs(ratio - one / many) <= rounding
 
-    # breakdown: N, total, bank, re-score, read, match, convert, posting, fake LS, other, ms/task,
-    # posted, proposed
-    rows = re.findall(r"^\s+([24])\s+" + r"\s+".join([r"(-?[\d.]+)"] * 10) + r"\s+(\d+)\s+(\d+)$", out, re.M)
+    # breakdown: N, total, bank, re-score, read, match, convert ("-" with 2 threads: read and match
+    # are thread-seconds), posting, fake LS, other, ms/task, posted, proposed
+    num = r"(-?[\d.]+)"
+    rows = re.findall(r"^\s+([24])\s+" + r"\s+".join([num] * 5 + ["(-)"] + [num] * 4) + r"\s+(\d+)\s+(\d+)$",
+                      out, re.M)
     assert [r[0] for r in rows] == ["2", "4"], out
     for r in rows:
         total, parts = float(r[1]), [float(v) for v in (r[2], r[3], r[7], r[9])]
