@@ -39,8 +39,7 @@ from torchvision.ops import batched_nms
 from .bank import MemoryBank
 from .options import MethodOptions
 from .types import Detections, Proposals
-
-Crop = tuple[int, int, np.ndarray]  # (x0, y0, bool mask of the tight bounding box); empty: 0×0
+from .upsampled import Crop
 _CHUNK_PIXELS = 1 << 25             # upsampled pixels per interpolate call (memory bound)
 _MIN_ROUND = 8                      # lazy mode: fewest candidates evaluated per upsampling round
 _PARTNER_GROUP = 8                  # partner masks upsampled together while computing one IoS
@@ -229,15 +228,32 @@ class _MaskCache:
         self.areas: dict[int, int] = {}
 
     def ensure(self, ranks: list[int]) -> None:
+        """Crops of these candidates: from the proposals' upsampled masks (an earlier match), else
+        upsampled now and recorded there."""
         missing = sorted(set(ranks) - self.crops.keys())
         if not missing:
             return
+        known = self.proposals.upsampled
         sel = self.index[torch.as_tensor(missing, device=self.index.device)]
-        crops = upsample_mask_crops(self.proposals.logits_of(sel), self.size, self.reach[missing])
-        for r, crop in zip(missing, crops):
-            self.crops[r] = crop
-            self.areas[r] = int(np.count_nonzero(crop[2]))
-        self.stats.upsampled += len(missing)
+        todo = []
+        for r, i in zip(missing, sel.tolist()):
+            crop = known.get(i, self.size)
+            if crop is None:
+                todo.append(r)
+            else:
+                self._keep(r, crop)
+        if not todo:
+            return
+        sel = self.index[torch.as_tensor(todo, device=self.index.device)]
+        crops = upsample_mask_crops(self.proposals.logits_of(sel), self.size, self.reach[todo])
+        for r, i, crop in zip(todo, sel.tolist(), crops):
+            known.add(i, self.size, crop)
+            self._keep(r, crop)
+        self.stats.upsampled += len(todo)
+
+    def _keep(self, r: int, crop: Crop) -> None:
+        self.crops[r] = crop
+        self.areas[r] = int(np.count_nonzero(crop[2]))
 
 
 class _Merger:

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from sam2.utils.amg import batched_mask_to_box
 
+from .upsampled import UpsampledMasks
+
 _FORMAT = 3
 
 
@@ -86,6 +88,8 @@ class Proposals:
     iou: [N] predicted IoU of each kept prompt.
     descriptors: [N, D] float32, L2-normalised mask-pooled DINOv2 features.
     image_size: (H, W) of the original (EXIF-transposed) image.
+    upsampled: full-resolution masks that matches computed from these proposals (shared by `to`
+            copies; the proposal cache keeps them beside the entry).
     """
 
     def __init__(self, logits: torch.Tensor | None, iou: torch.Tensor, descriptors: torch.Tensor,
@@ -97,6 +101,7 @@ class Proposals:
         self.iou, self.descriptors = iou, descriptors
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.meta = dict(meta or {})
+        self.upsampled = UpsampledMasks()
 
     def __len__(self) -> int:
         return int(self.iou.shape[0])
@@ -125,10 +130,13 @@ class Proposals:
 
     def to(self, device: torch.device | str) -> "Proposals":
         if self._logits is None:
-            return Proposals(None, self.iou.to(device), self.descriptors.to(device), self.image_size,
-                             self.meta, packed=self._packed.to(device))
-        return Proposals(self._logits.to(device), self.iou.to(device), self.descriptors.to(device),
-                         self.image_size, self.meta)
+            out = Proposals(None, self.iou.to(device), self.descriptors.to(device), self.image_size,
+                            self.meta, packed=self._packed.to(device))
+        else:
+            out = Proposals(self._logits.to(device), self.iou.to(device), self.descriptors.to(device),
+                            self.image_size, self.meta)
+        out.upsampled = self.upsampled
+        return out
 
     # ------------------------------------------------------------------ compact serialisation
     def upsample_radius(self) -> int:

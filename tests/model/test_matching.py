@@ -16,6 +16,7 @@ from model.bank import MemoryBank
 from model.matching import match, match_with_stats, merge_size, upsample_mask_crops, upsample_window
 from model.options import MethodOptions
 from model.types import Detections, Proposals
+from model.upsampled import UpsampledMasks
 
 LOW = 64
 D = 8
@@ -245,6 +246,13 @@ def brute_force(p: Proposals, bank: MemoryBank, opts: MethodOptions, k: int, thr
     return [names[lab[keep[i]]] for i in order], dec[order].numpy(), out[order].numpy()
 
 
+def fresh(p: Proposals) -> Proposals:
+    """The same proposals without the masks earlier matches upsampled (each match computes its own)."""
+    q = p.to("cpu")
+    q.upsampled = UpsampledMasks()
+    return q
+
+
 def assert_same(a: Detections, b: Detections) -> None:
     assert a.labels == b.labels and a.image_size == b.image_size
     assert np.array_equal(a.scores, b.scores) and np.array_equal(a.boxes, b.boxes)
@@ -273,8 +281,8 @@ CASES = [  # (seed, image size, K, threshold, merge_max_side)
 def test_lazy_top_k_is_exact(seed, size, k, thr, max_side):
     p, bank = random_scene(seed, size=size)
     opts = replace(OPTS, merge_max_side=max_side)
-    lazy, s_lazy = match_with_stats(p, bank, opts, score_threshold=thr, max_detections=k)
-    eager, s_eager = match_with_stats(p, bank, replace(opts, lazy_topk=False), score_threshold=thr,
+    lazy, s_lazy = match_with_stats(fresh(p), bank, opts, score_threshold=thr, max_detections=k)
+    eager, s_eager = match_with_stats(fresh(p), bank, replace(opts, lazy_topk=False), score_threshold=thr,
                                       max_detections=k)
     assert len(eager) > 0
     assert_same(lazy, eager)
@@ -288,8 +296,8 @@ def test_lazy_top_k_is_exact(seed, size, k, thr, max_side):
 
 def test_lazy_prunes_a_lot_on_a_crowded_scene():
     p, bank = random_scene(11, n=300, classes=6, size=(300, 400))
-    lazy, s_lazy = match_with_stats(p, bank, OPTS, max_detections=5)
-    eager, s_eager = match_with_stats(p, bank, EAGER, max_detections=5)
+    lazy, s_lazy = match_with_stats(fresh(p), bank, OPTS, max_detections=5)
+    eager, s_eager = match_with_stats(fresh(p), bank, EAGER, max_detections=5)
     assert_same(lazy, eager)
     assert s_eager.candidates == 40 and s_lazy.upsampled <= s_eager.upsampled // 2
 
@@ -299,17 +307,17 @@ def test_proposals_round_trip_gives_identical_detections():
         p, bank = random_scene(21, size=size)
         again = Proposals.from_bytes(p.to_bytes())
         assert not torch.equal(again.logits, p.logits)        # interior values really were dropped
-        assert_same(match(again, bank, OPTS, max_detections=5), match(p, bank, OPTS, max_detections=5))
-        assert_same(match(again, bank, EAGER), match(p, bank, EAGER))
+        assert_same(match(again, bank, OPTS, max_detections=5), match(fresh(p), bank, OPTS, max_detections=5))
+        assert_same(match(fresh(again), bank, EAGER), match(fresh(p), bank, EAGER))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     p, bank = random_scene(31, size=(480, 640))
-    cpu = match(p, bank, OPTS, max_detections=5)
-    gpu = match(p.to("cuda"), bank, OPTS, max_detections=5)
+    cpu = match(fresh(p), bank, OPTS, max_detections=5)
+    gpu = match(fresh(p).to("cuda"), bank, OPTS, max_detections=5)
     assert gpu.labels == cpu.labels and np.allclose(gpu.scores, cpu.scores, atol=1e-5)
-    assert_same(gpu, match(p.to("cuda"), bank, EAGER, max_detections=5))
+    assert_same(gpu, match(fresh(p).to("cuda"), bank, EAGER, max_detections=5))
 
 
 @pytest.mark.parametrize("low,size", [((64, 64), (97, 131)), ((64, 64), (300, 41)), ((64, 64), (23, 17)),
@@ -337,3 +345,31 @@ def test_windowed_upsampling_is_bit_identical_to_the_full_one(low, size):
         rebuilt = np.zeros((H, W), bool)
         rebuilt[y:y + m.shape[0], x:x + m.shape[1]] = m
         assert np.array_equal(rebuilt[y0:y1 + 1, x0:x1 + 1], ref[y0:y1 + 1, x0:x1 + 1].numpy())
+
+
+def test_a_second_match_reuses_the_upsampled_masks_and_gives_the_same_detections():
+    """Masks one match upsampled are kept with the proposals (shared by `to` copies, stored by the
+    proposal cache): the next match upsamples only masks nobody asked for before, and its output
+    is what a match on the bare proposals gives, for the same bank and for a changed one."""
+    p, bank = random_scene(41, n=120, classes=4, size=(150, 200))
+    first, s1 = match_with_stats(p.to("cpu"), bank, OPTS, max_detections=10)
+    assert s1.upsampled > 0 and len(p.upsampled) == s1.upsampled
+    again, s2 = match_with_stats(p, bank, OPTS, max_detections=10)
+    assert s2.upsampled == 0 and s2.evaluated == s1.evaluated
+    assert_same(again, first)
+    other = MemoryBank()
+    for name in bank.classes[1:]:                                   # one class fewer: other candidates
+        for ref in bank.refs(name):
+            other.add(ref.class_name, ref.ref_id, ref.descriptor)
+    changed, s3 = match_with_stats(p, other, OPTS, max_detections=10)
+    bare, s4 = match_with_stats(fresh(p), other, OPTS, max_detections=10)
+    assert_same(changed, bare)
+    assert s3.upsampled < s4.upsampled
+    restored = UpsampledMasks.from_bytes(p.upsampled.to_bytes())
+    assert restored.crops.keys() == p.upsampled.crops.keys()
+    for key, (x, y, m) in p.upsampled.crops.items():
+        x2, y2, m2 = restored.crops[key]
+        assert (x, y) == (x2, y2) and m.dtype == m2.dtype == bool and np.array_equal(m, m2)
+    q = fresh(p)
+    q.upsampled = restored
+    assert_same(match(q, other, OPTS, max_detections=10), bare)
