@@ -101,8 +101,9 @@ def _proposals(image: LoadedImage) -> tuple[Proposals, str]:
     return proposals, key
 
 
-def _match_item(proposals: Proposals, bank: MemoryBank, config: LabelConfig, mv: str) -> dict:
-    """Prediction item of one image; the match keeps enough for the laxest control."""
+def _match_item(proposals: Proposals, key: str, bank: MemoryBank, config: LabelConfig, mv: str) -> dict:
+    """Prediction item of one image; the match keeps enough for the laxest control. The masks it
+    upsampled are stored with the cached proposals (`key`) for the next match."""
     if len(bank) == 0:
         return prediction_item([], mv)
     s = runtime.get_settings()
@@ -110,6 +111,10 @@ def _match_item(proposals: Proposals, bank: MemoryBank, config: LabelConfig, mv:
                     for c in config.controls)
     limit = max(c.max_detections or s.max_detections for c in config.controls)
     det = runtime.get_engine().match(proposals, bank, score_threshold=threshold, max_detections=limit)
+    try:
+        runtime.get_proposal_cache().put_upsampled(key, proposals)
+    except OSError as exc:  # disk full, read-only: the next match upsamples them again
+        log.warning("proposal cache: cannot store upsampled masks of %s (%s)", key[:12], exc)
     regions = detections_to_regions(det, config, score_threshold=s.score_threshold,
                                     polygon_tolerance=s.polygon_tolerance, max_detections=s.max_detections)
     return prediction_item(regions, mv)
@@ -122,7 +127,7 @@ def _predict_one(pid: int, task_id: int, url: str, config: LabelConfig, bank: Me
         return prediction_item([], mv), {"image_url": url}
     image = runtime.get_fetcher(pid).fetch(url, task_id=task_id)
     proposals, key = _proposals(image)
-    return (_match_item(proposals, bank, config, mv),
+    return (_match_item(proposals, key, bank, config, mv),
             {"image_url": url, "image_sha256": image.sha256, "proposal_key": key})
 
 
@@ -504,7 +509,7 @@ def rescore_cached(pid: int, bank: MemoryBank, records: dict[int, TaskRecord] | 
             proposals = cache.get(record.proposal_key) if record.proposal_key else None
             if proposals is None:
                 return None
-            item = _match_item(proposals, bank, config, mv)
+            item = _match_item(proposals, record.proposal_key, bank, config, mv)
         return task_id, item, result_hash(item["result"]) != record.result_hash
 
     threads = min(len(records), runtime.get_settings().refresh_threads)

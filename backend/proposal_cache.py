@@ -3,9 +3,11 @@
 Proposals do not depend on the memory bank, so an image that was proposed once is re-scored
 against any later bank in milliseconds. Entries are Proposals.to_bytes() files (compressed,
 thresholded masks exact) named by a key that covers the image content, the models and every
-option that changes proposals. Writes are atomic (temp file + os.replace), so workers on a shared
-folder never read half a file; a hit touches the file's mtime, and eviction removes the least
-recently used files once the folder holds more than `max_bytes`.
+option that changes proposals. Beside an entry, a second file keeps the full-resolution masks that
+matches upsampled from it (model.upsampled), tied to the entry's checksum, so a later re-match
+reads them instead of upsampling again. Writes are atomic (temp file + os.replace), so workers on a
+shared folder never read half a file; a hit touches the files' mtime, and eviction removes the
+least recently used files once the folder holds more than `max_bytes`.
 """
 from __future__ import annotations
 
@@ -14,15 +16,18 @@ import logging
 import os
 import threading
 import time
+import zlib
 from pathlib import Path
 
 from model.atomic import TEMP_GLOB, atomic_write
 from model.options import MethodOptions
 from model.types import Proposals
+from model.upsampled import UpsampledMasks
 
 log = logging.getLogger(__name__)
 
-_SUFFIX = ".ntp"
+_SUFFIX = ".ntp"           # proposals
+_UPSAMPLED = ".ntm"        # masks matches upsampled from them
 
 
 def cache_key(image_sha256: str, engine_name: str, options: MethodOptions) -> str:
@@ -61,11 +66,40 @@ class ProposalCache:
             log.warning("proposal cache: dropping unreadable entry %s (%s)", key, exc)
             path.unlink(missing_ok=True)
             return None
-        try:
-            os.utime(path)  # LRU touch
-        except FileNotFoundError:  # evicted by another worker meanwhile; we still have the data
-            pass
+        checksum = zlib.crc32(data)
+        proposals.upsampled = self._upsampled(path.with_suffix(_UPSAMPLED), checksum)
+        for touched in (path, path.with_suffix(_UPSAMPLED)):
+            try:
+                os.utime(touched)  # LRU touch
+            except FileNotFoundError:  # evicted by another worker meanwhile; we still have the data
+                pass
         return proposals
+
+    @staticmethod
+    def _upsampled(path: Path, checksum: int) -> UpsampledMasks:
+        """The stored upsampled masks of the entry with this checksum (none if absent, unreadable
+        or written for other proposals under the same key)."""
+        try:
+            known = UpsampledMasks.from_bytes(path.read_bytes())
+        except FileNotFoundError:
+            return UpsampledMasks(checksum)
+        except Exception as exc:  # noqa: BLE001 - unusable either way: recomputed on demand
+            log.warning("proposal cache: dropping unreadable upsampled masks %s (%s)", path.name, exc)
+            path.unlink(missing_ok=True)
+            return UpsampledMasks(checksum)
+        return known if known.entry_checksum == checksum else UpsampledMasks(checksum)
+
+    def put_upsampled(self, key: str, proposals: Proposals) -> int:
+        """Store the masks matches upsampled from cached `proposals` when some are new; returns the
+        bytes written (0: nothing new, or the entry is gone)."""
+        known = proposals.upsampled
+        path = self._path(key)
+        if not known.added or known.entry_checksum is None or not path.is_file():
+            return 0
+        data = known.to_bytes()
+        atomic_write(path.with_suffix(_UPSAMPLED), data, fsync=False)
+        self._grew(len(data), keep=path)
+        return len(data)
 
     def contains(self, key: str) -> bool:
         """Whether an entry exists (no read; it may still turn out unreadable)."""
@@ -76,19 +110,24 @@ class ProposalCache:
         path = self._path(key)
         data = proposals.to_bytes()
         path.parent.mkdir(exist_ok=True)
+        path.with_suffix(_UPSAMPLED).unlink(missing_ok=True)  # masks of an entry this one replaces
         atomic_write(path, data, fsync=False)
+        proposals.upsampled.entry_checksum = zlib.crc32(data)
+        self._grew(len(data), keep=path)
+        return len(data)
+
+    def _grew(self, nbytes: int, keep: Path) -> None:
         with self._lock:
             if self._total is None:
                 self._total = self._measure()[0]
             else:
-                self._total += len(data)
+                self._total += nbytes
             if self._total > self.max_bytes:
-                self._evict(keep=path)
-        return len(data)
+                self._evict(keep=keep)
 
     def _entries(self) -> list[tuple[float, int, Path]]:
         out = []
-        for path in self.dir.glob(f"*/*{_SUFFIX}"):
+        for path in (*self.dir.glob(f"*/*{_SUFFIX}"), *self.dir.glob(f"*/*{_UPSAMPLED}")):
             try:
                 st = path.stat()
             except FileNotFoundError:
@@ -108,7 +147,7 @@ class ProposalCache:
         for _, size, path in sorted(entries):
             if total <= target:
                 break
-            if path == keep:
+            if path.with_suffix(_SUFFIX) == keep:
                 continue
             path.unlink(missing_ok=True)
             total -= size

@@ -235,6 +235,9 @@ def test_predict_task_cold_then_cache_hit_identical(env, ls, engine):
     assert result_hash(hit["result"]) == result_hash(cold["result"]) and hit["score"] == cold["score"]
     record = runtime.get_registry().get(PID, 2)
     assert record.proposal_key and record.result_hash == result_hash(cold["result"])
+    # the masks the cold match upsampled are kept beside the proposals; the hit read them back
+    cached = runtime.get_proposal_cache().get(record.proposal_key)
+    assert len(cached.upsampled) > 0
     assert record.model_version == cold["model_version"] and record.prediction_id is None
     assert ls.writes() == []  # delivered by the web's answer, not through the API
 

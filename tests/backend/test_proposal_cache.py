@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from backend.proposal_cache import ProposalCache, cache_key
 from model.bank import MemoryBank
-from model.matching import match
+from model.matching import match, match_with_stats
 from model.options import MethodOptions
 from model.types import Proposals
 
@@ -132,3 +132,46 @@ def test_rejects_path_like_keys(tmp_path):
     cache = ProposalCache(tmp_path, max_bytes=10**8)
     with pytest.raises(ValueError):
         cache.get("../../etc/passwd")
+
+
+def _same(a, b) -> None:
+    assert a.labels == b.labels
+    np.testing.assert_array_equal(a.scores, b.scores)
+    for i in range(len(a)):
+        np.testing.assert_array_equal(a.mask(i), b.mask(i))
+
+
+def test_upsampled_masks_are_stored_beside_the_entry_and_reused(tmp_path):
+    """The masks a match upsampled from a cached entry are stored next to it (put_upsampled), read
+    back with the entry by any instance, and used by the next match, which upsamples nothing it
+    has seen and gives the same detections. New proposals under the key drop them; unreadable or
+    mismatched files are ignored."""
+    cache = ProposalCache(tmp_path, max_bytes=10**8)
+    props = make_proposals(0)
+    cache.put(key(0), props)
+    bank = bank_for(props)
+    assert cache.put_upsampled(key(0), props) == 0           # nothing upsampled yet
+    first, s1 = match_with_stats(props, bank, MethodOptions())
+    assert s1.upsampled > 0
+    side = cache._path(key(0)).with_suffix(".ntm")
+    written = cache.put_upsampled(key(0), props)
+    assert written == side.stat().st_size > 0
+    assert cache.total_bytes() == written + cache._path(key(0)).stat().st_size
+    assert cache.put_upsampled(key(0), props) == 0           # nothing new since
+
+    back = ProposalCache(tmp_path, max_bytes=10**8).get(key(0))
+    assert len(back.upsampled) == s1.upsampled
+    again, s2 = match_with_stats(back, bank, MethodOptions())
+    assert s2.upsampled == 0
+    _same(again, first)
+
+    side.write_bytes(side.read_bytes()[:40])                  # torn: ignored and deleted
+    old = cache.get(key(0))
+    assert len(old.upsampled) == 0 and not side.exists()
+    match(old, bank, MethodOptions())
+    assert cache.put_upsampled(key(0), old) > 0 and side.exists()
+    cache.put(key(0), make_proposals(7))                      # other proposals, same key
+    assert not side.exists()
+    old.upsampled.add(999, (48, 64), (0, 0, np.ones((1, 1), bool)))
+    assert cache.put_upsampled(key(0), old) > 0               # written for the replaced entry...
+    assert len(cache.get(key(0)).upsampled) == 0              # ...so never used with the new one
