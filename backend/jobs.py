@@ -37,6 +37,7 @@ from backend.results import detections_to_regions, prediction_item
 from backend.store import DELIVERY_TTL_S
 from backend.tasks_registry import TaskRecord, result_hash
 from model.bank import MemoryBank
+from model.engine import match_pool
 from model.types import Proposals
 
 log = logging.getLogger(__name__)
@@ -488,8 +489,9 @@ def rescore_cached(pid: int, bank: MemoryBank, records: dict[int, TaskRecord] | 
     `records` order.
 
     No model runs: cached proposals are re-matched against `bank`, REFRESH_THREADS tasks at once
-    (cache reads, torch, numpy and OpenCV release the GIL). `changed` compares the result with the
-    one last delivered. With an empty bank every task gets an empty result.
+    (model.engine.match_pool; cache reads, torch, numpy and OpenCV release the GIL). `changed`
+    compares the result with the one last delivered. With an empty bank every task gets an empty
+    result.
     """
     if config is None:
         xml = runtime.get_bank_store().label_config(pid)
@@ -514,7 +516,7 @@ def rescore_cached(pid: int, bank: MemoryBank, records: dict[int, TaskRecord] | 
 
     threads = min(len(records), runtime.get_settings().refresh_threads)
     if threads > 1:
-        with ThreadPoolExecutor(threads, thread_name_prefix="rescore") as pool:
+        with match_pool(threads) as pool:
             out = list(pool.map(rescore, records.items()))
     else:
         out = [rescore(task) for task in records.items()]

@@ -15,7 +15,6 @@ import shutil
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backend.proposal_cache import ProposalCache  # noqa: E402
 from bench_model import random_bank  # noqa: E402
 from model.bank import MemoryBank  # noqa: E402
+from model.engine import match_pool  # noqa: E402
 from model.matching import match  # noqa: E402
 from model.options import MethodOptions  # noqa: E402
 from model.types import Proposals  # noqa: E402
@@ -115,7 +115,7 @@ def run(cache: ProposalCache, keys: list[str], bank: MemoryBank, opts: MethodOpt
             totals[2] += n
 
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
+    with match_pool(threads) as pool:  # as rescore_cached: torch single-threaded in each
         list(pool.map(one, keys))
     wall = time.perf_counter() - t0
     stored = sum(p.stat().st_size for p in cache.dir.glob("*/*.ntm"))
