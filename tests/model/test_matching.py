@@ -373,3 +373,27 @@ def test_a_second_match_reuses_the_upsampled_masks_and_gives_the_same_detections
     q = fresh(p)
     q.upsampled = restored
     assert_same(match(q, other, OPTS, max_detections=10), bare)
+
+
+def test_match_pool_runs_torch_single_threaded_and_restores_the_setting():
+    """Re-score threads must not each start an intra-op team (oversubscription), and threads created
+    after the pool must get the process's setting back."""
+    import threading
+
+    from model.engine import match_pool
+
+    outer = torch.get_num_threads()
+    torch.set_num_threads(3)  # whatever the machine: a setting the pool must not leak or keep
+    before = torch.get_num_threads()
+    p, bank = random_scene(51, size=(97, 131))
+    with match_pool(2) as pool:
+        seen = list(pool.map(lambda q: (torch.get_num_threads(), len(match(q, bank, OPTS))),
+                             [fresh(p), fresh(p)]))
+    assert [s[0] for s in seen] == [1, 1] and seen[0][1] == seen[1][1] == len(match(fresh(p), bank, OPTS)) > 0
+    later: list[int] = []
+    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    main_after = torch.get_num_threads()
+    torch.set_num_threads(outer)
+    assert before == main_after == 3 and later == [3]
