@@ -205,3 +205,33 @@ def test_a_full_cache_disk_costs_speed_not_predictions(embedded, fake_ls, monkey
     messages = [r.getMessage() for r in caplog.records]
     assert any("cannot write image cache" in m and "No space left on device" in m for m in messages), messages
     assert any("proposal cache" in m and "No space left on device" in m for m in messages), messages
+
+
+def test_a_full_disk_for_upsampled_masks_still_predicts(embedded, fake_ls, monkeypatch, caplog):
+    """ENOSPC only when storing the upsampled masks beside a cached entry: the prediction is made,
+    the proposals stay cached, and the failure is logged (the next match upsamples them again)."""
+    from backend import proposal_cache
+
+    real = proposal_cache.atomic_write
+
+    def no_space_for_masks(path, data, **kwargs):
+        if str(path).endswith(".ntm"):
+            raise OSError(28, "No space left on device")
+        return real(path, data, **kwargs)
+
+    monkeypatch.setattr(proposal_cache, "atomic_write", no_space_for_masks)
+    client = embedded()
+    fill_bank(PID)
+    fake_ls.add_task(1)
+    body = {"project": f"{PID}.1717", "label_config": CONFIG_XML, "tasks": [fake_ls.tasks[1]]}
+    client.post("/predict", json=body)                       # proposals computed and cached
+    cached = runtime.get_proposal_cache().get(runtime.get_registry().get(PID, 1).proposal_key)
+    assert len(cached) > 0
+    # a reference equal to a proposal's descriptor: that proposal scores 1 and its mask is upsampled
+    runtime.get_bank_store().update(PID, lambda bank: bank.add("Cat", "0:seed", cached.descriptors[0].numpy()))
+    with caplog.at_level(logging.WARNING):
+        item = client.post("/predict", json=body).json["results"][0]
+    assert isinstance(item["result"], list), item
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("cannot store upsampled masks" in m and "No space left on device" in m for m in messages), messages
+    assert not any("predicting without caching" in m for m in messages), messages
