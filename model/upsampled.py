@@ -10,7 +10,6 @@ model.matching computes; stored as packed bits.
 """
 from __future__ import annotations
 
-import io
 import json
 import threading
 import zlib
@@ -19,7 +18,7 @@ import numpy as np
 
 Crop = tuple[int, int, np.ndarray]  # (x0, y0, bool mask of the tight bounding box); empty: 0×0
 
-_FORMAT = 1
+_FORMAT = 2
 
 
 class UpsampledMasks:
@@ -46,37 +45,33 @@ class UpsampledMasks:
                 self.added += 1
 
     def to_bytes(self) -> bytes:
-        """Keys, origins and shapes as int32 arrays, the masks as one zlib-compressed bit stream."""
+        """A JSON header line, then keys [n, 3], origins [n, 2] and shapes [n, 2] as little-endian
+        int32, then the masks as one zlib-compressed bit stream (cheap to read: no zip container)."""
         with self._lock:
             items = sorted(self.crops.items())
             self.added = 0
-        keys = np.array([k for k, _ in items], np.int32).reshape(-1, 3)
-        origins = np.array([(x, y) for _, (x, y, _) in items], np.int32).reshape(-1, 2)
-        shapes = np.array([m.shape for _, (_, _, m) in items], np.int32).reshape(-1, 2)
+        table = np.array([(*k, x, y, *m.shape) for k, (x, y, m) in items], "<i4").reshape(-1, 7)
         bits = np.packbits(np.concatenate([m.ravel() for _, (_, _, m) in items])) if items else np.zeros(0, np.uint8)
-        buf = io.BytesIO()
-        np.savez(buf, keys=keys, origins=origins, shapes=shapes,
-                 bits=np.frombuffer(zlib.compress(bits.tobytes(), 1), np.uint8),
-                 header=np.frombuffer(json.dumps({"format": _FORMAT, "entry": self.entry_checksum}).encode(),
-                                      np.uint8))
-        return buf.getvalue()
+        header = json.dumps({"format": _FORMAT, "entry": self.entry_checksum, "n": len(items)}).encode()
+        return header + b"\n" + table.tobytes() + zlib.compress(bits.tobytes(), 1)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "UpsampledMasks":
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            header = json.loads(z["header"].tobytes().decode())
-            if header.get("format") != _FORMAT:
-                raise ValueError(f"unsupported upsampled-masks format {header.get('format')}")
-            keys, origins, shapes = z["keys"], z["origins"], z["shapes"]
-            sizes = shapes.astype(np.int64).prod(axis=1)
-            flat = np.unpackbits(np.frombuffer(zlib.decompress(z["bits"].tobytes()), np.uint8),
-                                 count=int(sizes.sum())).view(bool)
-        if not (len(keys) == len(origins) == len(shapes)) or flat.size != int(sizes.sum()):
-            raise ValueError("upsampled masks: arrays do not match")
+        end = data.index(b"\n")
+        header = json.loads(data[:end])
+        if header.get("format") != _FORMAT:
+            raise ValueError(f"unsupported upsampled-masks format {header.get('format')}")
+        n = int(header["n"])
+        table = np.frombuffer(data, "<i4", count=7 * n, offset=end + 1).reshape(n, 7).astype(np.int64)
+        sizes = table[:, 5] * table[:, 6]
+        flat = np.unpackbits(np.frombuffer(zlib.decompress(data[end + 1 + 28 * n:]), np.uint8),
+                             count=int(sizes.sum())).view(bool)
+        if flat.size != int(sizes.sum()):
+            raise ValueError("upsampled masks: the bit stream does not match the table")
         out = cls(header.get("entry"))
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        for k, (x, y), (h, w), s in zip(keys.tolist(), origins.tolist(), shapes.tolist(), starts.tolist()):
+        starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        for (i, H, W, x, y, h, w), s in zip(table.tolist(), starts):
             mask = flat[s:s + h * w].reshape(h, w)
             mask.flags.writeable = False
-            out.crops[tuple(k)] = (x, y, mask)
+            out.crops[(i, H, W)] = (x, y, mask)
         return out
