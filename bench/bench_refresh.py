@@ -275,6 +275,7 @@ class Bench:
             tid = self._next_task
             self._next_task += 1
             t = templates[i % len(templates)]
+            self.ls.add_task(pid, tid, image_url=t.image_url)  # LS lists it (and the prediction below)
             changes[tid] = {"image_url": t.image_url, "image_sha256": t.image_sha256,
                             "proposal_key": t.proposal_key, "result_hash": t.result_hash,
                             "model_version": t.model_version,
@@ -428,7 +429,8 @@ def report(b: Bench, pred: dict, refreshes: list[dict], threads: dict | None, ba
     for r in refreshes:
         rows.append((f"webhook -> predictions posted, N={r['n']}", f"{r['total']:.2f} s",
                      f"{r['total'] / r['n'] * 1e3:.2f} ms/task; {r['result']['rescored']} re-scored, "
-                     f"{r['result']['changed']} changed, {r['patches'] + r['posts']} posted"))
+                     f"{r['result']['changed']} changed, {r['patches'] + r['posts']} posted "
+                     f"({'bulk import' if r['result']['bulk'] else 'PATCH per task'})"))
     if refreshes:
         big = refreshes[-1]
         core = big["read"] + big["match"]

@@ -67,12 +67,18 @@ class FakeLabelStudio:
         with self.lock:
             self.projects[pid] = label_config
 
-    def add_task(self, pid: int, task_id: int, image_name: str, png: bytes, annotations=()) -> dict:
-        """A task whose image LS serves at /data/upload/<pid>/<image_name>."""
-        task = {"id": task_id, "project": pid, "data": {"image": f"/data/upload/{pid}/{image_name}"},
-                "annotations": list(annotations), "predictions": []}
+    def add_task(self, pid: int, task_id: int, image_name: str | None = None, png: bytes | None = None,
+                 annotations=(), image_url: str | None = None) -> dict:
+        """A task whose image LS serves at /data/upload/<pid>/<image_name> (`png`), or one showing
+        an image already served (`image_url`)."""
+        if (png is None) == (image_url is None):
+            raise ValueError("a task needs either a new image (image_name, png) or an image_url")
+        url = image_url or f"/data/upload/{pid}/{image_name}"
+        task = {"id": task_id, "project": pid, "data": {"image": url}, "annotations": list(annotations),
+                "predictions": []}
         with self.lock:
-            self.images[image_name] = png
+            if png is not None:
+                self.images[image_name] = png
             self.tasks[task_id] = task
         return task
 
