@@ -245,7 +245,8 @@ class Settings:
         default_doc="`2048`")
     proposal_cache_mb: int = _var(
         "PROPOSAL_CACHE_MB", 4096, "Size bound of the on-disk proposal cache (SAM2 masks + DINOv2 "
-        "descriptors per image, and the full-resolution masks matches upsampled from them).", _positive_int, default_doc="`4096`")
+        "descriptors per image, and the full-resolution masks matches upsampled from them).", _positive_int,
+        default_doc="`4096`")
     max_image_pixels: int = _var(
         "MAX_IMAGE_PIXELS", 40_000_000, "Larger images are refused (per-task error).", _positive_int,
         default_doc="`40000000`")

@@ -234,19 +234,19 @@ class _MaskCache:
         if not missing:
             return
         known = self.proposals.upsampled
-        sel = self.index[torch.as_tensor(missing, device=self.index.device)]
-        todo = []
-        for r, i in zip(missing, sel.tolist()):
+        ids = self.index[torch.as_tensor(missing, device=self.index.device)].tolist()
+        todo = []  # (rank, proposal index) of the masks no match upsampled yet
+        for r, i in zip(missing, ids):
             crop = known.get(i, self.size)
             if crop is None:
-                todo.append(r)
+                todo.append((r, i))
             else:
                 self._keep(r, crop)
         if not todo:
             return
-        sel = self.index[torch.as_tensor(todo, device=self.index.device)]
-        crops = upsample_mask_crops(self.proposals.logits_of(sel), self.size, self.reach[todo])
-        for r, i, crop in zip(todo, sel.tolist(), crops):
+        ranks, sel = [r for r, _ in todo], torch.as_tensor([i for _, i in todo], device=self.index.device)
+        for (r, i), crop in zip(todo, upsample_mask_crops(self.proposals.logits_of(sel), self.size,
+                                                          self.reach[ranks])):
             known.add(i, self.size, crop)
             self._keep(r, crop)
         self.stats.upsampled += len(todo)
