@@ -17,7 +17,7 @@ set-up or Nagle delays. Prediction writes are counted (`writes()`), and the time
 handling them (parse, store, answer) is summed in counts["write_s"]: it shares this process's CPU,
 so a benchmark can tell its own cost from the backend's.
 
-Tests subclass it: `dispatch` (every request; wrap it for faults), `_authorized` / `unauthorized`
+Tests subclass it: `dispatch` (every request; wrap it for faults), `authorized` / `unauthorized`
 (the token check and its 401), `handle` (the routes, under `lock`), `record` (every prediction
 write) and `project_of` (which project a prediction is in).
 """
@@ -108,12 +108,12 @@ class FakeLabelStudio:
     def dispatch(self, req: Request) -> object:
         """The reply to one request: `unauthorized` without the token, else `handle` under the lock."""
         auth = req.headers.get("Authorization")
-        if not self._authorized(auth):
+        if not self.authorized(auth):
             return self.unauthorized(auth)
         with self.lock:
             return self.handle(req, req.method, req.path, req.query)
 
-    def _authorized(self, auth: str | None) -> bool:
+    def authorized(self, auth: str | None) -> bool:
         return self.token is not None and auth == f"Token {self.token}"
 
     def unauthorized(self, auth: str | None) -> Reply:

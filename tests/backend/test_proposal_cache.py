@@ -34,6 +34,15 @@ def bank_for(props: Proposals) -> MemoryBank:
     return bank
 
 
+def _same(a, b) -> None:
+    """Identical detections: labels, scores, boxes and full-size masks."""
+    assert a.labels == b.labels
+    np.testing.assert_array_equal(a.scores, b.scores)
+    np.testing.assert_array_equal(a.boxes, b.boxes)
+    for i in range(len(a)):
+        np.testing.assert_array_equal(a.mask(i), b.mask(i))
+
+
 def key(i: int) -> str:
     return cache_key(f"{i:064x}", "sam2-t+dinov2-s", MethodOptions())
 
@@ -63,11 +72,7 @@ def test_put_get_gives_identical_matching(tmp_path):
     fresh = match(props, bank, MethodOptions())
     cached = match(back, bank, MethodOptions())
     assert len(fresh) >= 3
-    assert fresh.labels == cached.labels
-    np.testing.assert_array_equal(fresh.scores, cached.scores)
-    np.testing.assert_array_equal(fresh.boxes, cached.boxes)
-    for i in range(len(fresh)):
-        np.testing.assert_array_equal(fresh.mask(i), cached.mask(i))
+    _same(fresh, cached)
 
 
 def test_shared_folder_between_instances(tmp_path):
@@ -132,13 +137,6 @@ def test_rejects_path_like_keys(tmp_path):
     cache = ProposalCache(tmp_path, max_bytes=10**8)
     with pytest.raises(ValueError):
         cache.get("../../etc/passwd")
-
-
-def _same(a, b) -> None:
-    assert a.labels == b.labels
-    np.testing.assert_array_equal(a.scores, b.scores)
-    for i in range(len(a)):
-        np.testing.assert_array_equal(a.mask(i), b.mask(i))
 
 
 def test_upsampled_masks_are_stored_beside_the_entry_and_reused(tmp_path):

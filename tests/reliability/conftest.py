@@ -226,8 +226,8 @@ class FakeLabelStudio(bench_ls.FakeLabelStudio):
             return self._refresh(req)
         return super().dispatch(req)
 
-    def _authorized(self, auth: str | None) -> bool:
-        if super()._authorized(auth):
+    def authorized(self, auth: str | None) -> bool:
+        if super().authorized(auth):
             return True
         with self.lock:
             return bool(auth and auth.startswith("Bearer ") and auth[7:] in self.access_tokens)

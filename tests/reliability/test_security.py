@@ -157,7 +157,7 @@ def test_image_urls_are_restricted_to_the_label_studio_host(hosts, tmp_path):
 
     # an allowed extra host is fetched, without the LS credentials
     cdn.images["cdn.png"] = png_bytes(3)
-    cdn._authorized = lambda auth: auth is None
+    cdn.authorized = lambda auth: auth is None
     image = _fetcher(ls.url, tmp_path, allowed={"127.0.0.3"}).fetch(f"{cdn.url}/data/upload/1/cdn.png")
     assert image.width == 80 and cdn.requests[-1][2] is None
 
