@@ -41,7 +41,7 @@ def pat(server):
 
 def client(server, auth=None, **kw):
     kw.setdefault("backoff", 0.01)
-    return LabelStudioClient(server.url, auth if auth is not None else LSAuth(LEGACY_TOKEN), **kw)
+    return LabelStudioClient(server.url, auth if auth is not None else LSAuth(LEGACY_TOKEN, server.url), **kw)
 
 
 # ---------------------------------------------------------------------------------------- LSAuth
@@ -180,7 +180,8 @@ def test_unreachable_ls():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(LabelStudioAPIError) as e:
-        LabelStudioClient(f"http://127.0.0.1:{port}", LSAuth(LEGACY_TOKEN), retries=1, backoff=0.01).get_task(1)
+        url = f"http://127.0.0.1:{port}"
+        LabelStudioClient(url, LSAuth(LEGACY_TOKEN, url), retries=1, backoff=0.01).get_task(1)
     assert e.value.status is None and "not reachable" in str(e.value)
     with pytest.raises(ValueError, match="http"):
         LabelStudioClient("localhost:8080", None)
