@@ -42,7 +42,7 @@ def server():
 @pytest.fixture
 def make_fetcher(server, tmp_path):
     def make(**kw):
-        args = dict(ls_url=server.url, auth=LSAuth(LEGACY_TOKEN), cache_dir=tmp_path / "cache",
+        args = dict(ls_url=server.url, auth=LSAuth(LEGACY_TOKEN, server.url), cache_dir=tmp_path / "cache",
                     max_cache_bytes=10_000_000, local_files_root=None, allowed_hosts=set(),
                     max_pixels=50_000_000, max_bytes=5_000_000, timeout=(2, 5), retries=2, backoff=0.01)
         args.update(kw)
