@@ -78,7 +78,7 @@ def _addresses(host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.I
     return [ipaddress.ip_address(info[4][0]) for info in infos]
 
 
-def metadata_or_link_local(url: str) -> str | None:
+def _metadata_or_link_local(url: str) -> str | None:
     """Why `url`'s host must not be fetched from (a cloud metadata service or a link-local address,
     by name or by what it resolves to), else None."""
     parts = urlsplit(url)
@@ -245,7 +245,7 @@ class ImageFetcher:
                                   "nor an allowed image host; refused",
                              hint="add it to the allowed image hosts if it is trusted, or fix LABEL_STUDIO_URL "
                                   "(scheme, host and port)")
-        why = None if self.allow_link_local else metadata_or_link_local(url)
+        why = None if self.allow_link_local else _metadata_or_link_local(url)
         if why:
             raise ImageError(url, f"{why}; refused",
                              hint="set ALLOW_LINK_LOCAL_IMAGE_HOSTS=1 if images really are served there")
