@@ -156,8 +156,8 @@ class Settings:
     label_studio_api_key: str | None = _var(
         "LABEL_STUDIO_API_KEY", None, "Label Studio legacy token or personal access token (PAT), "
         "sent only to LABEL_STUDIO_URL's origin (scheme, host, port); else the `access_token` sent by "
-        "/setup, sent only to the `hostname` that came with it.", aliases=("LABEL_STUDIO_ACCESS_TOKEN",), secret=True,
-        default_doc="unset")
+        "/setup, sent only to the `hostname` that came with it.", aliases=("LABEL_STUDIO_ACCESS_TOKEN",),
+        secret=True, default_doc="unset")
     basic_auth_user: str | None = _var(
         "BASIC_AUTH_USER", None, "HTTP Basic auth user required on every route (with BASIC_AUTH_PASS).",
         default_doc="unset")
