@@ -4,12 +4,16 @@ URL forms found in task data (ls_protocol.md §4.1, ls_live_server.md §7):
 * `/data/upload/<project>/<file>`: relative, prefixed with the LS URL, needs auth;
 * `/data/local-files/?d=<path>`: read from `local_files_root` when the backend mounts LS's
   LOCAL_FILES_DOCUMENT_ROOT (the resolved path must stay inside it), else fetched from LS;
-* `http(s)://...`: absolute; only the LS host (hostname compare, scheme/port-insensitive) and
-  `allowed_hosts` ("*" = any) may be fetched, so task data cannot make the backend probe internal
-  services (SSRF); redirects are checked the same way, except those LS itself issues (presign);
+* `http(s)://...`: absolute; only LS's origin (scheme, host and port) and `allowed_hosts` ("*" =
+  any) may be fetched, so task data cannot make the backend probe internal services (SSRF);
+  every redirect hop is checked the same way, except a hop LS itself issues (presign);
 * `s3://`, `gs://`, `azure-blob://`: through LS's presign endpoint (needs the task id).
-Auth headers go to the LS host only. Images are decoded with EXIF orientation applied, as the
-browser shows them, because every percent coordinate in LS refers to that orientation.
+Link-local and cloud metadata addresses (169.254.0.0/16, fe80::/10, fd00:ec2::254,
+100.100.100.200, metadata.google.internal), named or resolved to, are refused on every hop off
+LS's origin, even with "*", unless `allow_link_local`. Credentials go only to the origin of the
+key (`LSAuth.sends_to`), never to another port or scheme of that host, and are dropped for the
+rest of a redirect chain once a hop leaves it. Images are decoded with EXIF orientation applied,
+as the browser shows them, because every percent coordinate in LS refers to that orientation.
 The cache assumes a URL's content does not change (LS upload names carry a random prefix).
 """
 from __future__ import annotations
@@ -17,8 +21,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import ipaddress
 import logging
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -31,13 +37,17 @@ from PIL import Image, ImageOps
 
 from model.atomic import atomic_write
 from backend.errors import ImageError, LabelStudioAPIError, redact_url
-from backend.ls_client import LSAuth
+from backend.ls_client import LSAuth, origin
 
 log = logging.getLogger(__name__)
 
 _CLOUD_SCHEMES = ("s3", "gs", "gcs", "azure-blob")
 _MAX_REDIRECTS = 5
 _CHUNK = 1 << 16
+# Cloud instance metadata services (credentials of the machine) besides the link-local ranges:
+# AWS IPv6, Alibaba (in the 100.64/10 shared range), and GCP's names.
+_METADATA_IPS = frozenset(ipaddress.ip_address(a) for a in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200"))
+_METADATA_NAMES = frozenset({"metadata.google.internal", "metadata.goog"})
 
 
 @dataclass
@@ -54,13 +64,44 @@ def _host(url: str) -> str:
     return (urlsplit(url).hostname or "").lower()
 
 
+def _addresses(host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The addresses `host` names or resolves to ([] when it does not resolve: the download fails
+    then with its own error)."""
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return []
+    return [ipaddress.ip_address(info[4][0]) for info in infos]
+
+
+def _metadata_or_link_local(url: str) -> str | None:
+    """Why `url`'s host must not be fetched from (a cloud metadata service or a link-local address,
+    by name or by what it resolves to), else None."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").rstrip(".")
+    if host in _METADATA_NAMES:
+        return f"'{host}' is a cloud metadata service"
+    for ip in _addresses(host, parts.port or 0):
+        ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:169.254.169.254 is 169.254.169.254
+        if ip in _METADATA_IPS:
+            return f"'{host}' is a cloud metadata address ({ip})"
+        if ip.is_link_local:
+            return f"'{host}' is a link-local address ({ip})"
+    return None
+
+
 class ImageFetcher:
     """Thread-safe image loader. The cache (`cache_dir/<sha256(url)>.img`, LRU by total bytes,
     atomic writes) may be shared by several processes; max_cache_bytes <= 0 disables it."""
 
     def __init__(self, ls_url: str | None, auth: LSAuth | None, cache_dir: Path, max_cache_bytes: int,
                  local_files_root: Path | None, allowed_hosts: set[str], max_pixels: int, max_bytes: int,
-                 timeout: tuple[float, float] = (5, 60), retries: int = 2, backoff: float = 0.5):
+                 timeout: tuple[float, float] = (5, 60), retries: int = 2, backoff: float = 0.5,
+                 allow_link_local: bool = False):
         self.ls_url = ls_url.rstrip("/") if ls_url else None
         self.auth = auth
         self.cache_dir = Path(cache_dir)
@@ -72,7 +113,8 @@ class ImageFetcher:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        self._ls_host = _host(self.ls_url) if self.ls_url else None
+        self.allow_link_local = allow_link_local
+        self._ls_origin = origin(self.ls_url)
         self._session = requests.Session()
         self._evict_lock = threading.Lock()
         if max_cache_bytes > 0:
@@ -103,7 +145,8 @@ class ImageFetcher:
 
     # ------------------------------------------------------------------ resolving
     def _is_ls(self, url: str) -> bool:
-        return self._ls_host is not None and _host(url) == self._ls_host
+        """Whether `url` is on LABEL_STUDIO_URL's origin (scheme, host and port)."""
+        return self._ls_origin is not None and origin(url) == self._ls_origin
 
     def _resolve(self, url: str, task_id: int | None) -> tuple[str, str]:
         """(URL to request, cache key)."""
@@ -128,7 +171,7 @@ class ImageFetcher:
         parts = urlsplit(url)
         if self.local_files_root is None or not parts.path.rstrip("/").endswith("/data/local-files"):
             return None
-        if parts.scheme and not (parts.scheme in ("http", "https") and self._is_ls(url)):
+        if parts.scheme and not self._is_ls(url):
             return None
         d = parse_qs(parts.query).get("d")
         if not d or not d[0]:
@@ -151,16 +194,15 @@ class ImageFetcher:
     # ------------------------------------------------------------------ network
     def _download(self, target: str) -> bytes:
         """Bytes at `target`; errors name the URL of the hop that failed."""
-        url, trusted = target, False
+        url, trusted, left_origin = target, False, False
         attempt = redirects = 0
         refreshed = False
         while True:
             is_ls = self._is_ls(url)
-            if not (is_ls or trusted or "*" in self.allowed_hosts or _host(url) in self.allowed_hosts):
-                raise ImageError(url, f"host '{_host(url)}' is neither LABEL_STUDIO_URL's host nor an allowed "
-                                      "image host; refused",
-                                 hint="add it to the allowed image hosts if it is trusted, or fix LABEL_STUDIO_URL")
-            headers = self._auth_headers(url, rejected=None) if is_ls and self.auth else {}
+            self._check_hop(url, is_ls, trusted)
+            # once a hop leaves the key's origin, no later hop gets it (not even one back to LS)
+            left_origin = left_origin or self.auth is None or not self.auth.sends_to(url)
+            headers = self._auth_headers(url, rejected=None) if not left_origin else {}
             try:
                 resp = self._session.get(url, headers=headers, timeout=self.timeout, stream=True,
                                          allow_redirects=False)
@@ -169,8 +211,9 @@ class ImageFetcher:
                     self._sleep(attempt)
                     attempt += 1
                     continue
-                hint = "LABEL_STUDIO_URL not reachable from the backend" if is_ls else "host not reachable"
-                raise ImageError(url, f"connection failed ({type(e).__name__})", hint=hint) from None
+                where = "LABEL_STUDIO_URL" if is_ls else origin(url)
+                raise ImageError(url, f"connection failed ({type(e).__name__})",
+                                 hint=f"{where} not reachable from the backend") from None
             with resp:
                 status = resp.status_code
                 if resp.is_redirect:
@@ -179,7 +222,7 @@ class ImageFetcher:
                     url, trusted = urljoin(url, resp.headers["location"]), is_ls  # LS's presign redirects
                     redirects += 1
                     continue
-                if status == 401 and is_ls and self.auth is not None and self.auth.refreshable and not refreshed:
+                if status == 401 and headers and self.auth.refreshable and not refreshed:
                     self._auth_headers(url, rejected=headers)
                     refreshed = True
                     continue
@@ -188,8 +231,31 @@ class ImageFetcher:
                     attempt += 1
                     continue
                 if status != 200:
-                    raise ImageError(url, "download failed", status=status)
+                    raise ImageError(url, "download failed", status=status,
+                                     hint=None if is_ls else self._foreign_hint(url, status))
                 return self._read_body(resp, url)
+
+    def _check_hop(self, url: str, is_ls: bool, trusted: bool) -> None:
+        """Refuse a hop off LS's origin that is not allowed (a hop LS redirected to is: presign),
+        and, unless allowed, one to a link-local or cloud metadata address."""
+        if is_ls:
+            return
+        if not (trusted or "*" in self.allowed_hosts or _host(url) in self.allowed_hosts):
+            raise ImageError(url, f"host '{_host(url)}' is neither on LABEL_STUDIO_URL ({self._ls_origin}) "
+                                  "nor an allowed image host; refused",
+                             hint="add it to the allowed image hosts if it is trusted, or fix LABEL_STUDIO_URL "
+                                  "(scheme, host and port)")
+        why = None if self.allow_link_local else _metadata_or_link_local(url)
+        if why:
+            raise ImageError(url, f"{why}; refused",
+                             hint="set ALLOW_LINK_LOCAL_IMAGE_HOSTS=1 if images really are served there")
+
+    def _foreign_hint(self, url: str, status: int) -> str:
+        """What to check when a host off LS's origin answers an error (not LS's key or URL)."""
+        if status in (401, 403):
+            return (f"{origin(url)} wants credentials; Label Studio's are only sent to "
+                    f"{self.auth.origin if self.auth and self.auth.origin else 'its own origin'}")
+        return "check the image URL" if status == 404 else ""
 
     def _auth_headers(self, url: str, rejected: dict | None) -> dict[str, str]:
         try:

@@ -8,6 +8,9 @@ Two kinds of API key exist (LS docs "access tokens"; ls_protocol.md §4.2):
 * legacy token (opaque, usually 40 hex): `Authorization: Token <key>`;
 * personal access token (a JWT refresh token): exchanged at POST /api/token/refresh/ for a
   short-lived access JWT (300 s in LS 1.23), sent as `Authorization: Bearer <access>`.
+
+A key belongs to the Label Studio it came with: `LSAuth.origin` (scheme, host, port), and it is
+sent nowhere else, not to another port or scheme of the same host, nor across a redirect.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
 import requests
@@ -27,6 +31,7 @@ from backend.errors import LabelStudioAPIError
 log = logging.getLogger(__name__)
 
 _REFRESH_MARGIN_S = 30.0
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 _STATUS_HINTS = {
     401: "check LABEL_STUDIO_API_KEY (legacy token vs personal access token)",
     403: "the API key's user lacks access to this project",
@@ -43,9 +48,38 @@ def _jwt_claims(token: str) -> dict | None:
     return claims if isinstance(claims, dict) else None
 
 
+def origin(url: str | None) -> str | None:
+    """'scheme://host:port' of an http(s) URL: scheme and host lowercased, the default port made
+    explicit, an IPv6 host in brackets; None for anything else. Two URLs may share credentials
+    only when their origins are equal (a browser's same-origin rule)."""
+    try:
+        parts = urlsplit((url or "").strip())
+        port = parts.port
+    except ValueError:  # a port that is not a number or out of range
+        return None
+    scheme, host = parts.scheme.lower(), parts.hostname  # hostname: lowercased, brackets removed
+    if scheme not in _DEFAULT_PORTS or not host:
+        return None
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port if port is not None else _DEFAULT_PORTS[scheme]}"
+
+
+class OriginSession(requests.Session):
+    """A Session that drops the Authorization header on every redirect that leaves the origin.
+
+    requests' own rule keeps it on an http -> https upgrade of the same host (default ports), a
+    different origin; here any change of scheme, host or port strips it."""
+
+    def should_strip_auth(self, old_url: str, new_url: str) -> bool:
+        old = origin(old_url)
+        return old is None or old != origin(new_url)
+
+
 class LSAuth:
-    """Authorization header for Label Studio; thread-safe, caches the access token of a PAT
-    until 30 s before its `exp`."""
+    """Authorization header for the Label Studio at `ls_url`; thread-safe, caches the access token
+    of a PAT until 30 s before its `exp`. The key is tied to that origin: `sends_to(url)` says
+    whether a URL may receive it (a key made without `ls_url` goes nowhere)."""
 
     def __init__(self, api_key: str, ls_url: str | None = None, *,
                  timeout: tuple[float, float] = (5, 30), session: requests.Session | None = None):
@@ -54,6 +88,7 @@ class LSAuth:
             raise ValueError("empty Label Studio API key")
         self.kind = "pat" if _jwt_claims(self._key) is not None else "legacy"
         self._ls_url = ls_url.rstrip("/") if ls_url else None
+        self.origin = origin(ls_url)
         self._timeout = timeout
         self._session = session or requests.Session()
         self._lock = threading.Lock()
@@ -62,6 +97,10 @@ class LSAuth:
 
     def __repr__(self) -> str:
         return f"LSAuth(kind={self.kind!r})"
+
+    def sends_to(self, url: str) -> bool:
+        """Whether `url` is on this key's Label Studio origin (scheme, host and port)."""
+        return self.origin is not None and origin(url) == self.origin
 
     @property
     def refreshable(self) -> bool:
@@ -91,11 +130,16 @@ class LSAuth:
             raise LabelStudioAPIError("a personal access token must be exchanged at LABEL_STUDIO_URL, "
                                       "which is not set")
         url = f"{self._ls_url}/api/token/refresh/"
-        try:
-            resp = self._session.post(url, json={"refresh": self._key}, timeout=self._timeout)
+        try:  # never redirected: a 307/308 would carry the key in the body to wherever it points
+            resp = self._session.post(url, json={"refresh": self._key}, timeout=self._timeout,
+                                      allow_redirects=False)
         except requests.RequestException as e:
             raise LabelStudioAPIError(f"token refresh at {url} failed ({type(e).__name__}); "
                                       "LABEL_STUDIO_URL not reachable from the backend") from None
+        if resp.is_redirect:
+            raise LabelStudioAPIError(f"token refresh at {url} was redirected; the key is not sent on: set "
+                                      "LABEL_STUDIO_URL to Label Studio's final address (scheme, host, port)",
+                                      status=resp.status_code)
         if resp.status_code != 200:
             raise LabelStudioAPIError(
                 "personal access token rejected by /api/token/refresh/ (expired, revoked, or from another "
@@ -120,18 +164,21 @@ def _never_sent(e: requests.RequestException) -> bool:
 class LabelStudioClient:
     """The REST calls the backend needs. Retries connection errors, 5xx and 429 with exponential
     backoff (bounded by `retries`); a POST is only retried when it cannot have been processed
-    (connection never made, or 429/502/503/504), so predictions are not created twice."""
+    (connection never made, or 429/502/503/504), so predictions are not created twice.
+    `auth` must belong to `url`'s origin; a redirect elsewhere is followed without it."""
 
     def __init__(self, url: str, auth: LSAuth | None, timeout: tuple[float, float] = (5, 30),
                  retries: int = 3, backoff: float = 0.5):
         if not url or not url.startswith(("http://", "https://")):
             raise ValueError(f"LABEL_STUDIO_URL must start with http:// or https://, got {url!r}")
+        if auth is not None and not auth.sends_to(url):
+            raise ValueError(f"the Label Studio key belongs to {auth.origin or 'no URL'}, not to {origin(url)}")
         self.url = url.rstrip("/")
         self.auth = auth
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        self._session = requests.Session()
+        self._session = OriginSession()
 
     def _sleep(self, attempt: int) -> None:
         time.sleep(self.backoff * 2 ** attempt)

@@ -127,17 +127,22 @@ def get_proposal_cache() -> "ProposalCache":
 
 
 def _connection(pid: int) -> tuple[str | None, "LSAuth | None"]:
-    """(LS URL, auth) for a project: LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY when set, else what
-    the project's /setup sent. One LSAuth per (URL, key), so a PAT's access token is shared."""
-    from backend.ls_client import LSAuth
+    """(LS URL, auth) for a project. A key only ever goes to the origin it came with:
+    LABEL_STUDIO_API_KEY to LABEL_STUDIO_URL, the `access_token` of /setup to the `hostname` sent
+    with it, so a /setup call can never make the backend send the operator's key to a host it names.
+    LABEL_STUDIO_URL wins; without LABEL_STUDIO_API_KEY it uses /setup's token only when /setup's
+    hostname is the same origin. One LSAuth per (URL, key), so a PAT's access token is shared."""
+    from backend.ls_client import LSAuth, origin
 
     s = get_settings()
-    hostname, token = (None, None)
-    if not (s.label_studio_url and s.label_studio_api_key):
+    url, key = s.label_studio_url, s.label_studio_api_key
+    if not (url and key):
         hostname, token = get_bank_store().ls_connection(pid)
-    url = s.label_studio_url or hostname
-    key = s.label_studio_api_key or token
-    if not key:
+        if not url:
+            url, key = hostname, token
+        elif origin(hostname) == origin(url):
+            key = token
+    if not key or not url:
         return url, None
     digest = hashlib.sha256(key.encode()).hexdigest()  # never keep the key itself in a dict key
     return url, _single(("auth", url, digest), lambda: LSAuth(key, url))
@@ -151,12 +156,13 @@ def get_ls_client(pid: int) -> "LabelStudioClient":
     if not url or auth is None:
         raise LabelStudioAPIError(
             f"project {pid}: no Label Studio connection; set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY "
-            "(or connect the project so that /setup sends its hostname and access token)")
+            "(or connect the project so that /setup sends its hostname and access token; that token "
+            "is only sent to its own hostname, not to another LABEL_STUDIO_URL)")
     return _single(("client", url, id(auth)), lambda: LabelStudioClient(url, auth))
 
 
 def get_fetcher(pid: int) -> "ImageFetcher":
-    """Image loader for the project's Label Studio (auth headers go to that host only)."""
+    """Image loader for the project's Label Studio (auth headers go to its origin only)."""
     from backend.images import ImageFetcher
 
     url, auth = _connection(pid)
@@ -164,4 +170,5 @@ def get_fetcher(pid: int) -> "ImageFetcher":
     return _single(("fetcher", url, id(auth)), lambda: ImageFetcher(
         url, auth, s.cache_dir / "images", s.image_cache_mb * 2**20,
         local_files_root=s.local_files_document_root, allowed_hosts=set(s.allowed_image_hosts),
-        max_pixels=s.max_image_pixels, max_bytes=s.max_image_bytes))
+        max_pixels=s.max_image_pixels, max_bytes=s.max_image_bytes,
+        allow_link_local=s.allow_link_local_image_hosts))

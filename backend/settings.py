@@ -154,9 +154,10 @@ class Settings:
         "downloads and posting predictions (else the `hostname` sent by /setup).", _http_url,
         aliases=("LABEL_STUDIO_HOST",), default_doc="unset")
     label_studio_api_key: str | None = _var(
-        "LABEL_STUDIO_API_KEY", None, "Label Studio legacy token or personal access token (PAT); "
-        "else the `access_token` sent by /setup.", aliases=("LABEL_STUDIO_ACCESS_TOKEN",), secret=True,
-        default_doc="unset")
+        "LABEL_STUDIO_API_KEY", None, "Label Studio legacy token or personal access token (PAT), "
+        "sent only to LABEL_STUDIO_URL's origin (scheme, host, port); else the `access_token` sent by "
+        "/setup, sent only to the `hostname` that came with it.", aliases=("LABEL_STUDIO_ACCESS_TOKEN",),
+        secret=True, default_doc="unset")
     basic_auth_user: str | None = _var(
         "BASIC_AUTH_USER", None, "HTTP Basic auth user required on every route (with BASIC_AUTH_PASS).",
         default_doc="unset")
@@ -260,9 +261,14 @@ class Settings:
         "directly (same as LS's); paths cannot escape it.", _path,
         aliases=("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT",), default_doc="unset (download from LS)")
     allowed_image_hosts: tuple[str, ...] = _var(
-        "ALLOWED_IMAGE_HOSTS", (), "Comma-separated extra hosts images may be downloaded from (the "
-        "Label Studio host is always allowed; credentials are only sent to it).", _hosts,
+        "ALLOWED_IMAGE_HOSTS", (), "Comma-separated extra hosts images may be downloaded from, `*` = "
+        "any (Label Studio's origin is always allowed; credentials are only sent to it).", _hosts,
         default_doc="empty")
+    allow_link_local_image_hosts: bool = _var(
+        "ALLOW_LINK_LOCAL_IMAGE_HOSTS", False, "Allow image downloads from link-local and cloud metadata "
+        "addresses (169.254.0.0/16 incl. 169.254.169.254, fe80::/10, fd00:ec2::254, 100.100.100.200, "
+        "metadata.google.internal), refused by default even with `ALLOWED_IMAGE_HOSTS=*`.", _bool,
+        default_doc="`0`")
     log_level: str = _var(
         "LOG_LEVEL", "INFO", "Python log level.", _log_level, default_doc="`INFO`")
 

@@ -7,6 +7,7 @@ import socket
 import time
 
 import jwt
+import requests
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,6 +19,7 @@ from backend.ls_client import LSAuth
 from backend.results import detections_to_regions
 from tests.backend.fixtures import CONFIG_XML, LEGACY_TOKEN, FakeHTTPServer
 from tests.backend.test_results import make_detections
+from tests.helpers import free_port
 
 JWT_KEY = "test-signing-key-with-at-least-32-bytes!!"
 
@@ -42,7 +44,7 @@ def server():
 @pytest.fixture
 def make_fetcher(server, tmp_path):
     def make(**kw):
-        args = dict(ls_url=server.url, auth=LSAuth(LEGACY_TOKEN), cache_dir=tmp_path / "cache",
+        args = dict(ls_url=server.url, auth=LSAuth(LEGACY_TOKEN, server.url), cache_dir=tmp_path / "cache",
                     max_cache_bytes=10_000_000, local_files_root=None, allowed_hosts=set(),
                     max_pixels=50_000_000, max_bytes=5_000_000, timeout=(2, 5), retries=2, backoff=0.01)
         args.update(kw)
@@ -376,3 +378,97 @@ def test_cache_can_be_disabled(server, make_fetcher, tmp_path):
     fetcher.fetch("/a.png")
     assert len(server.requests) == 2
     assert not (tmp_path / "cache").exists() or not os.listdir(tmp_path / "cache")
+
+
+# ------------------------------------------------------------------------------------ origins
+@pytest.fixture
+def other():
+    """A second server on LS's host (127.0.0.1) but another port: another origin."""
+    s = FakeHTTPServer()
+    yield s
+    s.close()
+
+
+def test_same_host_other_port_is_another_origin(server, other, make_fetcher):
+    other.route("/x.png", ok(png()))
+    with pytest.raises(ImageError, match="refused"):  # not LS: not allowed by default
+        make_fetcher().fetch(f"{other.url}/x.png")
+    assert other.requests == []
+    make_fetcher(allowed_hosts={"127.0.0.1"}).fetch(f"{other.url}/x.png")
+    assert "Authorization" not in other.requests[0]["headers"]
+    other.route("/locked.png", (401, {}, b""))
+    with pytest.raises(ImageError) as e:  # its 401 is not about LS's key
+        make_fetcher(allowed_hosts={"127.0.0.1"}).fetch(f"{other.url}/locked.png")
+    assert "LABEL_STUDIO_API_KEY" not in str(e.value) and f"only sent to {server.url}" in str(e.value)
+    assert server.requests == []
+
+
+def test_plain_http_to_an_https_label_studio_gets_no_credentials(server, make_fetcher):
+    """LS configured as https on this host and port: the same address over http is another origin."""
+    https_ls = f"https://127.0.0.1:{server.port}"
+    server.route("/data/upload/1/a.png", ok(png()))
+    fetcher = make_fetcher(ls_url=https_ls, auth=LSAuth(LEGACY_TOKEN, https_ls), allowed_hosts={"127.0.0.1"})
+    fetcher.fetch(f"{server.url}/data/upload/1/a.png")
+    assert "Authorization" not in server.requests[0]["headers"]
+
+
+def test_redirect_chain_drops_credentials_once_it_leaves_the_origin(server, other, make_fetcher):
+    third = FakeHTTPServer()
+    try:
+        server.route("/start.png", (302, {"Location": f"{other.url}/mid.png"}, b""))
+        other.route("/mid.png", (302, {"Location": f"{server.url}/final.png"}, b""))
+        server.route("/final.png", ok(png()))
+        make_fetcher().fetch("/start.png")  # LS -> other port (LS issued it: followed) -> back to LS
+        start, final = server.requests
+        assert start["headers"]["Authorization"] == f"Token {LEGACY_TOKEN}"
+        assert "Authorization" not in other.requests[0]["headers"] and "Authorization" not in final["headers"]
+
+        # a hop LS did not issue is checked against the allowed hosts again
+        server.route("/start2.png", (302, {"Location": f"{other.url}/mid2.png"}, b""))
+        other.route("/mid2.png", (302, {"Location": f"{third.url}/x.png"}, b""))
+        with pytest.raises(ImageError) as e:
+            make_fetcher().fetch("/start2.png")
+        assert "refused" in str(e.value) and e.value.url == f"{third.url}/x.png"
+        assert third.requests == []
+    finally:
+        third.close()
+
+
+def test_unreachable_image_names_its_own_origin(server, make_fetcher):
+    dead = f"http://127.0.0.1:{free_port()}"  # LS's host, another port, nothing listening
+    with pytest.raises(ImageError) as e:
+        make_fetcher(allowed_hosts={"127.0.0.1"}, retries=0).fetch(f"{dead}/data/upload/1/a.png")
+    assert f"{dead} not reachable from the backend" in str(e.value) and "LABEL_STUDIO_URL" not in str(e.value)
+
+
+@pytest.mark.parametrize("url", [
+    "http://169.254.169.254/latest/meta-data/iam/", "http://[fe80::1]/a.png", "http://[fd00:ec2::254]/latest/",
+    "http://100.100.100.200/latest/meta-data/", "http://[::ffff:169.254.169.254]/", "http://169.254.170.2/v2/creds",
+    "http://metadata.google.internal/computeMetadata/v1/", "http://imds.test/latest/",
+])
+def test_link_local_and_metadata_hosts_are_refused_unless_allowed(make_fetcher, monkeypatch, url):
+    real = socket.getaddrinfo
+
+    def resolve(host, *args, **kw):  # a name that resolves to the metadata address
+        if host == "imds.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("169.254.169.254", 80))]
+        return real(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    fetcher = make_fetcher(allowed_hosts={"*"})
+    requested = []
+
+    def never(url, **kw):
+        requested.append(url)
+        raise requests.ConnectionError("test: no network")
+
+    monkeypatch.setattr(fetcher._session, "get", never)
+    with pytest.raises(ImageError) as e:
+        fetcher.fetch(url)
+    assert "refused" in str(e.value) and "ALLOW_LINK_LOCAL_IMAGE_HOSTS" in str(e.value)
+    assert requested == []
+    allowed = make_fetcher(allowed_hosts={"*"}, allow_link_local=True, retries=0)
+    monkeypatch.setattr(allowed._session, "get", never)
+    with pytest.raises(ImageError, match="connection failed"):
+        allowed.fetch(url)
+    assert requested == [url]

@@ -7,7 +7,7 @@ import jwt
 import pytest
 
 from backend.errors import LabelStudioAPIError
-from backend.ls_client import LabelStudioClient, LSAuth
+from backend.ls_client import LabelStudioClient, LSAuth, origin
 from tests.backend.fixtures import LEGACY_TOKEN, FakeHTTPServer
 
 JWT_KEY = "test-signing-key-with-at-least-32-bytes!!"
@@ -41,7 +41,7 @@ def pat(server):
 
 def client(server, auth=None, **kw):
     kw.setdefault("backoff", 0.01)
-    return LabelStudioClient(server.url, auth if auth is not None else LSAuth(LEGACY_TOKEN), **kw)
+    return LabelStudioClient(server.url, auth if auth is not None else LSAuth(LEGACY_TOKEN, server.url), **kw)
 
 
 # ---------------------------------------------------------------------------------------- LSAuth
@@ -180,7 +180,8 @@ def test_unreachable_ls():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(LabelStudioAPIError) as e:
-        LabelStudioClient(f"http://127.0.0.1:{port}", LSAuth(LEGACY_TOKEN), retries=1, backoff=0.01).get_task(1)
+        url = f"http://127.0.0.1:{port}"
+        LabelStudioClient(url, LSAuth(LEGACY_TOKEN, url), retries=1, backoff=0.01).get_task(1)
     assert e.value.status is None and "not reachable" in str(e.value)
     with pytest.raises(ValueError, match="http"):
         LabelStudioClient("localhost:8080", None)
@@ -210,3 +211,63 @@ def test_legacy_401_is_not_retried_and_messages_hide_the_key(server, caplog):
     assert e.value.status == 401 and len(server.requests) == 1
     assert "check LABEL_STUDIO_API_KEY" in str(e.value) and "Invalid token ***" in str(e.value)
     assert LEGACY_TOKEN not in str(e.value) and LEGACY_TOKEN not in caplog.text
+
+
+# ---------------------------------------------------------------------------------------- origins
+@pytest.mark.parametrize("url, expected", [
+    ("http://LS.Example.com:8080/api/", "http://ls.example.com:8080"),
+    ("HTTPS://ls.example.com/", "https://ls.example.com:443"),
+    ("https://ls.example.com:443", "https://ls.example.com:443"),
+    ("http://ls.example.com", "http://ls.example.com:80"),
+    ("http://user:pw@ls.example.com:80/x?y=1", "http://ls.example.com:80"),
+    ("http://[::1]:8080/data", "http://[::1]:8080"),
+    ("http://[FE80::1]/", "http://[fe80::1]:80"),
+    ("ftp://ls.example.com/", None), ("/data/upload/1/a.png", None), ("http://ls:99999/", None),
+    ("http:///nohost", None), (None, None),
+])
+def test_origin_is_scheme_host_and_port(url, expected):
+    assert origin(url) == expected
+
+
+def test_a_key_goes_only_to_its_own_origin():
+    auth = LSAuth(LEGACY_TOKEN, "https://ls.example.com")
+    assert auth.origin == "https://ls.example.com:443"
+    assert auth.sends_to("https://LS.example.com:443/data/upload/1/a.png")
+    for url in ("http://ls.example.com/data/upload/1/a.png",      # plain http to an https LS
+                "https://ls.example.com:8443/a.png",             # another port of the same host
+                "https://evil.example.com/a.png", "/data/upload/1/a.png"):
+        assert not auth.sends_to(url), url
+    assert not LSAuth(LEGACY_TOKEN).sends_to("http://ls.example.com/")  # a key made without a URL goes nowhere
+    with pytest.raises(ValueError, match="belongs to https://ls.example.com:443"):
+        LabelStudioClient("http://ls.example.com", auth)
+    with pytest.raises(ValueError, match="no URL"):
+        LabelStudioClient("http://ls.example.com", LSAuth(LEGACY_TOKEN))
+
+
+def test_redirects_leaving_the_origin_drop_the_key(server):
+    other = FakeHTTPServer()  # same host (127.0.0.1), another port: another origin
+    try:
+        server.route("/api/projects/1/", (302, {"Location": f"{other.url}/api/projects/1/"}, b""))
+        other.route("/api/projects/1/", (200, {}, {"id": 1}))
+        assert client(server).get_project(1) == {"id": 1}
+        assert server.requests[0]["headers"]["Authorization"] == f"Token {LEGACY_TOKEN}"
+        assert "Authorization" not in other.requests[0]["headers"]
+    finally:
+        other.close()
+    # requests alone keeps the header on an http -> https upgrade of the same host: a new origin
+    session = client(server)._session
+    assert session.should_strip_auth("http://ls.example.com/api/", "https://ls.example.com/api/")
+    assert session.should_strip_auth("https://ls.example.com/api/", "https://ls.example.com:8443/api/")
+    assert not session.should_strip_auth("https://ls.example.com/api/", "https://LS.example.com:443/api/x")
+
+
+def test_pat_refresh_is_never_redirected(server, pat):
+    other = FakeHTTPServer()
+    try:
+        server.route("/api/token/refresh/", (307, {"Location": f"{other.url}/api/token/refresh/"}, b""))
+        with pytest.raises(LabelStudioAPIError) as e:
+            LSAuth(pat["pat"], server.url).headers()
+        assert e.value.status == 307 and "redirected" in str(e.value) and pat["pat"] not in str(e.value)
+        assert other.requests == []  # a 307 would have carried the PAT in the body
+    finally:
+        other.close()

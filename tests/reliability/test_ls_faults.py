@@ -108,7 +108,8 @@ def test_api_errors_are_bounded_and_never_echo_the_key(fake_ls, sleeps):
 
 
 def test_prediction_post_when_label_studio_is_unreachable(sleeps):
-    dead = LabelStudioClient(f"http://127.0.0.1:{free_port()}", LSAuth(LEGACY_TOKEN))
+    url = f"http://127.0.0.1:{free_port()}"
+    dead = LabelStudioClient(url, LSAuth(LEGACY_TOKEN, url))
     with pytest.raises(LabelStudioAPIError) as err:
         dead.create_prediction(1, [], 0.0, "ntt-x")
     assert err.value.status is None and "not reachable" in str(err.value)

@@ -185,6 +185,62 @@ def test_predict_refuses_foreign_image_hosts_per_task(embedded, hosts, fake_ls):
     assert internal.requests == []
 
 
+def test_link_local_and_metadata_are_refused_even_with_any_host_allowed(embedded, fake_ls):
+    client = embedded(allowed_image_hosts=("*",))
+    fill_bank(PID)
+    items = client.post("/predict", json={"project": f"{PID}.1", "label_config": CONFIG_XML, "tasks": [
+        {"id": 1, "data": {"image": "http://169.254.169.254/latest/meta-data/iam/security-credentials/"}},
+        {"id": 2, "data": {"image": "http://[fe80::a9fe:a9fe]/latest/meta-data/"}}]}).json["results"]
+    assert "cloud metadata address" in items[0]["error"] and "link-local address" in items[1]["error"], items
+    assert all("refused" in i["error"] and "result" not in i for i in items)
+
+
+# ------------------------------------------------------------------------------------ key origins
+ENV_KEY = "e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0"
+SETUP_TOKEN = "5e75e75e75e75e75e75e75e75e75e75e75e75e7a"
+
+
+def _setup_and_predict(client, hostname: str, token: str | None, task: dict) -> dict:
+    body = {"project": f"{PID}.1717", "schema": CONFIG_XML, "hostname": hostname}
+    if token:
+        body["access_token"] = token
+    assert client.post("/setup", json=body).status_code == 200
+    return client.post("/predict", json={"project": f"{PID}.1717", "label_config": CONFIG_XML,
+                                         "tasks": [task]}).json["results"][0]
+
+
+def test_setup_never_sends_the_env_key_to_a_host_it_names(embedded):
+    """Only LABEL_STUDIO_API_KEY is set: /setup's hostname gets its own token, never that key."""
+    named = FakeLabelStudio(token=SETUP_TOKEN)  # the host a /setup names (127.0.0.1, its own port)
+    try:
+        client = embedded(label_studio_url=None, label_studio_api_key=ENV_KEY)
+        fill_bank(PID)
+        named.add_task(1)
+        named.add_task(2)
+        assert "HTTP 401" in _setup_and_predict(client, named.url, None, named.tasks[1])["error"]
+        assert "result" in _setup_and_predict(client, named.url, SETUP_TOKEN, named.tasks[2])
+        seen = {auth for _, _, auth in named.requests}
+        assert None in seen and f"Token {SETUP_TOKEN}" in seen and f"Token {ENV_KEY}" not in seen
+    finally:
+        named.close()
+
+
+def test_setup_token_goes_only_to_its_own_hostname(embedded, fake_ls):
+    """LABEL_STUDIO_URL without a key: /setup's token is used only when its hostname is that origin."""
+    fake_ls.token = SETUP_TOKEN
+    client = embedded(label_studio_api_key=None)  # LABEL_STUDIO_URL = fake_ls.url (127.0.0.1)
+    fill_bank(PID)
+    port = fake_ls.server.server_address[1]
+    fake_ls.add_task(1)
+    fake_ls.add_task(2)
+    item = _setup_and_predict(client, f"http://localhost:{port}", SETUP_TOKEN, fake_ls.tasks[1])
+    assert "HTTP 401" in item["error"] and "LABEL_STUDIO_API_KEY" in item["error"]
+    assert fake_ls.hits("GET", r"/img1\.png$")[0][2] is None
+    # the same origin spelled differently (upper-case scheme, trailing slash) is that origin
+    assert "result" in _setup_and_predict(client, f"HTTP://127.0.0.1:{port}/", SETUP_TOKEN, fake_ls.tasks[2])
+    assert fake_ls.hits("GET", r"/img2\.png$")[0][2] == f"Token {SETUP_TOKEN}"
+
+
 # ------------------------------------------------------------------------------------ local files
 def test_local_files_cannot_escape_the_document_root(tmp_path):
     root = tmp_path / "root"
