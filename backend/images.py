@@ -20,7 +20,6 @@ import io
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urljoin, urlsplit
@@ -31,7 +30,7 @@ from PIL import Image, ImageOps
 
 from model.atomic import atomic_write
 from backend.errors import ImageError, LabelStudioAPIError, redact_url
-from backend.ls_client import LSAuth
+from backend.ls_client import LSAuth, retrying_session
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +69,8 @@ class ImageFetcher:
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes
         self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
         self._ls_host = _host(self.ls_url) if self.ls_url else None
-        self._session = requests.Session()
+        self._session = retrying_session(retries, backoff)  # the LS client's policy (GETs: idempotent)
         self._evict_lock = threading.Lock()
         if max_cache_bytes > 0:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -152,7 +149,7 @@ class ImageFetcher:
     def _download(self, target: str) -> bytes:
         """Bytes at `target`; errors name the URL of the hop that failed."""
         url, trusted = target, False
-        attempt = redirects = 0
+        redirects = 0
         refreshed = False
         while True:
             is_ls = self._is_ls(url)
@@ -165,10 +162,6 @@ class ImageFetcher:
                 resp = self._session.get(url, headers=headers, timeout=self.timeout, stream=True,
                                          allow_redirects=False)
             except (requests.ConnectionError, requests.Timeout) as e:
-                if attempt < self.retries:
-                    self._sleep(attempt)
-                    attempt += 1
-                    continue
                 hint = "LABEL_STUDIO_URL not reachable from the backend" if is_ls else "host not reachable"
                 raise ImageError(url, f"connection failed ({type(e).__name__})", hint=hint) from None
             with resp:
@@ -183,10 +176,6 @@ class ImageFetcher:
                     self._auth_headers(url, rejected=headers)
                     refreshed = True
                     continue
-                if (status == 429 or status >= 500) and attempt < self.retries:
-                    self._sleep(attempt)
-                    attempt += 1
-                    continue
                 if status != 200:
                     raise ImageError(url, "download failed", status=status)
                 return self._read_body(resp, url)
@@ -196,9 +185,6 @@ class ImageFetcher:
             return self.auth.headers(rejected=rejected)
         except LabelStudioAPIError as e:
             raise ImageError(url, str(e), status=e.status) from None
-
-    def _sleep(self, attempt: int) -> None:
-        time.sleep(self.backoff * 2 ** attempt)
 
     def _read_body(self, resp: requests.Response, url: str) -> bytes:
         declared = resp.headers.get("content-length")
