@@ -1,4 +1,4 @@
-"""WSGI entry point: `gunicorn --bind :9090 --workers 1 --threads 8 --timeout 0 _wsgi:app`."""
+"""WSGI entry point: `gunicorn --bind :9090 --config python:backend.gunicorn_conf _wsgi:app`."""
 import logging
 
 from backend import runtime

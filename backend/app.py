@@ -2,7 +2,7 @@
 
 It never loads a model. Run it threaded, one process (no --preload needed, nothing heavy at import):
 
-    gunicorn --bind :9090 --workers 1 --threads 8 --timeout 0 _wsgi:app
+    gunicorn --bind :9090 --config python:backend.gunicorn_conf _wsgi:app   (WEB_THREADS threads)
 
 Routes (protocol: LS 1.23; timeouts LS applies: /health 1 s, /setup 3 s, /predict 100 s, webhooks 1 s):
 
@@ -14,7 +14,9 @@ Routes (protocol: LS 1.23; timeouts LS applies: /health 1 s, /setup 3 s, /predic
                      (store.claim(delivery_key, "api")), which post its prediction through the LS API
                      later; its item here has no "result" key, and so has a failed task's item
                      ({"model_version", "error"}): LS 1.23 skips such items instead of storing an
-                     empty prediction, so the task is predicted again next time.
+                     empty prediction, so the task is predicted again next time. At most
+                     WEB_THREADS - 2 calls wait at once (Settings.predict_waiting_calls); the others
+                     hand over at once, so LS's /health and /setup always find a free thread.
 * POST /webhook      annotation / project events -> a "bank" job; 201 at once. While Redis is down
                      the job goes to a durable spool (202 {"status": "spooled"}) that a background
                      thread replays when Redis is back.
@@ -137,6 +139,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     spool = queueing.Spool(settings.spool_dir)
     replayer = queueing.SpoolReplayer(spool, settings) if settings.redis_url else None
     app.extensions["ntt"] = {"settings": settings, "metrics": metrics, "spool": spool, "replayer": replayer}
+    wait_slots = threading.BoundedSemaphore(settings.predict_waiting_calls)  # see _wait
 
     def error(status: int, message: str, headers: dict | None = None) -> Response:
         resp = jsonify({"error": message})
@@ -282,16 +285,30 @@ def create_app(settings: Settings | None = None) -> Flask:
             pending[i] = (job_id, key)
             metrics.inc("jobs_enqueued predict")
 
-        pause = POLL_START_S
-        while pending and time.monotonic() < deadline:
-            _collect(pending, items, mv)
-            if pending:
-                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-                pause = min(pause * 1.5, POLL_MAX_S)
+        _wait(pending, items, mv, deadline)
         _collect(pending, items, mv)
         if pending:
             _hand_over(pid, pending, items, mv)
         return items
+
+    def _wait(pending: dict[int, tuple[str, str]], items: list, mv: str, deadline: float) -> None:
+        """Collect results until `deadline`, on one of the bounded waiting slots: with every slot
+        taken the call does not wait (its jobs are handed over at once), so waiting /predict calls
+        never take the web threads /health and /setup need."""
+        if not pending:
+            return
+        if not wait_slots.acquire(blocking=False):
+            metrics.inc("predict_calls_not_waited")
+            return
+        try:
+            pause = POLL_START_S
+            while pending and time.monotonic() < deadline:
+                _collect(pending, items, mv)
+                if pending:
+                    time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+                    pause = min(pause * 1.5, POLL_MAX_S)
+        finally:
+            wait_slots.release()
 
     def _collect(pending: dict[int, tuple[str, str]], items: list, mv: str) -> None:
         """Move finished/failed jobs from `pending` into `items`."""

@@ -26,7 +26,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urljoin, urlsplit
@@ -37,7 +36,7 @@ from PIL import Image, ImageOps
 
 from model.atomic import atomic_write
 from backend.errors import ImageError, LabelStudioAPIError, redact_url
-from backend.ls_client import LSAuth, origin
+from backend.ls_client import LSAuth, origin, retrying_session
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +110,9 @@ class ImageFetcher:
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes
         self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
         self.allow_link_local = allow_link_local
         self._ls_origin = origin(self.ls_url)
-        self._session = requests.Session()
+        self._session = retrying_session(retries, backoff)  # the LS client's policy (GETs: idempotent)
         self._evict_lock = threading.Lock()
         if max_cache_bytes > 0:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -195,7 +192,7 @@ class ImageFetcher:
     def _download(self, target: str) -> bytes:
         """Bytes at `target`; errors name the URL of the hop that failed."""
         url, trusted, left_origin = target, False, False
-        attempt = redirects = 0
+        redirects = 0
         refreshed = False
         while True:
             is_ls = self._is_ls(url)
@@ -207,10 +204,6 @@ class ImageFetcher:
                 resp = self._session.get(url, headers=headers, timeout=self.timeout, stream=True,
                                          allow_redirects=False)
             except (requests.ConnectionError, requests.Timeout) as e:
-                if attempt < self.retries:
-                    self._sleep(attempt)
-                    attempt += 1
-                    continue
                 where = "LABEL_STUDIO_URL" if is_ls else origin(url)
                 raise ImageError(url, f"connection failed ({type(e).__name__})",
                                  hint=f"{where} not reachable from the backend") from None
@@ -225,10 +218,6 @@ class ImageFetcher:
                 if status == 401 and headers and self.auth.refreshable and not refreshed:
                     self._auth_headers(url, rejected=headers)
                     refreshed = True
-                    continue
-                if (status == 429 or status >= 500) and attempt < self.retries:
-                    self._sleep(attempt)
-                    attempt += 1
                     continue
                 if status != 200:
                     raise ImageError(url, "download failed", status=status,
@@ -262,9 +251,6 @@ class ImageFetcher:
             return self.auth.headers(rejected=rejected)
         except LabelStudioAPIError as e:
             raise ImageError(url, str(e), status=e.status) from None
-
-    def _sleep(self, attempt: int) -> None:
-        time.sleep(self.backoff * 2 ** attempt)
 
     def _read_body(self, resp: requests.Response, url: str) -> bytes:
         declared = resp.headers.get("content-length")

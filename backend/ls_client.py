@@ -1,8 +1,9 @@
 """Authentication against Label Studio and the few REST calls the backend makes.
 
 Plain `requests` rather than the SDK client: the SDK reads LABEL_STUDIO_API_KEY at import time and
-raises at construction for an expired personal access token, and we need bounded retries and
-messages that never contain the key.
+raises at construction for an expired personal access token, and we need one retry policy that
+never repeats a write Label Studio may have committed (`LSRetry`) and messages that never contain
+the key.
 
 Two kinds of API key exist (LS docs "access tokens"; ls_protocol.md §4.2):
 * legacy token (opaque, usually 40 hex): `Authorization: Token <key>`;
@@ -24,7 +25,8 @@ from urllib.parse import urlsplit
 
 import jwt
 import requests
-from urllib3.exceptions import NewConnectionError
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from backend.errors import LabelStudioAPIError
 
@@ -155,17 +157,50 @@ class LSAuth:
         log.debug("refreshed Label Studio access token")
 
 
-def _never_sent(e: requests.RequestException) -> bool:
-    """True when the request cannot have reached the server (safe to retry a POST)."""
-    reason = getattr(e.args[0], "reason", None) if e.args else None
-    return isinstance(e, requests.ConnectTimeout) or isinstance(reason, NewConnectionError)
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "PATCH", "DELETE"})
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+RETRY_AFTER_MAX_S = 60
+
+
+class LSRetry(Retry):
+    """urllib3's Retry with the one policy for requests to Label Studio (and image hosts).
+
+    * Every method is retried when the connection could not be made (urllib3 counts only those as
+      connect errors: the request was never sent).
+    * Idempotent methods (GET, PATCH, DELETE: a repeat changes nothing more) are also retried on a
+      read error (read timeout, connection dropped) and on 429, 500, 502, 503, 504.
+    * A POST (creating predictions, importing) is retried only when Label Studio refused it: 429,
+      or 503 with Retry-After. Not on 502/504 or a read timeout: a proxy's 502/504 may come while
+      LS goes on committing it, and a repeat would duplicate the predictions.
+    * The wait is Retry-After when the answer has one (at most RETRY_AFTER_MAX_S), else
+      exponential: the first retry at once, then backoff * 2, * 4, ...
+    * TLS and other errors are not retried; a 401 is left to the caller (a PAT refresh).
+    """
+
+    RETRY_AFTER_STATUS_CODES = frozenset({429, 503})
+
+    def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
+        if method.upper() in self.allowed_methods:
+            return super().is_retry(method, status_code, has_retry_after)
+        return status_code == 429 or (status_code == 503 and has_retry_after)  # refused, not committed
+
+
+def retrying_session(retries: int, backoff: float) -> requests.Session:
+    """An OriginSession whose every request follows LSRetry, at most `retries` retries; the last
+    answer is returned when they are spent (its status, not an exception)."""
+    policy = LSRetry(total=retries, other=0, allowed_methods=IDEMPOTENT_METHODS, status_forcelist=RETRY_STATUSES,
+                     backoff_factor=backoff, raise_on_status=False, retry_after_max=RETRY_AFTER_MAX_S)
+    session = OriginSession()
+    adapter = HTTPAdapter(max_retries=policy)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
 
 
 class LabelStudioClient:
-    """The REST calls the backend needs. Retries connection errors, 5xx and 429 with exponential
-    backoff (bounded by `retries`); a POST is only retried when it cannot have been processed
-    (connection never made, or 429/502/503/504), so predictions are not created twice.
-    `auth` must belong to `url`'s origin; a redirect elsewhere is followed without it."""
+    """The REST calls the backend needs, with LSRetry's policy (at most `retries` retries), so
+    predictions are never created twice by a retry. `auth` must belong to `url`'s origin; a
+    redirect elsewhere is followed without it."""
 
     def __init__(self, url: str, auth: LSAuth | None, timeout: tuple[float, float] = (5, 30),
                  retries: int = 3, backoff: float = 0.5):
@@ -176,38 +211,30 @@ class LabelStudioClient:
         self.url = url.rstrip("/")
         self.auth = auth
         self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
-        self._session = OriginSession()
+        self._session = retrying_session(retries, backoff)
 
-    def _sleep(self, attempt: int) -> None:
-        time.sleep(self.backoff * 2 ** attempt)
-
-    def _request(self, method: str, path: str, *, params: dict | None = None, json: Any = None,
-                 post_retry_statuses: tuple[int, ...] = (429, 502, 503, 504)) -> Any:
+    def _request(self, method: str, path: str, *, params: dict | None = None, json: Any = None) -> Any:
+        """The JSON answer of one call. Retries happen below, in the session (LSRetry); a 401 to a
+        PAT's access token is answered with one refresh and one more try (LS refused it: safe even
+        for a POST)."""
         url = f"{self.url}/{path}"
         what = f"{method} /{path}"
         headers = self.auth.headers() if self.auth else {}
-        attempt, refreshed = 0, False
+        refreshed = False
         while True:
             try:
                 resp = self._session.request(method, url, params=params, json=json, headers=headers,
                                              timeout=self.timeout)
+            except requests.ReadTimeout:
+                raise LabelStudioAPIError(f"{what}: no answer within {self.timeout[1]:g} s (ReadTimeout)"
+                                          + ("; not repeated, Label Studio may have applied it"
+                                             if method == "POST" else "")) from None
             except (requests.ConnectionError, requests.Timeout) as e:
-                if attempt < self.retries and (method != "POST" or _never_sent(e)):
-                    self._sleep(attempt)
-                    attempt += 1
-                    continue
                 raise LabelStudioAPIError(f"{what} failed ({type(e).__name__}); LABEL_STUDIO_URL not "
                                           "reachable from the backend") from None
             status = resp.status_code
             if status == 401 and self.auth is not None and self.auth.refreshable and not refreshed:
                 headers, refreshed = self.auth.headers(rejected=headers), True
-                continue
-            if (status == 429 or status >= 500) and attempt < self.retries and (
-                    method != "POST" or status in post_retry_statuses):
-                self._sleep(attempt)
-                attempt += 1
                 continue
             if status >= 400:
                 detail = resp.text[:300]
@@ -276,9 +303,7 @@ class LabelStudioClient:
     def import_predictions(self, project_id: int, items: list[dict]) -> int:
         """Create many predictions in one request ({task, result, score, model_version} each);
         returns how many LS created."""
-        # a 502/504 may come from a proxy while LS goes on importing: not resent, or it would import twice
-        body = self._request("POST", f"api/projects/{int(project_id)}/import/predictions", json=items,
-                             post_retry_statuses=(429, 503))
+        body = self._request("POST", f"api/projects/{int(project_id)}/import/predictions", json=items)
         return int(body.get("created", 0)) if isinstance(body, dict) else 0
 
     def delete_model_version(self, project_id: int, model_version: str) -> int:

@@ -17,6 +17,9 @@ from urllib.parse import urlsplit
 from model.catalog import DINO_MODELS, SAM_MODELS, checkpoint_filename
 from model.options import MethodOptions
 
+WEB_THREADS_FREE = 2  # web threads /predict never waits on: LS's /health (1 s timeout) and /setup (3 s)
+
+
 class SettingsError(ValueError):
     """A bad environment variable; the message names it."""
 
@@ -231,6 +234,11 @@ class Settings:
         "per task, when every prediction of those versions belongs to a re-posted task (projects of up to "
         "20,000 predictions).", _bool,
         default_doc="`1`")
+    web_threads: int = _var(
+        "WEB_THREADS", 8, "Threads of the gunicorn web process (backend/gunicorn_conf.py), one per request "
+        "in progress. /predict calls wait for results on at most WEB_THREADS - 2 of them, so /health and "
+        "/setup always find one free; further concurrent calls answer at once and the workers post their "
+        "predictions to Label Studio.", _positive_int, default_doc="`8`")
     predict_budget_s: float = _var(
         "PREDICT_BUDGET_S", 80.0, "Time /predict waits for results; later ones are posted to Label "
         "Studio by the workers. Keep it under LS's ML_TIMEOUT_PREDICT (100 s).", _positive_float,
@@ -309,6 +317,12 @@ class Settings:
     def spool_dir(self) -> Path:
         """Webhooks received while Redis was down wait here (see backend.app)."""
         return self.model_dir / "spool"
+
+    @property
+    def predict_waiting_calls(self) -> int:
+        """/predict calls that may hold a web thread waiting for results: all threads but the
+        WEB_THREADS_FREE kept for /health and /setup."""
+        return max(0, self.web_threads - WEB_THREADS_FREE)
 
     @property
     def auth_enabled(self) -> bool:

@@ -57,4 +57,4 @@ fi
 if [ "$ROLE" = worker ]; then
   exec "$PY" -m backend.worker "${@:2}"
 fi
-exec "$VENV/bin/gunicorn" --bind "0.0.0.0:${PORT:-9090}" --workers 1 --threads 8 --timeout 0 _wsgi:app
+exec "$VENV/bin/gunicorn" --bind "0.0.0.0:${PORT:-9090}" --config python:backend.gunicorn_conf _wsgi:app

@@ -25,7 +25,7 @@ from env_table import readme_table  # noqa: E402
 DOCKER = ROOT / "docker"
 DOCKERFILE = (DOCKER / "Dockerfile").read_text()
 README = (ROOT / "README.md").read_text()
-SERVER_ARGS = "--workers 1 --threads 8 --timeout 0 _wsgi:app"
+SERVER_ARGS = "--config python:backend.gunicorn_conf _wsgi:app"
 
 
 def lint_tool(name: str, env_var: str) -> str:
@@ -179,3 +179,16 @@ def test_entry_points_are_the_documented_ones() -> None:
     run_backend = (ROOT / "scripts" / "run_backend.sh").read_text()
     assert f'--bind "0.0.0.0:${{PORT:-9090}}" {SERVER_ARGS}' in run_backend
     assert SERVER_ARGS in README
+
+
+def test_gunicorn_threads_are_web_threads() -> None:
+    """The web process's thread count is WEB_THREADS, which /predict's bound on waiting calls is
+    derived from; a contradicting --threads is refused at start."""
+    env = {**os.environ, "WEB_THREADS": "5"}
+    gunicorn = [sys.executable, "-m", "gunicorn", "--config", "python:backend.gunicorn_conf"]
+    shown = subprocess.run([*gunicorn, "--print-config", "_wsgi:app"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert re.search(r"^threads\s+= 5$", shown.stdout, re.M) and re.search(r"^workers\s+= 1$", shown.stdout, re.M)
+    refused = subprocess.run([*gunicorn, "--threads", "8", "--bind", "127.0.0.1:0", "--no-control-socket",
+                              "_wsgi:app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "differs from WEB_THREADS=5" in refused.stderr

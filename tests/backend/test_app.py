@@ -279,6 +279,23 @@ def test_predict_late_results_are_handed_to_the_workers(make_app, jobs):
     assert jobs.posted == [2]  # the job delivered through the LS API, not to the closed request
 
 
+def test_predict_over_the_waiting_bound_hands_over_at_once(make_app, jobs):
+    """With every waiting slot taken (WEB_THREADS=2 leaves none) a call does not wait out its budget:
+    its running jobs are handed to the workers at once, as if the budget had run out."""
+    app = make_app(predict_budget_s=60, web_threads=2)
+    c = app.test_client()
+    fill_bank()
+    jobs.holds[2] = threading.Event()
+    t0 = time.perf_counter()
+    resp = c.post("/predict", json={**PREDICT_BODY, "tasks": PREDICT_BODY["tasks"][1:]})
+    assert time.perf_counter() - t0 < 30  # far from the 60 s budget
+    (late,) = resp.get_json()["results"]
+    assert "result" not in late and late["status"] == "deferred"
+    assert c.get("/metrics").get_json()["predict_calls_not_waited"] == 1
+    jobs.holds[2].set()
+    assert wait_job(late["job"]).result == {"delivered": "api"} and jobs.posted == [2]
+
+
 def test_predict_waits_for_a_job_that_already_claimed_the_web_delivery(make_app, jobs):
     c = make_app(predict_budget_s=0.2).test_client()
     fill_bank()

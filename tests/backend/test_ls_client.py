@@ -165,12 +165,16 @@ def test_get_retries_5xx_and_429(server):
     assert e.value.status == 500 and len(server.hits("/api/projects/2/")) == 3
 
 
-def test_post_is_not_retried_when_it_may_have_been_processed(server):
-    server.route("/api/predictions/", (500, {}, {"detail": "boom"}))
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_post_is_not_retried_when_it_may_have_been_processed(server, status):
+    server.route("/api/predictions/", (status, {}, {"detail": "boom"}))
     with pytest.raises(LabelStudioAPIError) as e:
         client(server).create_prediction(1, [], 0.0, "v")
-    assert e.value.status == 500 and len(server.requests) == 1
-    server.route("/api/predictions/", (503, {}, b""), (201, {}, {"id": 5}))
+    assert e.value.status == status and len(server.requests) == 1
+
+
+def test_post_is_retried_when_label_studio_refused_it(server):
+    server.route("/api/predictions/", (429, {}, b""), (503, {"Retry-After": "0"}, b""), (201, {}, {"id": 5}))
     assert client(server).create_prediction(1, [], 0.0, "v") == {"id": 5}
     assert len(server.requests) == 3
 

@@ -349,8 +349,8 @@ class Backend:
         logs = work_dir / "logs"
         worker = ManagedProcess.spawn("rq-worker", [sys.executable, "-m", "backend.worker"], env,
                                       logs / "backend-worker.log")
-        gunicorn = ["gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "8",
-                    "--timeout", "0", "--no-control-socket", "_wsgi:app"]  # the README's command
+        gunicorn = ["gunicorn", "--bind", f"127.0.0.1:{port}", "--config", "python:backend.gunicorn_conf",
+                    "--no-control-socket", "_wsgi:app"]  # the README's command
         web = ManagedProcess.spawn("web", [sys.executable, "-m", *gunicorn], env, logs / "backend-web.log")
         backend = cls(f"http://127.0.0.1:{port}", web, worker, redis_url, prefix)
         try:

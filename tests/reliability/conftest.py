@@ -124,7 +124,8 @@ class FakeLabelStudio(bench_ls.FakeLabelStudio):
       (`Bearer`), accepted like the legacy `token` (None: no legacy token works);
     * `fail(method, path_regex, *outcomes)`: the next matching requests get these outcomes in
       order (an int = that HTTP status, with a body that echoes the Authorization header, as a
-      careless proxy might, and so does a 401; "drop" = connection closed without an answer);
+      careless proxy might, and so does a 401; (status, headers) = the same with these headers,
+      e.g. Retry-After; "drop" = connection closed without an answer);
     * `hold(path_regex)`: matching requests wait until the returned Event is set (`arrived` tells
       that one came in), so a test can act while a worker is inside a job;
     * `redirect(path_regex, location)`: 302 to another host (presigned storage, or an attacker's hop);
@@ -217,11 +218,13 @@ class FakeLabelStudio(bench_ls.FakeLabelStudio):
         for pattern, location in list(self.redirects):
             if pattern.search(req.target):
                 return Reply(302, b"", None, {"Location": location})
-        outcome = self._fault(method, req.target)
+        outcome, headers = self._fault(method, req.target), None
+        if isinstance(outcome, tuple):
+            outcome, headers = outcome
         if outcome == "drop":
             return DROP
         if isinstance(outcome, int):
-            return Reply(outcome, {"detail": f"injected {outcome}", "seen_authorization": auth})
+            return Reply(outcome, {"detail": f"injected {outcome}", "seen_authorization": auth}, headers=headers)
         if method == "POST" and req.path == "/api/token/refresh/":
             return self._refresh(req)
         return super().dispatch(req)

@@ -1,18 +1,25 @@
-"""Load on loopback: concurrent /predict batches, webhooks, /health and /setup for 60 s.
+"""Load on loopback, through the production server model: the web app in gunicorn started as
+scripts/run_backend.sh starts it (backend/gunicorn_conf.py: one process, WEB_THREADS threads), RQ
+on a private redis-server, and one RQ SimpleWorker (in a thread of this process) running fake jobs,
+so the figures are those of the web layer and the queue.
 
-The production shape, minus the models: the web app on a real threaded HTTP server (werkzeug),
-RQ on a private redis-server, and one RQ SimpleWorker (in a thread of this process) running fast
-fake jobs (20 ms per prediction), so the figures are those of the web layer and the queue.
-Request counts are bounded per client. Asserted: 0 failed requests, p99 of /health and /setup
-under 100 ms; the p50/p99 of every route are printed (docs/operations.md quotes them).
-NTT_LOAD_SECONDS shortens the run for a quick local check.
+* 60 s of concurrent /predict batches (20 ms per prediction), webhooks, /health and /setup.
+  Request counts are bounded per client. Asserted: 0 failed requests, p99 of /health and /setup
+  under 100 ms; the p50/p99 of every route are printed (docs/operations.md quotes them).
+  NTT_LOAD_SECONDS shortens the run for a quick local check.
+* 16 concurrent /predict calls whose jobs cannot finish (they wait on an event the test holds):
+  /health and /setup are answered while all of them are still held.
 """
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import requests
@@ -20,7 +27,8 @@ from rq import Queue, SimpleWorker
 from rq.timeouts import TimerDeathPenalty
 
 from backend import queueing
-from tests.reliability.conftest import CONFIG_XML, mark_bank_filled, serving
+from backend.settings import Settings
+from tests.reliability.conftest import CONFIG_XML, ROOT, FakeJobs, free_port, mark_bank_filled, wait_for
 
 PID = 1
 DURATION_S = float(os.environ.get("NTT_LOAD_SECONDS", "60"))
@@ -38,6 +46,57 @@ class ThreadWorker(SimpleWorker):
         pass
 
 
+@contextmanager
+def rq_worker(settings: Settings, conn):
+    """One ThreadWorker on both queues of `settings`, running the (fake) jobs in this process."""
+    worker = ThreadWorker([Queue(settings.queue_name(q), connection=conn) for q in queueing.QUEUES],
+                          connection=conn)
+    thread = threading.Thread(target=worker.work, kwargs={"logging_level": "WARNING"}, daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker._stop_requested = True
+        queueing.enqueue("backend.jobs.refresh_project", PID, queue="predict")  # wakes it up to stop
+        thread.join(10)
+
+
+@contextmanager
+def gunicorn_web(redis_url: str, workdir: Path, **env: str):
+    """The web process as scripts/run_backend.sh starts it (same gunicorn config), on a free
+    loopback port, with REDIS_URL; yields its base URL. Its log is printed if the test fails."""
+    port = free_port()
+    log_path = workdir / "gunicorn.log"
+    environ = {**os.environ, "REDIS_URL": redis_url, "MODEL_DIR": str(workdir / "web"), "LOG_LEVEL": "WARNING",
+               **env}
+    cmd = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--config", "python:backend.gunicorn_conf",
+           "--no-control-socket", "_wsgi:app"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, f"gunicorn exited:\n{log_path.read_text()[-3000:]}"
+        try:
+            return requests.get(base + "/health", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_for(up, 60, "gunicorn to answer /health")
+        yield base
+    except BaseException:
+        print(log_path.read_text()[-5000:])
+        raise
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _predict_body(n: int) -> dict:
     return {"project": f"{PID}.1717", "label_config": CONFIG_XML,
             "tasks": [{"id": n * TASKS_PER_BATCH + i, "data": {"image": f"/data/upload/1/{n}-{i}.png"}}
@@ -49,17 +108,12 @@ def _webhook_body(n: int) -> dict:
             "annotation": {"id": n, "task": 1, "result": []}, "task": {"id": 1, "data": {"image": "/x.png"}}}
 
 
-def test_sixty_seconds_of_concurrent_traffic(make_app, fake_jobs, private_redis):
+def test_sixty_seconds_of_concurrent_traffic(make_app, fake_jobs, private_redis, tmp_path):
     fake_jobs.delay_s = 0.02
     server = private_redis()
-    app = make_app(redis_url=server.url, predict_budget_s=20.0)
+    app = make_app(redis_url=server.url)
     settings = app.extensions["ntt"]["settings"]
     mark_bank_filled(PID)
-    conn = server.client()
-    worker = ThreadWorker([Queue(settings.queue_name(q), connection=conn) for q in queueing.QUEUES],
-                          connection=conn)
-    worker_thread = threading.Thread(target=worker.work, kwargs={"logging_level": "WARNING"}, daemon=True)
-    worker_thread.start()
 
     latencies: dict[str, list[float]] = defaultdict(list)
     failures: list[str] = []
@@ -106,20 +160,16 @@ def test_sixty_seconds_of_concurrent_traffic(make_app, fake_jobs, private_redis)
                          json={"project": f"{PID}.1717", "schema": CONFIG_XML})
                 time.sleep(pause)
 
-    try:
-        with serving(app) as base:
-            threads = [threading.Thread(target=client, args=(kind, i, base))
-                       for kind, (count, _, _) in CLIENTS.items() for i in range(count)]
-            t0 = time.monotonic()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(DURATION_S + 60)
-            elapsed = time.monotonic() - t0
-    finally:
-        worker._stop_requested = True
-        queueing.enqueue("backend.jobs.refresh_project", PID, queue="predict")  # wakes it up to stop
-        worker_thread.join(10)
+    with rq_worker(settings, server.client()), \
+            gunicorn_web(server.url, tmp_path, PREDICT_BUDGET_S="20") as base:
+        threads = [threading.Thread(target=client, args=(kind, i, base))
+                   for kind, (count, _, _) in CLIENTS.items() for i in range(count)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(DURATION_S + 60)
+        elapsed = time.monotonic() - t0
 
     print(f"\nload: {elapsed:.0f} s, {sum(map(len, latencies.values()))} requests, "
           f"{len(fake_jobs.calls)} jobs run, {len(failures)} failed")
@@ -132,3 +182,77 @@ def test_sixty_seconds_of_concurrent_traffic(make_app, fake_jobs, private_redis)
     for route in ("GET /health", "POST /setup"):
         assert len(latencies[route]) > 100 and np.percentile(latencies[route], 99) < 0.100, route
     assert len(latencies["POST /predict"]) > 10 and len(latencies["POST /webhook"]) > 10
+
+
+SLOW_CALLS = 16
+
+
+def test_health_answers_while_sixteen_slow_predict_calls_are_held(make_app, fake_jobs, private_redis, tmp_path,
+                                                                  monkeypatch):
+    """LS opening 16 tasks of slow images at once must not starve /health (its timeout: 1 s).
+    The jobs wait on `gate`: none finishes while /health and /setup are asked. At most
+    WEB_THREADS - 2 calls wait for results; the others answer at once with "deferred" items
+    (the workers post those predictions through the LS API later)."""
+    server = private_redis()
+    settings = make_app(redis_url=server.url).extensions["ntt"]["settings"]
+    mark_bank_filled(PID)
+    gate = threading.Event()
+
+    def slow_predict(pid, task, label_config, delivery_key=None):
+        assert gate.wait(120), "the test never released the jobs"
+        return FakeJobs.predict_task(fake_jobs, pid, task, label_config, delivery_key)
+
+    monkeypatch.setattr(fake_jobs.module, "predict_task", slow_predict)
+    answers: dict[int, dict] = {}
+    lock = threading.Lock()
+
+    def call(base: str, n: int) -> None:
+        body = {"project": f"{PID}.1717", "label_config": CONFIG_XML,
+                "tasks": [{"id": n, "data": {"image": f"/data/upload/1/slow-{n}.jpg"}}]}
+        resp = requests.post(base + "/predict", json=body, timeout=120)
+        with lock:
+            answers[n] = {"status": resp.status_code, **resp.json()}
+
+    def answered() -> int:
+        with lock:
+            return len(answers)
+
+    conn = server.client()
+    predict_queue = Queue(settings.queue_name("predict"), connection=conn)
+    waiting = settings.predict_waiting_calls
+    assert settings.web_threads == 8 and waiting == 6  # the thread count scripts/run_backend.sh starts with
+    with rq_worker(settings, conn), gunicorn_web(server.url, tmp_path, PREDICT_BUDGET_S="90") as base:
+        try:
+            callers = [threading.Thread(target=call, args=(base, n), daemon=True) for n in range(SLOW_CALLS)]
+            for t in callers:
+                t.start()
+            # every call has enqueued its job (none can finish: the worker is stuck in the first one) ...
+            wait_for(lambda: predict_queue.count + predict_queue.started_job_registry.count == SLOW_CALLS, 60,
+                     "all 16 prediction jobs")
+            # ... and the calls over the bound answered without waiting for them
+            wait_for(lambda: answered() >= SLOW_CALLS - waiting, 60, "the calls over the bound to answer")
+            latencies = []
+            for _ in range(5):
+                t = time.perf_counter()
+                health = requests.get(base + "/health", timeout=5)
+                latencies.append(time.perf_counter() - t)
+                assert health.status_code == 200 and health.json()["status"] == "UP"
+            setup = requests.post(base + "/setup", json={"project": f"{PID}.1717", "schema": CONFIG_XML}, timeout=5)
+            assert setup.status_code == 200
+            # all of this while the waiting calls were provably still held: their jobs cannot have finished
+            assert answered() == SLOW_CALLS - waiting and not gate.is_set()
+            print(f"\n/health while {waiting} /predict calls wait and {SLOW_CALLS - waiting} were handed over: "
+                  f"{', '.join(f'{s * 1000:.0f}' for s in latencies)} ms")
+            metrics = requests.get(base + "/metrics", timeout=5).json()
+        finally:
+            gate.set()
+        for t in callers:
+            t.join(60)
+
+    assert answered() == SLOW_CALLS
+    deferred = [n for n, a in answers.items() if a["results"][0].get("status") == "deferred"]
+    waited = [n for n, a in answers.items() if isinstance(a["results"][0].get("result"), list)]
+    assert len(deferred) == SLOW_CALLS - waiting and len(waited) == waiting
+    assert all(a["status"] == 200 and "result" not in a["results"][0] for n, a in answers.items() if n in deferred)
+    assert metrics["predict_calls_not_waited"] == SLOW_CALLS - waiting
+    assert metrics["predictions_deferred"] == SLOW_CALLS - waiting

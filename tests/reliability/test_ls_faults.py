@@ -12,12 +12,13 @@ import time
 import types
 
 import pytest
+import urllib3.util.retry
 
-from backend import images, jobs, ls_client, queueing, runtime
+from backend import images, jobs, queueing, runtime
 from backend.errors import ImageError, LabelStudioAPIError
 from backend.images import ImageFetcher
 from backend.ls_client import LabelStudioClient, LSAuth
-from tests.reliability.conftest import (CAT, CONFIG_XML, LEGACY_TOKEN, FakeLabelStudio, assert_no_secrets,
+from tests.reliability.conftest import (CAT, CONFIG_XML, LEGACY_TOKEN, PAT, FakeLabelStudio, assert_no_secrets,
                                         fill_bank, free_port, polygon_region, wait_for)
 
 PID = 1
@@ -25,11 +26,11 @@ PID = 1
 
 @pytest.fixture
 def sleeps(monkeypatch):
-    """Backoff delays requested by the image fetcher and the LS client (recorded, not slept)."""
+    """Waits between tries of the image fetcher and the LS client (their retry policy is urllib3's
+    Retry, ls_client.LSRetry): recorded, not slept."""
     recorded: list[float] = []
     shim = types.SimpleNamespace(time=time.time, monotonic=time.monotonic, sleep=recorded.append)
-    monkeypatch.setattr(images, "time", shim)
-    monkeypatch.setattr(ls_client, "time", shim)
+    monkeypatch.setattr(urllib3.util.retry, "time", shim)
     return recorded
 
 
@@ -40,10 +41,11 @@ def fetcher(ls_url: str, tmp_path) -> ImageFetcher:
 
 # ------------------------------------------------------------------------------------ image fetch
 @pytest.mark.parametrize("outcomes, requests, delays, status, hint", [
-    ((500, 500, 500), 3, [0.5, 1.0], 500, "download failed"),    # bounded: 1 try + 2 retries
-    ((503,), 2, [0.5], None, None),                               # a blip: the retry succeeds
-    ((429, 502), 3, [0.5, 1.0], None, None),
-    (("drop", "drop", "drop"), 3, [0.5, 1.0], None, "not reachable"),
+    ((500, 500, 500), 3, [1.0], 500, "download failed"),          # bounded: 1 try + 2 retries, the first at once
+    ((503,), 2, [], None, None),                                  # a blip: the retry succeeds
+    ((429, 502), 3, [1.0], None, None),
+    (((429, {"Retry-After": "7"}),), 2, [7], None, None),         # as long as LS asks
+    (("drop", "drop", "drop"), 3, [1.0], None, "not reachable"),
     ((401,), 1, [], 401, "LABEL_STUDIO_API_KEY"),                 # retrying cannot cure these
     ((404,), 1, [], 404, "LABEL_STUDIO_URL"),
 ])
@@ -69,37 +71,82 @@ def test_image_download_when_label_studio_is_unreachable(tmp_path, sleeps):
     with pytest.raises(ImageError) as err:
         fetcher(url, tmp_path).fetch("/data/upload/1/img1.png")
     assert "connection failed" in str(err.value) and "LABEL_STUDIO_URL not reachable" in str(err.value)
-    assert sleeps == [0.5, 1.0]
+    assert sleeps == [1.0]
 
 
 # ------------------------------------------------------------------------------------ LS REST API
-def client(fake_ls: FakeLabelStudio) -> LabelStudioClient:
-    return LabelStudioClient(fake_ls.url, LSAuth(LEGACY_TOKEN, fake_ls.url))
+POSTS = r"^/api/predictions/$"
 
 
-def test_prediction_post_retries_only_when_it_cannot_have_been_stored(fake_ls, sleeps):
+def client(fake_ls: FakeLabelStudio, **kw) -> LabelStudioClient:
+    return LabelStudioClient(fake_ls.url, LSAuth(LEGACY_TOKEN, fake_ls.url), **kw)
+
+
+def test_prediction_post_is_repeated_only_when_label_studio_refused_it(fake_ls, sleeps):
     fake_ls.add_task(1)
-    fake_ls.fail("POST", r"^/api/predictions/$", 503, 503)
+    fake_ls.fail("POST", POSTS, 429, (503, {"Retry-After": "3"}), (429, {"Retry-After": "86400"}))
     created = client(fake_ls).create_prediction(1, [], 0.0, "ntt-x")
     assert created["task"] == 1 and len(fake_ls.ours(1)) == 1
-    assert len(fake_ls.hits("POST", r"^/api/predictions/$")) == 3 and sleeps == [0.5, 1.0]
+    assert len(fake_ls.hits("POST", POSTS)) == 4
+    assert sleeps == [3, 60]  # the first retry at once; then LS's Retry-After, at most 60 s
 
-    # a 500 may come after LS stored it: no retry, or the task would get two predictions
-    sleeps.clear()
-    fake_ls.fail("POST", r"^/api/predictions/$", 500)
+
+@pytest.mark.parametrize("outcome", [502, 504, 503, 500])
+def test_prediction_post_is_not_repeated_when_label_studio_may_have_stored_it(fake_ls, sleeps, outcome):
+    """A proxy's 502/504 (or a 503 that asks for no wait) may come while LS goes on storing the
+    prediction: a repeat would give the task two."""
+    fake_ls.add_task(1)
+    fake_ls.fail("POST", POSTS, outcome)
     with pytest.raises(LabelStudioAPIError) as err:
         client(fake_ls).create_prediction(1, [], 0.0, "ntt-x")
-    assert err.value.status == 500 and sleeps == [] and len(fake_ls.hits("POST", r"^/api/predictions/$")) == 4
+    assert err.value.status == outcome and sleeps == [] and len(fake_ls.hits("POST", POSTS)) == 1
+
+
+def test_prediction_post_is_not_repeated_after_a_read_timeout(fake_ls, sleeps):
+    fake_ls.add_task(1)
+    fake_ls.hold(POSTS)  # LS answers later than the client waits (and may store it meanwhile)
+    with pytest.raises(LabelStudioAPIError) as err:
+        client(fake_ls, timeout=(5, 0.5)).create_prediction(1, [], 0.0, "ntt-x")
+    assert "ReadTimeout" in str(err.value) and "not repeated" in str(err.value)
+    assert sleeps == [] and len(fake_ls.hits("POST", POSTS)) == 1
+
+
+def test_idempotent_writes_are_retried_on_502_and_504(fake_ls, sleeps):
+    fake_ls.add_task(1)
+    c = client(fake_ls)
+    pid = c.create_prediction(1, [], 0.0, "ntt-x")["id"]
+    fake_ls.fail("PATCH", rf"^/api/predictions/{pid}/$", 502, 504)
+    c.update_prediction(pid, score=0.5)
+    assert len(fake_ls.hits("PATCH", rf"^/api/predictions/{pid}/$")) == 3 and sleeps == [1.0]
+    assert [p["score"] for p in fake_ls.ours(1)] == [0.5]
+
+
+def test_429_waits_as_long_as_label_studio_asks(fake_ls, sleeps):
+    fake_ls.fail("GET", rf"^/api/projects/{PID}/$", (429, {"Retry-After": "7"}), (429, {"Retry-After": "2"}))
+    assert client(fake_ls).get_project(PID)["id"] == PID
+    assert sleeps == [7, 2] and len(fake_ls.hits("GET", rf"^/api/projects/{PID}/$")) == 3
+
+
+def test_a_post_refused_with_401_is_sent_once_more_after_a_pat_refresh(sleeps):
+    ls = FakeLabelStudio(token=None, pat=PAT)
+    try:
+        ls.add_task(1)
+        c = LabelStudioClient(ls.url, LSAuth(PAT, ls.url))
+        ls.fail("POST", POSTS, 401)  # e.g. the access token expired on the way
+        assert c.create_prediction(1, [], 0.0, "ntt-x")["task"] == 1
+        assert len(ls.hits("POST", POSTS)) == 2 and len(ls.ours(1)) == 1 and len(ls.access_tokens) == 2
+    finally:
+        ls.close()
 
 
 def test_api_errors_are_bounded_and_never_echo_the_key(fake_ls, sleeps):
     fake_ls.fail("GET", r"^/api/tasks/", 500, 500, 500, 500, 500)
     with pytest.raises(LabelStudioAPIError) as err:
         list(client(fake_ls).iter_tasks(PID))
-    assert err.value.status == 500 and sleeps == [0.5, 1.0, 2.0]  # 1 try + 3 retries, exponential
+    assert err.value.status == 500 and sleeps == [1.0, 2.0]  # 1 try + 3 retries: at once, then exponential
     assert len(fake_ls.hits("GET", r"^/api/tasks/")) == 4
 
-    fake_ls.fail("POST", r"^/api/predictions/$", 401)
+    fake_ls.fail("POST", POSTS, 401)
     with pytest.raises(LabelStudioAPIError) as err:
         client(fake_ls).create_prediction(1, [], 0.0, "ntt-x")
     assert err.value.status == 401 and "check LABEL_STUDIO_API_KEY" in str(err.value)
@@ -113,7 +160,7 @@ def test_prediction_post_when_label_studio_is_unreachable(sleeps):
     with pytest.raises(LabelStudioAPIError) as err:
         dead.create_prediction(1, [], 0.0, "ntt-x")
     assert err.value.status is None and "not reachable" in str(err.value)
-    assert sleeps == [0.5, 1.0, 2.0]  # the connection was never made: safe to retry a POST
+    assert sleeps == [1.0, 2.0]  # the connection was never made: safe to retry a POST
 
 
 # ------------------------------------------------------------------------------------ jobs
@@ -152,7 +199,7 @@ def test_training_survives_failing_tasks_and_logs_them_clearly(job_env, fake_ls,
     assert any("project 1 task 3: posting the prediction to Label Studio failed" in m and "(HTTP 401)" in m
                and "check LABEL_STUDIO_API_KEY" in m for m in errors), errors
     assert any("project 1 task 5: pre-annotation failed" in m and "(HTTP 404)" in m for m in errors), errors
-    assert sleeps == [0.5, 1.0]
+    assert sleeps == [1.0]
     assert_no_secrets(caplog.text, LEGACY_TOKEN)
 
 

@@ -1,0 +1,25 @@
+"""gunicorn settings of the web process, so that its thread count and /predict's bound agree:
+
+    gunicorn --bind 0.0.0.0:9090 --config python:backend.gunicorn_conf _wsgi:app
+
+One process (it owns nothing heavy: models live in the workers), WEB_THREADS threads: backend.app
+lets at most WEB_THREADS - 2 /predict calls wait for results, so /health and /setup always find a
+free thread. A `--threads` on the command line that disagrees with WEB_THREADS is refused.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from backend.settings import Settings
+
+workers = 1
+worker_class = "gthread"
+threads = Settings.from_env().web_threads
+timeout = 0  # /predict holds its thread up to PREDICT_BUDGET_S by design: no worker timeout
+
+
+def on_starting(server: Any) -> None:
+    """Refuse a thread count other than WEB_THREADS (/predict's bound is derived from it)."""
+    if server.cfg.threads != threads:
+        raise SystemExit(f"gunicorn --threads {server.cfg.threads} differs from WEB_THREADS={threads}, "
+                         "which /predict's bound on waiting calls is derived from: set WEB_THREADS instead")
