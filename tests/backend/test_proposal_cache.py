@@ -56,6 +56,10 @@ def test_key_covers_image_engine_and_options():
     assert k != cache_key(sha, "sam2-t+dinov2-s", MethodOptions(points_per_side=16))
     # options that do not change proposals do not change the key
     assert k == cache_key(sha, "sam2-t+dinov2-s", MethodOptions(max_detections=5, score_threshold=0.3))
+    # named deviations change proposals: in the key, except at their default (older caches stay valid)
+    assert k != cache_key(sha, "sam2-t+dinov2-s", MethodOptions(point_batch_size=256))
+    assert k != cache_key(sha, "sam2-t+dinov2-s", MethodOptions(drop_empty_masks=False))
+    assert MethodOptions().cache_key() == "s1024-p32-i0.4-d518-gntt-a0-b0"
 
 
 def test_put_get_gives_identical_matching(tmp_path):

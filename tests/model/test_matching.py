@@ -150,6 +150,20 @@ def test_pre_merge_cap_top_k_and_threshold(opts):
     assert len(match(p, cat_bank(), opts, max_detections=0)) == 0
 
 
+def test_kept_empty_masks_hold_pre_merge_cap_slots_as_in_the_reference():
+    """drop_empty_masks=False keeps empty SAM2 masks (zero descriptor, box [0, 0, 0, 0]): they pass
+    NMS, take pre-merge cap slots by their SAM IoU, then fail score > 0, as in the reference."""
+    logits = [square(12 * i, 0, 12 * i + 9, 9) for i in range(3)]
+    empty = torch.full((LOW, LOW), -5.0)
+    descs = [unit(0.9, math.sqrt(1 - 0.81)), unit(0.8, 0.6), unit(0.7, math.sqrt(1 - 0.49))]
+    reference = props([logits[0], empty, logits[1], logits[2]], [0.9, 0.85, 0.8, 0.7],
+                      [descs[0], torch.zeros(D), descs[1], descs[2]])
+    dropped = props(logits, [0.9, 0.8, 0.7], descs)
+    cap = replace(OPTS, pre_merge_factor=1)
+    assert np.allclose(match(dropped, cat_bank(), cap, max_detections=3).scores, [0.9, 0.8, 0.7])
+    assert np.allclose(match(reference, cat_bank(), cap, max_detections=3).scores, [0.9, 0.8])
+
+
 def test_empty_inputs_give_empty_detections():
     p = separate_squares([0.5], [0.9])
     for det in (match(p, MemoryBank(), OPTS),
