@@ -4,7 +4,7 @@ Plain `requests` rather than the SDK client: the SDK reads LABEL_STUDIO_API_KEY 
 raises at construction for an expired personal access token, and we need bounded retries and
 messages that never contain the key.
 
-Two kinds of API key exist (LS docs "access tokens"; ls_protocol.md §4.2):
+Two kinds of API key exist (LS docs "access tokens"):
 * legacy token (opaque, usually 40 hex): `Authorization: Token <key>`;
 * personal access token (a JWT refresh token): exchanged at POST /api/token/refresh/ for a
   short-lived access JWT (300 s in LS 1.23), sent as `Authorization: Bearer <access>`.
