@@ -3,7 +3,7 @@
 Defaults are the reference code's headline configuration, except the two named deviations whose
 default is not the reference's (`point_batch_size`, `drop_empty_masks`: both cheap on memory or
 cache size, both documented with their effect). Every other deviation is off by default.
-Deviations that have no switch are listed in FIXED_DEVIATIONS.
+Deviations that have no switch are listed at the end of this file.
 """
 from __future__ import annotations
 
@@ -50,17 +50,11 @@ class MethodOptions:
                 + ("" if self.drop_empty_masks else "-e0"))
 
 
-# Deviations with no switch: the reference's behaviour needs a model or a failure mode that this
-# package does not reproduce. docs/method.md, "Deviations", explains each.
-FIXED_DEVIATIONS: dict[str, str] = {
-    "box_references_via_configured_sam2": (
-        "rectangle-only references become masks through the configured SAM2 model (box prompt, "
-        "single-mask output); the reference converted boxes with SAM v1 ViT-H and stored polygons"),
-    "empty_output_is_empty": "no surviving proposal gives no detections; the reference raises",
-    "unusable_references_skipped": (
-        "a reference mask that misses every DINOv2 patch sample is skipped; the reference gets NaN"),
-    "shots_per_class_vary": "classes may have different numbers of references; the reference needs K each",
-    "empty_full_resolution_masks_dropped": (
-        "a candidate whose full-resolution mask is empty is dropped; the reference divides by zero"),
-    "ios_clipped_to_one": "IoS is clipped to 1 (rounding can put it a hair above, giving NaN)",
-}
+# Deviations with no switch (docs/method.md, "Deviations", explains each):
+# * rectangle-only references become masks through the configured SAM2 model (box prompt, single-mask
+#   output); the reference converted boxes with SAM v1 ViT-H, which this project does not ship;
+# * no surviving proposal gives no detections (the reference raises);
+# * a reference mask that misses every DINOv2 patch sample is skipped (the reference gets NaN);
+# * classes may have different numbers of references (the reference needs K shots per class);
+# * a candidate whose full-resolution mask is empty is dropped (the reference divides by zero);
+# * IoS is clipped to 1 (rounding can put it a hair above, giving NaN).

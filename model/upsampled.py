@@ -1,6 +1,6 @@
 """A mask cache: full-resolution proposal masks already upsampled, owned by the caller of a match.
 
-Upsampling low-res logits to the image size (docs/method.md, "Full-resolution masks") is the
+Upsampling low-res logits to the image size (docs/method.md, "Matching", step 3) is the
 largest cost of re-matching cached proposals. The result of one mask at one size never changes,
 and a bank change mostly asks for the masks it asked for before. So a caller keeps an
 `UpsampledMasks` per proposals object and passes it to the match (`masks=`), which reads it and
