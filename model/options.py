@@ -29,7 +29,7 @@ class MethodOptions:
     # --- performance knob that does not change results ---
     lazy_topk: bool = True              # upsample to full resolution only masks that can reach the top-K
     # --- named deviations (docs/method.md, "Deviations") ---
-    point_batch_size: int = 64          # prompts per decoder call; reference 256 (others differ ~1e-4)
+    point_batch_size: int = 64          # prompts per decoder call; reference 256 (others: float rounding)
     drop_empty_masks: bool = True       # drop empty SAM2 masks before NMS (reference: they hold cap slots)
     grid: Literal["ntt", "amg"] = "ntt"  # "amg": SAM AMG cell-centre grid instead of the border grid
     antialias: bool = False             # antialias the torch bicubic resizes (reference: no antialias)
