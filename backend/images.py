@@ -1,6 +1,6 @@
 """Fetch task images from Label Studio (or elsewhere), safely, with an on-disk cache.
 
-URL forms found in task data (ls_protocol.md §4.1, ls_live_server.md §7):
+URL forms found in task data (as Label Studio 1.23 writes them):
 * `/data/upload/<project>/<file>`: relative, prefixed with the LS URL, needs auth;
 * `/data/local-files/?d=<path>`: read from `local_files_root` when the backend mounts LS's
   LOCAL_FILES_DOCUMENT_ROOT (the resolved path must stay inside it), else fetched from LS;

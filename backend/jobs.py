@@ -103,20 +103,24 @@ def _proposals(image: LoadedImage) -> tuple[Proposals, str]:
 
 
 def _match_item(proposals: Proposals, key: str, bank: MemoryBank, config: LabelConfig, mv: str) -> dict:
-    """Prediction item of one image; the match keeps enough for the laxest control. The masks it
-    upsampled are stored with the cached proposals (`key`) for the next match."""
+    """Prediction item of one image. The match keeps the method's K and the laxest control's
+    threshold; each control's max_detections cuts its regions afterwards. The masks it upsampled
+    join those stored with the cached proposals (`key`) for the next match."""
     if len(bank) == 0:
         return prediction_item([], mv)
     s = runtime.get_settings()
     threshold = min(s.score_threshold if c.score_threshold is None else c.score_threshold
                     for c in config.controls)
-    limit = max(c.max_detections or s.max_detections for c in config.controls)
-    det = runtime.get_engine().match(proposals, bank, score_threshold=threshold, max_detections=limit)
-    try:
-        runtime.get_proposal_cache().put_upsampled(key, proposals)
-    except OSError as exc:  # disk full, read-only: the next match upsamples them again
-        log.warning("proposal cache: cannot store upsampled masks of %s (%s)", key[:12], exc)
-    regions = detections_to_regions(det, config, score_threshold=s.score_threshold,
+    cache = runtime.get_proposal_cache()
+    masks = cache.get_masks(key, proposals)
+    result = runtime.get_engine().match_full(proposals, bank, score_threshold=threshold, masks=masks)
+    if len(result.upsampled):
+        masks.update(result.upsampled)
+        try:
+            cache.put_masks(key, masks)
+        except OSError as exc:  # disk full, read-only: the next match upsamples them again
+            log.warning("proposal cache: cannot store upsampled masks of %s (%s)", key[:12], exc)
+    regions = detections_to_regions(result.detections, config, score_threshold=s.score_threshold,
                                     polygon_tolerance=s.polygon_tolerance, max_detections=s.max_detections)
     return prediction_item(regions, mv)
 

@@ -5,7 +5,7 @@ raises at construction for an expired personal access token, and we need one ret
 never repeats a write Label Studio may have committed (`LSRetry`) and messages that never contain
 the key.
 
-Two kinds of API key exist (LS docs "access tokens"; ls_protocol.md §4.2):
+Two kinds of API key exist (LS docs "access tokens"):
 * legacy token (opaque, usually 40 hex): `Authorization: Token <key>`;
 * personal access token (a JWT refresh token): exchanged at POST /api/token/refresh/ for a
   short-lived access JWT (300 s in LS 1.23), sent as `Authorization: Bearer <access>`.

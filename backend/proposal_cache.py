@@ -4,10 +4,11 @@ Proposals do not depend on the memory bank, so an image that was proposed once i
 against any later bank in milliseconds. Entries are Proposals.to_bytes() files (compressed,
 thresholded masks exact) named by a key that covers the image content, the models and every
 option that changes proposals. Beside an entry, a second file keeps the full-resolution masks that
-matches upsampled from it (model.upsampled), tied to the entry's checksum, so a later re-match
-reads them instead of upsampling again. Writes are atomic (temp file + os.replace), so workers on a
-shared folder never read half a file; a hit touches the files' mtime, and eviction removes the
-least recently used files once the folder holds more than `max_bytes`.
+matches upsampled from it (a model.upsampled.UpsampledMasks, the caller's mask cache: get_masks
+reads it, put_masks stores it), tied to the proposals' checksum, so a later re-match reads them
+instead of upsampling again. Writes are atomic (temp file + os.replace), so workers on a shared
+folder never read half a file; a hit touches the files' mtime, and eviction removes the least
+recently used files once the folder holds more than `max_bytes`.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import logging
 import os
 import threading
 import time
-import zlib
 from pathlib import Path
 
 from model.atomic import TEMP_GLOB, atomic_write
@@ -66,8 +66,6 @@ class ProposalCache:
             log.warning("proposal cache: dropping unreadable entry %s (%s)", key, exc)
             path.unlink(missing_ok=True)
             return None
-        checksum = zlib.crc32(data)
-        proposals.upsampled = self._upsampled(path.with_suffix(_UPSAMPLED), checksum)
         for touched in (path, path.with_suffix(_UPSAMPLED)):
             try:
                 os.utime(touched)  # LRU touch
@@ -75,28 +73,28 @@ class ProposalCache:
                 pass
         return proposals
 
-    @staticmethod
-    def _upsampled(path: Path, checksum: int) -> UpsampledMasks:
-        """The stored upsampled masks of the entry with this checksum (none if absent, unreadable
-        or written for other proposals under the same key)."""
+    def get_masks(self, key: str, proposals: Proposals) -> UpsampledMasks:
+        """The stored upsampled masks of these proposals (empty if absent, unreadable, or written
+        for other proposals under the same key): the mask cache to pass to their matches."""
+        owner = proposals.checksum()
+        path = self._path(key).with_suffix(_UPSAMPLED)
         try:
             known = UpsampledMasks.from_bytes(path.read_bytes())
         except FileNotFoundError:
-            return UpsampledMasks(checksum)
+            return UpsampledMasks(owner)
         except Exception as exc:  # noqa: BLE001 - unusable either way: recomputed on demand
             log.warning("proposal cache: dropping unreadable upsampled masks %s (%s)", path.name, exc)
             path.unlink(missing_ok=True)
-            return UpsampledMasks(checksum)
-        return known if known.entry_checksum == checksum else UpsampledMasks(checksum)
+            return UpsampledMasks(owner)
+        return known if known.owner == owner else UpsampledMasks(owner)
 
-    def put_upsampled(self, key: str, proposals: Proposals) -> int:
-        """Store the masks matches upsampled from cached `proposals` when some are new; returns the
-        bytes written (0: nothing new, or the entry is gone)."""
-        known = proposals.upsampled
+    def put_masks(self, key: str, masks: UpsampledMasks) -> int:
+        """Store the mask cache of the entry `key`; returns the bytes written (0: the entry is gone).
+        get_masks ignores it if the entry now holds other proposals."""
         path = self._path(key)
-        if not known.added or known.entry_checksum is None or not path.is_file():
+        if not path.is_file():
             return 0
-        data = known.to_bytes()
+        data = masks.to_bytes()
         atomic_write(path.with_suffix(_UPSAMPLED), data, fsync=False)
         self._grew(len(data), keep=path)
         return len(data)
@@ -112,7 +110,6 @@ class ProposalCache:
         path.parent.mkdir(exist_ok=True)
         path.with_suffix(_UPSAMPLED).unlink(missing_ok=True)  # masks of an entry this one replaces
         atomic_write(path, data, fsync=False)
-        proposals.upsampled.entry_checksum = zlib.crc32(data)
         self._grew(len(data), keep=path)
         return len(data)
 

@@ -203,8 +203,8 @@ class Settings:
     points_per_side: int = _option(
         "points_per_side", "NTT_POINTS_PER_SIDE", "SAM2 point grid side (the method's value).", _positive_int)
     point_batch_size: int = _option(
-        "point_batch_size", "NTT_POINT_BATCH", "Prompts per SAM2 decoder call (memory only, results "
-        "unchanged).", _positive_int)
+        "point_batch_size", "NTT_POINT_BATCH", "Prompts per SAM2 decoder call (a named deviation: the "
+        "reference decodes 256 at a time; other sizes change results at float-rounding level).", _positive_int)
     bf16: bool = _option(
         "bf16", "NTT_BF16", "bf16 autocast of the encoders and the SAM2 decoder on CUDA (deviation from "
         "the fp32 reference).", _bool)
@@ -216,7 +216,8 @@ class Settings:
         "SCORE_THRESHOLD", 0.5, "Minimum region score in pre-annotations (the method itself has none); "
         "a control's `model_score_threshold` attribute overrides it.", _unit_float, default_doc="`0.5`")
     max_detections: int = _var(
-        "MAX_DETECTIONS", 100, "Maximum regions per task (`model_max_detections` attribute overrides).",
+        "MAX_DETECTIONS", 100, "Maximum regions per task, cut from the method's top 100 detections "
+        "(`model_max_detections` attribute overrides).",
         _positive_int, default_doc="`100`")
     polygon_tolerance: float = _var(
         "POLYGON_TOLERANCE", 1.5, "Polygon simplification tolerance in pixels "

@@ -27,7 +27,7 @@ from backend.proposal_cache import ProposalCache  # noqa: E402
 from bench_model import random_bank  # noqa: E402
 from model.bank import MemoryBank  # noqa: E402
 from model.engine import match_pool  # noqa: E402
-from model.matching import match  # noqa: E402
+from model.matching import match, match_full  # noqa: E402
 from model.options import MethodOptions  # noqa: E402
 from model.types import Proposals  # noqa: E402
 
@@ -95,17 +95,21 @@ def main() -> None:
 def run(cache: ProposalCache, keys: list[str], bank: MemoryBank, opts: MethodOptions, device: str,
         threads: int) -> tuple[float, float, int, float, int]:
     """(cache read s, re-match s, detections, wall s, stored mask bytes) of re-scoring every task on
-    `threads` threads, as backend.jobs.rescore_cached does (REFRESH_THREADS): cache.get, match on the
-    worker's device, put_upsampled."""
+    `threads` threads, as backend.jobs.rescore_cached does (REFRESH_THREADS): cache.get + get_masks,
+    match on the worker's device, put_masks."""
     lock = threading.Lock()
     totals = [0.0, 0.0, 0]
 
     def one(key: str) -> None:
         t0 = time.perf_counter()
         props = cache.get(key)
+        masks = cache.get_masks(key, props)
         t1 = time.perf_counter()
-        n = len(match(props.to(device), bank, opts, score_threshold=0.0))
-        cache.put_upsampled(key, props)
+        result = match_full(props.to(device), bank, opts, score_threshold=0.0, masks=masks)
+        n = len(result.detections)
+        if len(result.upsampled):
+            masks.update(result.upsampled)
+            cache.put_masks(key, masks)
         if device == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()

@@ -1,9 +1,9 @@
 """Memory bank: per-class reference descriptors, keyed so that one reference can change alone.
 
 The reference code keeps a fixed [C, K, D] buffer; here every reference instance is stored as its
-un-normalised mask-weighted mean descriptor r (method doc §5) under a unique `ref_id`, with an
+un-normalised mask-weighted mean descriptor r (docs/method.md, "References") under a unique `ref_id`, with an
 optional `group` (e.g. the Label Studio annotation it came from). Prototypes are recomputed on
-demand as p[c] = normalise(mean_k r[c, k]) (method doc §5, §13), so unequal shot counts per class
+demand as p[c] = normalise(mean_k r[c, k]), so unequal shot counts per class
 are normal and adding/removing a reference never touches the others.
 
 Not thread-safe: callers that share a bank between threads must hold their own lock.

@@ -17,7 +17,7 @@ SAM_MODELS: dict[str, tuple[str, str]] = {
     "sam2.1-l": ("configs/sam2.1/sam2.1_hiera_l.yaml", "sam2.1_hiera_large.pt"),
 }
 
-# name -> (timm architecture, Meta's checkpoint file name). No register tokens (method doc §8).
+# name -> (timm architecture, Meta's checkpoint file name). No register tokens (docs/method.md, "Models").
 # timm calls Meta's ViT-g/14 (SwiGLU, 1536 wide) "vit_giant_patch14_dinov2".
 DINO_MODELS: dict[str, tuple[str, str]] = {
     "dinov2-s": ("vit_small_patch14_dinov2.lvd142m", "dinov2_vits14_pretrain.pth"),

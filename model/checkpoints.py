@@ -1,55 +1,27 @@
-"""Official checkpoint files: where they come from, where they live, how they are loaded strictly.
+"""Official checkpoint files: where they live and how they are loaded, strictly.
 
-    python -m model.checkpoints --sam sam2-l --dino dinov2-l [--dir D]
-
-downloads the files that are missing (SAM 2.0 Hiera-L and DINOv2 ViT-L/14 are the method's
-headline models). Every load is strict: a file that does not fit its model raises CheckpointError
-with a one-line message, never a silent partial load (method doc §11.13).
+Every load is strict: a file that does not fit its model raises CheckpointError with a one-line
+message, never a silent partial load. Fetching the files is not the method's business:
+scripts/download_checkpoints.py does it.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import hashlib
 import os
-import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-import requests
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from model.catalog import DINO_MODELS, SAM_MODELS, checkpoint_filename, checkpoint_url  # noqa: F401 (re-exported)
-
-# sha256 of the official files. None = not known here (never guessed): a downloaded file is then
-# verified by loading it strictly into its model instead.
-SHA256: dict[str, str | None] = {
-    "sam2_hiera_tiny.pt": None,
-    "sam2_hiera_small.pt": None,
-    "sam2_hiera_base_plus.pt": None,
-    "sam2_hiera_large.pt": None,
-    "sam2.1_hiera_tiny.pt": None,
-    "sam2.1_hiera_small.pt": None,
-    "sam2.1_hiera_base_plus.pt": None,
-    "sam2.1_hiera_large.pt": None,
-    "dinov2_vits14_pretrain.pth": None,
-    "dinov2_vitb14_pretrain.pth": None,
-    "dinov2_vitl14_pretrain.pth": None,
-    "dinov2_vitg14_pretrain.pth": None,
-}
-
+from model.catalog import SAM_MODELS, checkpoint_filename
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable or does not fit its model (one-line message)."""
 
 
-class DownloadError(RuntimeError):
-    """A checkpoint could not be fetched; the message says how to put it in place by hand."""
-
-
-def _one_line(error: BaseException, limit: int = 160) -> str:
+def one_line(error: BaseException, limit: int = 160) -> str:
+    """An exception as one line of at most `limit` characters (for CheckpointError messages)."""
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -61,8 +33,8 @@ def require_one_source(name: str, checkpoint: object, random_weights: bool) -> N
     if checkpoint is not None and random_weights:
         raise ValueError(f"{name}: give either checkpoint=<path> or random_weights=True, not both")
     if checkpoint is None and not random_weights:
-        raise ValueError(f"{name} needs checkpoint=<path to {checkpoint_filename(name)}> (python -m "
-                         f"model.checkpoints {flag} {name} downloads it) or random_weights=True (tests)")
+        raise ValueError(f"{name} needs checkpoint=<path to {checkpoint_filename(name)}> (scripts/"
+                         f"download_checkpoints.py {flag} {name} downloads it) or random_weights=True (tests)")
 
 
 RANDOM_WEIGHTS_SEED = 0
@@ -104,12 +76,12 @@ def read_checkpoint(path: str | Path, expected: str) -> object:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} for {expected} not found "
-                              f"(python -m model.checkpoints downloads the official files)")
+                              f"(scripts/download_checkpoints.py downloads the official files)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for bad files
         raise CheckpointError(f"checkpoint {path} for {expected} is not a readable PyTorch file "
-                              f"(truncated or corrupt?): {_one_line(e)}") from e
+                              f"(truncated or corrupt?): {one_line(e)}") from e
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: object, path: str | Path,
@@ -136,7 +108,7 @@ def load_state_dict_strict(model: nn.Module, state_dict: object, path: str | Pat
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path} does not match {expected}: {_one_line(e)}") from e
+        raise CheckpointError(f"checkpoint {path} does not match {expected}: {one_line(e)}") from e
 
 
 def verify_loads(name: str, path: str | Path) -> None:
@@ -147,96 +119,3 @@ def verify_loads(name: str, path: str | Path) -> None:
     else:
         from model.sam import build_sam
         build_sam(name, path, device="cpu")
-
-
-# ------------------------------------------------------------------ download
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def verify_sha256(path: str | Path, expected: str) -> None:
-    actual = sha256_file(path)
-    if actual != expected.lower():
-        raise CheckpointError(f"checkpoint {path} has sha256 {actual}, expected {expected.lower()}")
-
-
-def _manual_hint(url: str, dest: Path) -> str:
-    return (f"Download {url} on a machine with internet access and copy it to {dest} "
-            f"(checkpoints are looked up in $MODEL_DIR/checkpoints, else ./checkpoints: set MODEL_DIR, "
-            f"or pass the file's path explicitly)")
-
-
-def download(name: str, dest_dir: str | Path, sha256: str | None = None, *, url: str | None = None,
-             verify: bool = True, timeout: float = 30.0) -> Path:
-    """Stream the official file of `name` into dest_dir (via a .part file, then os.replace).
-
-    The sha256 (argument, else the SHA256 table) is checked when known; otherwise, with verify, the
-    file must load strictly into its model before it is put in place.
-    """
-    filename = checkpoint_filename(name)
-    url = url or checkpoint_url(name)
-    dest = Path(dest_dir) / filename
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(filename + ".part")
-    expected_sha = sha256 or SHA256.get(filename)
-    try:
-        try:
-            with requests.get(url, stream=True, timeout=timeout) as response:
-                response.raise_for_status()
-                total = int(response.headers.get("content-length") or 0) or None
-                with open(part, "wb") as f, tqdm(total=total, unit="B", unit_scale=True,
-                                                 desc=filename, disable=None) as bar:
-                    for chunk in response.iter_content(chunk_size=1 << 20):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-        except requests.RequestException as e:
-            raise DownloadError(f"cannot download {name} from {url}: {_one_line(e, 200)}. "
-                                f"{_manual_hint(url, dest)}") from e
-        if expected_sha:
-            verify_sha256(part, expected_sha)
-        elif verify:
-            verify_loads(name, part)
-        os.replace(part, dest)
-    finally:
-        part.unlink(missing_ok=True)
-    return dest
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m model.checkpoints",
-        description="Download the official SAM2 and DINOv2 checkpoints that are missing.")
-    sam_models, dino_models = SAM_MODELS, DINO_MODELS
-    parser.add_argument("--sam", default="sam2-l", choices=[*sam_models, "none"],
-                        help="SAM2 model (default: sam2-l, the method's headline model)")
-    parser.add_argument("--dino", default="dinov2-l", choices=[*dino_models, "none"],
-                        help="DINOv2 model (default: dinov2-l)")
-    parser.add_argument("--dir", type=Path, default=None,
-                        help="target folder (default: $MODEL_DIR/checkpoints, else ./checkpoints)")
-    args = parser.parse_args(argv)
-    dest_dir = args.dir or default_checkpoint_dir()
-    status = 0
-    for name in (args.sam, args.dino):
-        if name == "none":
-            continue
-        dest = dest_dir / checkpoint_filename(name)
-        if dest.is_file() and dest.stat().st_size > 0:
-            print(f"{name}: {dest} already present")
-            continue
-        print(f"{name}: downloading {checkpoint_url(name)} -> {dest}")
-        try:
-            download(name, dest_dir)
-        except (DownloadError, CheckpointError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            status = 1
-            continue
-        print(f"{name}: {dest} ok")
-    return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())

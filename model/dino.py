@@ -1,6 +1,6 @@
 """Build DINOv2 by name through timm, with a strict load of Meta's original `.pth` files.
 
-The method uses the final-LayerNorm patch tokens (method doc §4.2): `dino_patch_tokens`.
+The method uses the final-LayerNorm patch tokens (docs/method.md, "Models"): `dino_patch_tokens`.
 """
 from __future__ import annotations
 

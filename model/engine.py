@@ -17,13 +17,14 @@ from model.bank import MemoryBank
 from model.catalog import engine_name
 from model.checkpoints import resolve_device
 from model.dino import build_dino
-from model.matching import match
+from model.matching import MatchResult, match_full
 from model.options import MethodOptions
 from model.proposals import compute_proposals, encode_image
 from model.preprocess import to_sam_input
 from model.reference import box_to_mask, reference_descriptor
 from model.sam import build_sam
 from model.types import Detections, Proposals
+from model.upsampled import UpsampledMasks
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +114,20 @@ class Engine:
             return compute_proposals(self.sam, self.dino, image, self.options)
 
     def match(self, proposals: Proposals, bank: MemoryBank, score_threshold: float | None = None,
-              max_detections: int | None = None) -> Detections:
-        """Label, de-duplicate and soft-merge proposals against the bank's class prototypes."""
+              max_detections: int | None = None, *, masks: UpsampledMasks | None = None) -> Detections:
+        """Label, de-duplicate and soft-merge proposals against the bank's class prototypes.
+
+        Reads `proposals`, `bank` and the caller's mask cache `masks` and changes none of them;
+        `max_detections` overrides the method's K (a deviation, see model.matching.match_full).
+        """
+        return self.match_full(proposals, bank, score_threshold, max_detections, masks=masks).detections
+
+    def match_full(self, proposals: Proposals, bank: MemoryBank, score_threshold: float | None = None,
+                   max_detections: int | None = None, *, masks: UpsampledMasks | None = None) -> MatchResult:
+        """`match`, also returning the masks it upsampled that `masks` lacked (for the caller's cache)."""
         with torch.inference_mode():
-            return match(proposals.to(self.device), bank, self.options, score_threshold=score_threshold,
-                         max_detections=max_detections)
+            return match_full(proposals.to(self.device), bank, self.options, score_threshold, max_detections,
+                              masks=masks)
 
     def predict(self, image: np.ndarray, bank: MemoryBank, score_threshold: float | None = None,
                 max_detections: int | None = None) -> Detections:

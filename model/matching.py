@@ -1,19 +1,24 @@
-"""Matching proposals against the memory bank (method doc §6.5-6.9).
+"""Matching proposals against the memory bank (docs/method.md, "Matching").
 
 Steps, as the reference does them:
-  1. s[i, c] = max(0, f_i · p_c); label = argmax, score = max (§6.5).
+  1. s[i, c] = max(0, f_i · p_c); label = argmax, score = max.
   2. Class-aware box NMS on the low-res masks ranked by SAM's predicted IoU, keep the first
-     pre_merge_factor × K survivors, drop score <= 0 (§6.6).
-  3. Full-resolution masks: bilinear (antialias, align_corners=False) upsampling of the logits, > 0
-     (§6.7) — done only in `upsample_mask_crops`.
+     pre_merge_factor × K survivors, drop score <= 0.
+  3. Full-resolution masks: bilinear (antialias, align_corners=False) upsampling of the logits,
+     > 0 — done only in `upsample_mask_crops`.
   4. Soft merging in NMS order: IoS(i) = max_{j before i, same label} |M_i ∩ M_j| / |M_i| ·
-     max(0, f_i · f_j); score_i *= (1 - IoS(i)) ** merge_exponent (§6.8).
-  5. Sort by decayed score (stable, ties keep NMS order), top K, then the score threshold (§6.9).
+     max(0, f_i · f_j); score_i *= (1 - IoS(i)) ** merge_exponent.
+  5. Sort by decayed score (stable, ties keep NMS order), top K, then the score threshold.
 
-Differences from the reference, all at degenerate inputs: nothing left gives empty Detections
-instead of raising; a candidate whose full-resolution mask is empty is dropped (the reference
-divides by |M_i| = 0 and gets NaN); IoS is clipped to 1 (unit descriptors can have a dot product a
-hair above 1, which would make (1 - IoS) ** 0.5 NaN).
+A match is pure: it reads the proposals, the bank and the caller's mask cache (`masks`, a
+model.upsampled.UpsampledMasks of these proposals) and changes none of them; the masks it had to
+upsample come back in MatchResult.upsampled for the caller to keep. Detections do not depend on
+what the cache held.
+
+Differences from the reference at degenerate inputs (docs/method.md, "Deviations"): nothing left
+gives empty Detections instead of raising; a candidate whose full-resolution mask is empty is
+dropped (the reference divides by |M_i| = 0 and gets NaN); IoS is clipped to 1 (unit descriptors
+can have a dot product a hair above 1, which would make (1 - IoS) ** 0.5 NaN).
 
 Lazy top-K (opts.lazy_topk, exact): the decay never raises a score, so candidates are evaluated in
 descending undecayed score; once K decayed scores exist and the next undecayed score is below the
@@ -39,7 +44,8 @@ from torchvision.ops import batched_nms
 from .bank import MemoryBank
 from .options import MethodOptions
 from .types import Detections, Proposals
-from .upsampled import Crop
+from .upsampled import Crop, UpsampledMasks
+
 _CHUNK_PIXELS = 1 << 25             # upsampled pixels per interpolate call (memory bound)
 _MIN_ROUND = 8                      # lazy mode: fewest candidates evaluated per upsampling round
 _PARTNER_GROUP = 8                  # partner masks upsampled together while computing one IoS
@@ -58,7 +64,7 @@ class MatchStats:
 
 def upsample_mask_crops(logits: torch.Tensor, size: tuple[int, int], within: np.ndarray | None = None,
                         max_pixels: int = _CHUNK_PIXELS) -> list[Crop]:
-    """Low-res logits [n, h, w] -> masks at `size` (§6.7), as tight crops on the CPU.
+    """Low-res logits [n, h, w] -> masks at `size` (step 3), as tight crops on the CPU.
 
     The only place masks change resolution. `within`: optional [n, 4] inclusive boxes at `size`
     known to contain the masks (see _reach_boxes); thresholding and cropping then only look there,
@@ -91,7 +97,7 @@ def _crop(m: np.ndarray, x0: int, y0: int) -> Crop:
 
 def upsample_window(logit: torch.Tensor, size: tuple[int, int], x0: int, y0: int, x1: int,
                     y1: int) -> torch.Tensor:
-    """The inclusive window [y0..y1] x [x0..x1] of the §6.7 upsampling of one CPU [h, w] logit
+    """The inclusive window [y0..y1] x [x0..x1] of the step-3 upsampling of one CPU [h, w] logit
     map to `size`, computed alone and bit-identical to cropping the full upsampling.
 
     PyTorch's CPU antialiased bilinear resize is separable: a horizontal pass over each row, then
@@ -125,35 +131,60 @@ def merge_size(image_size: tuple[int, int], max_side: int) -> tuple[int, int]:
     return max(1, round(H * s)), max(1, round(W * s))
 
 
-def match(proposals: Proposals, bank: MemoryBank, opts: MethodOptions,
-          score_threshold: float | None = None, max_detections: int | None = None) -> Detections:
+@dataclass
+class MatchResult:
+    """Detections, the work done, and the masks this match upsampled that `masks` lacked (an
+    UpsampledMasks of the same proposals: the caller merges them into its cache, or drops them)."""
+
+    detections: Detections
+    stats: MatchStats
+    upsampled: UpsampledMasks
+
+
+def match(proposals: Proposals, bank: MemoryBank, opts: MethodOptions, score_threshold: float | None = None,
+          max_detections: int | None = None, *, masks: UpsampledMasks | None = None) -> Detections:
     """Detections of the bank's classes among the proposals, best first (see module docstring)."""
-    return match_with_stats(proposals, bank, opts, score_threshold, max_detections)[0]
+    return match_full(proposals, bank, opts, score_threshold, max_detections, masks=masks).detections
 
 
 def match_with_stats(proposals: Proposals, bank: MemoryBank, opts: MethodOptions,
-                     score_threshold: float | None = None, max_detections: int | None = None,
-                     ) -> tuple[Detections, MatchStats]:
+                     score_threshold: float | None = None, max_detections: int | None = None, *,
+                     masks: UpsampledMasks | None = None) -> tuple[Detections, MatchStats]:
     """`match` plus a record of the work done (for tests and benchmarks)."""
+    result = match_full(proposals, bank, opts, score_threshold, max_detections, masks=masks)
+    return result.detections, result.stats
+
+
+def match_full(proposals: Proposals, bank: MemoryBank, opts: MethodOptions,
+               score_threshold: float | None = None, max_detections: int | None = None, *,
+               masks: UpsampledMasks | None = None) -> MatchResult:
+    """`match` with its stats and newly upsampled masks. `max_detections` overrides the method's
+    K (opts.max_detections), which also sets the pre-merge cap: callers that only display fewer
+    detections keep K and cut the result (docs/method.md, "Deviations")."""
+    owner = proposals.checksum()
+    if masks is not None and masks.owner != owner:
+        raise ValueError("the mask cache belongs to other proposals")
+    new = UpsampledMasks(owner)
     stats = MatchStats(proposals=len(proposals))
     k = opts.max_detections if max_detections is None else max_detections
     threshold = opts.score_threshold if score_threshold is None else score_threshold
     if len(proposals) == 0 or len(bank) == 0 or k <= 0:
-        return Detections.empty(proposals.image_size), stats
+        return MatchResult(Detections.empty(proposals.image_size), stats, new)
     names, cand = _candidates(proposals, bank, opts, k)
     stats.candidates = cand.n
     if cand.n == 0:
-        return Detections.empty(proposals.image_size), stats
-    merger = _Merger(proposals, cand, opts, stats)
+        return MatchResult(Detections.empty(proposals.image_size), stats, new)
+    merger = _Merger(proposals, cand, opts, stats, masks or UpsampledMasks(owner), new)
     records = merger.run_lazy(k, threshold) if opts.lazy_topk else merger.run_all()
     records.sort(key=lambda t: (-t[0], t[1]))
     chosen = [(d, r) for d, r in records[:k] if d > 0 and (threshold <= 0 or d >= threshold)]
     out = [merger.output_crop(r) for _, r in chosen]
     boxes = np.array([[x, y, x + m.shape[1] - 1, y + m.shape[0] - 1] for x, y, m in out],
                      dtype=np.float32).reshape(-1, 4)
-    return Detections(image_size=tuple(proposals.image_size), boxes=boxes,
-                      scores=np.array([d for d, _ in chosen], dtype=np.float32),
-                      labels=[names[cand.labels[r]] for _, r in chosen], masks=out), stats
+    det = Detections(image_size=tuple(proposals.image_size), boxes=boxes,
+                     scores=np.array([d for d, _ in chosen], dtype=np.float32),
+                     labels=[names[cand.labels[r]] for _, r in chosen], masks=out)
+    return MatchResult(det, stats, new)
 
 
 @dataclass
@@ -173,7 +204,7 @@ class _Candidates:
 
 def _candidates(proposals: Proposals, bank: MemoryBank, opts: MethodOptions,
                 k: int) -> tuple[list[str], _Candidates]:
-    """Scoring (§6.5) and NMS + cap + score filter (§6.6)."""
+    """Scoring (step 1) and NMS + cap + score filter (step 2)."""
     desc = proposals.descriptors.float()
     names, protos = bank.prototypes(desc.device)
     if desc.shape[1] != protos.shape[1]:
@@ -219,25 +250,25 @@ def _intersection(a: Crop, b: Crop) -> int:
 
 
 class _MaskCache:
-    """Cropped masks of candidates at one resolution, computed on demand in batches."""
+    """Cropped masks of candidates at one resolution, computed on demand in batches: read from the
+    caller's cache (`known`) when there, else upsampled now and recorded in `new`."""
 
     def __init__(self, proposals: Proposals, index: torch.Tensor, size: tuple[int, int],
-                 reach: np.ndarray, stats: MatchStats) -> None:
+                 reach: np.ndarray, stats: MatchStats, known: UpsampledMasks, new: UpsampledMasks) -> None:
         self.proposals, self.index, self.size, self.reach, self.stats = proposals, index, size, reach, stats
+        self.known, self.new = known, new
         self.crops: dict[int, Crop] = {}
         self.areas: dict[int, int] = {}
 
     def ensure(self, ranks: list[int]) -> None:
-        """Crops of these candidates: from the proposals' upsampled masks (an earlier match), else
-        upsampled now and recorded there."""
+        """Crops of these candidates."""
         missing = sorted(set(ranks) - self.crops.keys())
         if not missing:
             return
-        known = self.proposals.upsampled
         ids = self.index[torch.as_tensor(missing, device=self.index.device)].tolist()
-        todo = []  # (rank, proposal index) of the masks no match upsampled yet
+        todo = []  # (rank, proposal index) of the masks no earlier match upsampled
         for r, i in zip(missing, ids):
-            crop = known.get(i, self.size)
+            crop = self.known.get(i, self.size)
             if crop is None:
                 todo.append((r, i))
             else:
@@ -247,7 +278,7 @@ class _MaskCache:
         ranks, sel = [r for r, _ in todo], torch.as_tensor([i for _, i in todo], device=self.index.device)
         for (r, i), crop in zip(todo, upsample_mask_crops(self.proposals.logits_of(sel), self.size,
                                                           self.reach[ranks])):
-            known.add(i, self.size, crop)
+            self.new.add(i, self.size, crop)
             self._keep(r, crop)
         self.stats.upsampled += len(todo)
 
@@ -257,17 +288,17 @@ class _MaskCache:
 
 
 class _Merger:
-    """Semantic-aware soft merging (§6.8) over the candidates, eager or lazy."""
+    """Semantic-aware soft merging (step 4) over the candidates, eager or lazy."""
 
     def __init__(self, proposals: Proposals, cand: _Candidates, opts: MethodOptions,
-                 stats: MatchStats) -> None:
+                 stats: MatchStats, known: UpsampledMasks, new: UpsampledMasks) -> None:
         self.cand, self.exponent, self.stats = cand, opts.merge_exponent, stats
         size, msize = tuple(proposals.image_size), merge_size(proposals.image_size, opts.merge_max_side)
         low = proposals.lowres_shape
         reach = _reach_boxes(cand.boxes, low, msize)
-        self.merge = _MaskCache(proposals, cand.index, msize, reach, stats)
+        self.merge = _MaskCache(proposals, cand.index, msize, reach, stats, known, new)
         self.out = self.merge if msize == size else _MaskCache(
-            proposals, cand.index, size, _reach_boxes(cand.boxes, low, size), stats)
+            proposals, cand.index, size, _reach_boxes(cand.boxes, low, size), stats, known, new)
         overlap = ((reach[:, None, 0] <= reach[None, :, 2]) & (reach[None, :, 0] <= reach[:, None, 2])
                    & (reach[:, None, 1] <= reach[None, :, 3]) & (reach[None, :, 1] <= reach[:, None, 3]))
         same = cand.labels[:, None] == cand.labels[None, :]

@@ -1,7 +1,9 @@
-"""Every hyperparameter of the NTT method in one place.
+"""Every hyperparameter of the NTT method in one place (docs/method.md explains each).
 
-Defaults are the reference code's headline configuration (see README, "The method"). Anything that
-deviates from the reference is a named option that is off (or at the reference value) by default.
+Defaults are the reference code's headline configuration, except the two named deviations whose
+default is not the reference's (`point_batch_size`, `drop_empty_masks`: both cheap on memory or
+cache size, both documented with their effect). Every other deviation is off by default.
+Deviations that have no switch are listed at the end of this file.
 """
 from __future__ import annotations
 
@@ -11,23 +13,24 @@ from typing import Literal
 
 @dataclass(frozen=True)
 class MethodOptions:
-    # --- target image / SAM2 proposals (method doc §6.1, §6.3) ---
+    # --- target image / SAM2 proposals (docs/method.md, "Proposals") ---
     sam_image_size: int = 1024          # target resized to S×S (aspect ratio ignored), PIL bicubic
-    points_per_side: int = 32           # 32×32 single-point prompts
-    iou_threshold: float = 0.4          # keep prompts whose predicted IoU > 0.4
-    # --- DINOv2 (method doc §4, §6.2) ---
-    dino_image_size: int = 518          # 37×37 patches of 14 px
-    context_ratio: float = 0.2          # reference crop side = (1 + 0.2) × longer bbox side
-    # --- matching (method doc §6.5–6.9) ---
+    points_per_side: int = 32           # n×n single-point prompts
+    iou_threshold: float = 0.4          # keep prompts whose predicted IoU is above this
+    # --- DINOv2 (docs/method.md, "References", "Proposals") ---
+    dino_image_size: int = 518          # input side; 14-px patches
+    context_ratio: float = 0.2          # reference crop side = (1 + ratio) × longer bbox side
+    # --- matching (docs/method.md, "Matching") ---
     nms_threshold: float = 0.5          # class-aware box NMS, ranked by SAM predicted IoU
-    pre_merge_factor: int = 8           # keep 8 × max_detections NMS survivors before soft merge
-    max_detections: int = 100           # top-K after soft merging
-    merge_exponent: float = 0.5         # score *= (1 - IoS) ** 0.5
+    pre_merge_factor: int = 8           # keep pre_merge_factor × K NMS survivors before soft merge
+    max_detections: int = 100           # K: top-K after soft merging (display caps cut the result later)
+    merge_exponent: float = 0.5         # score *= (1 - IoS) ** exponent
     score_threshold: float = 0.0        # the method has none (keeps score > 0); pre-annotation sets one
-    # --- performance knobs that do not change results ---
-    point_batch_size: int = 64          # prompts per decoder call (memory only; reference uses 256)
+    # --- performance knob that does not change results ---
     lazy_topk: bool = True              # upsample to full resolution only masks that can reach the top-K
-    # --- explicit deviations from the reference (all off by default) ---
+    # --- named deviations (docs/method.md, "Deviations") ---
+    point_batch_size: int = 64          # prompts per decoder call; reference 256 (others: float rounding)
+    drop_empty_masks: bool = True       # drop empty SAM2 masks before NMS (reference: they hold cap slots)
     grid: Literal["ntt", "amg"] = "ntt"  # "amg": SAM AMG cell-centre grid instead of the border grid
     antialias: bool = False             # antialias the torch bicubic resizes (reference: no antialias)
     merge_max_side: int = 0             # >0: soft merge at reduced resolution (huge photos), 0 = full res
@@ -38,7 +41,20 @@ class MethodOptions:
         return asdict(self)
 
     def cache_key(self) -> str:
-        """Options that change proposals (the per-image cache key part)."""
+        """Options that change proposals (the per-image cache key part). Deviations at their
+        default add nothing, so caches written before they were named stay valid."""
         return (f"s{self.sam_image_size}-p{self.points_per_side}-i{self.iou_threshold}-"
                 f"d{self.dino_image_size}-g{self.grid}-a{int(self.antialias)}-b{int(self.bf16)}"
-                + ("-c1" if self.compile_decoder else ""))
+                + ("-c1" if self.compile_decoder else "")
+                + (f"-q{self.point_batch_size}" if self.point_batch_size != 64 else "")
+                + ("" if self.drop_empty_masks else "-e0"))
+
+
+# Deviations with no switch (docs/method.md, "Deviations", explains each):
+# * rectangle-only references become masks through the configured SAM2 model (box prompt, single-mask
+#   output); the reference converted boxes with SAM v1 ViT-H, which this project does not ship;
+# * no surviving proposal gives no detections (the reference raises);
+# * a reference mask that misses every DINOv2 patch sample is skipped (the reference gets NaN);
+# * classes may have different numbers of references (the reference needs K shots per class);
+# * a candidate whose full-resolution mask is empty is dropped (the reference divides by zero);
+# * IoS is clipped to 1 (rounding can put it a hair above, giving NaN).

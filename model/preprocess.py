@@ -1,4 +1,4 @@
-"""Image -> encoder input tensors, with the reference's exact resampling (method doc §4.1, §6.1, §6.2).
+"""Image -> encoder input tensors, with the reference's exact resampling (docs/method.md).
 
 Tensors stay in [0, 1] until just before an encoder; ImageNet normalisation is the last step.
 """

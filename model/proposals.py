@@ -1,6 +1,6 @@
 """Class-agnostic proposals of one image: SAM2 point-grid masks + mask-pooled DINOv2 descriptors.
 
-Method doc §6.2-6.4. SAM2 runs on the S×S [0, 1] image (ImageNet-normalised), WITHOUT adding
+docs/method.md, "Proposals". SAM2 runs on the S×S [0, 1] image (ImageNet-normalised), WITHOUT adding
 `no_mem_embed` to the image embedding (as the reference, unlike SAM2ImagePredictor); every prompt
 is one positive point and keeps the best of the 3 multimask outputs by predicted IoU.
 """
@@ -54,7 +54,7 @@ def encoder_autocast(device: torch.device, bf16: bool) -> contextlib.AbstractCon
 def point_grid(points_per_side: int, size: int, kind: str = "ntt") -> torch.Tensor:
     """[n², 2] (x, y) point prompts in the S-px frame, passed to the prompt encoder as they are.
 
-    "ntt" (reference, §6.3): both axes linspace(0, S-1, n) + 0.5, i.e. 0.5 ... S-0.5 with points on
+    "ntt" (reference): both axes linspace(0, S-1, n) + 0.5, i.e. 0.5 ... S-0.5 with points on
     the border; ordered as the reference's meshgrid(indexing="ij") flattening: x is the outer
     (slow) index, y the inner one. "amg" (deviation): SAM AMG cell centres (i + 0.5) * S / n,
     y outer, x inner, as SAM's build_point_grid.
@@ -82,7 +82,7 @@ def encode_image(sam: nn.Module, x_sam: torch.Tensor, *, orig_hw: tuple[int, int
     with encoder_autocast(device, bf16):
         backbone_out = sam.forward_image(imagenet_normalize(x_sam.to(device)))
     _, vision_feats, _, feat_sizes = sam._prepare_backbone_features(backbone_out)
-    # [HW, 1, C] -> [1, C, h, w]; deliberately no `+ sam.no_mem_embed` (method doc §6.3, §11.6)
+    # [HW, 1, C] -> [1, C, h, w]; deliberately no `+ sam.no_mem_embed` (docs/method.md, "Proposals")
     feats = [f.permute(1, 2, 0).reshape(1, -1, *hw).float() for f, hw in zip(vision_feats, feat_sizes)]
     return SamImageState(feats[-1], feats[:-1], size, tuple(orig_hw) if orig_hw else (size, size))
 
@@ -142,16 +142,19 @@ def decode_points(sam: nn.Module, state: SamImageState, points: torch.Tensor,
     return torch.cat(all_logits), torch.cat(all_iou)
 
 
-def filter_by_iou(logits: torch.Tensor, iou: torch.Tensor,
-                  threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep prompts with predicted IoU > threshold (strict) whose mask has a positive pixel.
+def filter_by_iou(logits: torch.Tensor, iou: torch.Tensor, threshold: float,
+                  drop_empty: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep prompts with predicted IoU > threshold (strict); with drop_empty (the named deviation
+    opts.drop_empty_masks), only those whose mask has a positive pixel.
 
-    Empty masks are dropped too: the reference keeps them until their NaN descriptor (0/0) makes
-    their score fail `score > 0` after NMS. Their box is [0, 0, 0, 0], a zero-area box that
-    suppresses nothing in NMS, so dropping them early changes no other mask's fate (in the
-    reference they can only take a slot of the 8 × K pre-merge cap).
+    The reference keeps empty masks until their NaN descriptor (0/0; here a zero vector, score 0)
+    fails `score > 0` after NMS. Their box is [0, 0, 0, 0], a zero-area box that suppresses
+    nothing, so dropping them early changes no other mask's fate except through the pre-merge cap:
+    in the reference they can take some of its pre_merge_factor × K slots.
     """
-    keep = (iou > threshold) & (logits > 0).flatten(1).any(dim=1)
+    keep = iou > threshold
+    if drop_empty:
+        keep &= (logits > 0).flatten(1).any(dim=1)
     return logits[keep], iou[keep]
 
 
@@ -179,7 +182,7 @@ def pool_descriptors(dino_tokens: torch.Tensor, lowres_logits: torch.Tensor,
 def build_proposals(lowres_logits: torch.Tensor, iou: torch.Tensor, dino_tokens: torch.Tensor,
                     image_size: tuple[int, int], opts: MethodOptions) -> Proposals:
     """Decoder outputs of all prompts -> Proposals (IoU filter, empty masks out, descriptors)."""
-    logits, iou = filter_by_iou(lowres_logits.float(), iou.float(), opts.iou_threshold)
+    logits, iou = filter_by_iou(lowres_logits.float(), iou.float(), opts.iou_threshold, opts.drop_empty_masks)
     descriptors = pool_descriptors(dino_tokens, logits)
     return Proposals(logits=logits, iou=iou, descriptors=descriptors,
                      image_size=(int(image_size[0]), int(image_size[1])))
@@ -188,14 +191,15 @@ def build_proposals(lowres_logits: torch.Tensor, iou: torch.Tensor, dino_tokens:
 @torch.inference_mode()
 def compute_proposals(sam: nn.Module, dino: nn.Module, image: np.ndarray,
                       opts: MethodOptions) -> Proposals:
-    """All of §6.2-6.4 for one HxWx3 uint8 RGB image. Tensors stay on the models' device and are
-    inference tensors (read freely; .clone() before modifying them in place)."""
+    """The proposal stage (docs/method.md, "Proposals") for one HxWx3 uint8 RGB image. Tensors stay
+    on the models' device and are inference tensors (read freely; .clone() before modifying them
+    in place)."""
     size = opts.sam_image_size
     if int(sam.image_size) != size:
         raise ValueError(f"opts.sam_image_size={size} but the SAM2 model was built for {sam.image_size}")
     device = sam.device
     x = to_sam_input(image, size).to(device)
-    # DINOv2 sees the S×S [0, 1] image resized again (torch bicubic), as the reference (§6.2)
+    # DINOv2 sees the S×S [0, 1] image resized again (torch bicubic), as the reference
     dino_device = next(dino.parameters()).device
     with encoder_autocast(dino_device, opts.bf16):
         tokens = dino_patch_tokens(dino, to_dino_input(x.to(dino_device), opts.dino_image_size,

@@ -1,4 +1,4 @@
-"""Reference instances -> descriptors (method doc §4.1, §4.2, §5), and box -> mask via SAM2.
+"""Reference instances -> descriptors (docs/method.md, "References"), and box -> mask via SAM2.
 
 A reference descriptor is the soft-mask-weighted mean of the raw DINOv2 patch tokens of an
 object-centred crop: r = Σ w_p F_p / Σ w_p, with w_p the soft crop mask sampled at the top-left
@@ -58,7 +58,7 @@ def reference_descriptor(dino: nn.Module, image: np.ndarray, mask: np.ndarray,
     """Descriptor float32 [D] of one reference instance (HxWx3 uint8 image, HxW bool mask).
 
     None, with a warning, when the mask is empty or misses every patch sample (the reference
-    would produce NaN here, method doc §11.2).
+    would produce NaN here; docs/method.md, "Deviations").
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != image.shape[:2]:
@@ -97,7 +97,8 @@ def box_to_mask(sam: nn.Module, state: SamImageState, box_xyxy: tuple[float, flo
     Single-mask output (multimask_output=False) as the reference's box -> mask conversion, decoded
     the way SAM2ImagePredictor.predict(box=...) does: box scaled to the S-px frame, `no_mem_embed`
     added to the image embedding (the model is trained that way for single images; only the
-    proposal path omits it, §11.6), logits bilinearly upsampled to (H, W), > 0.
+    proposal path omits it), logits bilinearly upsampled to (H, W), > 0. The reference used
+    another model for this step: a named deviation (docs/method.md, "Deviations").
     """
     H, W = state.orig_hw
     device = state.image_embed.device

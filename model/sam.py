@@ -1,6 +1,6 @@
 """Build SAM2 by name from the official `sam2` package, with a strict checkpoint load.
 
-Only the image encoder, prompt encoder and mask decoder are used (method doc §8); the model is
+Only the image encoder, prompt encoder and mask decoder are used (docs/method.md, "Models"); the model is
 returned in eval mode, fp32.
 """
 from __future__ import annotations

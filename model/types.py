@@ -6,6 +6,7 @@ on the memory bank, so it is cached per image and re-scored whenever the bank ch
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import zlib
@@ -13,11 +14,21 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sam2.utils.amg import batched_mask_to_box
-
-from .upsampled import UpsampledMasks
 
 _FORMAT = 3
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """[N, h, w] bool masks -> [N, 4] int64 xyxy boxes with inclusive max indices; [0, 0, 0, 0]
+    for an empty mask (the box convention of SAM's batched_mask_to_box, which the method uses)."""
+    n, h, w = masks.shape
+    rows, cols = masks.any(dim=2), masks.any(dim=1)                 # [N, h], [N, w]
+    out = torch.zeros(n, 4, dtype=torch.int64, device=masks.device)
+    for lo, hi, hits, size in ((0, 2, cols, w), (1, 3, rows, h)):
+        coords = torch.arange(size, device=masks.device)[None, :]
+        out[:, lo] = torch.where(hits, coords, size).amin(dim=1)
+        out[:, hi] = torch.where(hits, coords, -1).amax(dim=1)
+    return out * masks.flatten(1).any(dim=1, keepdim=True)
 
 
 def _window_any_all(x: torch.Tensor, radius: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,12 +95,12 @@ class Proposals:
     logits: [N, h, w] float32 low-res SAM2 mask logits (h = w = sam_image_size // 4) of the kept
             prompts (best of 3 multimask outputs, predicted IoU > threshold, non-empty mask).
             Proposals read from the cache keep them packed and decode a mask only when it is
-            needed (`logits_of`); the `logits` attribute decodes all of them.
+            needed (`logits_of`); the `logits` property decodes all of them.
     iou: [N] predicted IoU of each kept prompt.
     descriptors: [N, D] float32, L2-normalised mask-pooled DINOv2 features.
     image_size: (H, W) of the original (EXIF-transposed) image.
-    upsampled: full-resolution masks that matches computed from these proposals (shared by `to`
-            copies; the proposal cache keeps them beside the entry).
+    Never modified after construction: a match reads them (full-resolution masks it upsamples
+    live in a caller-owned model.upsampled.UpsampledMasks, not here).
     """
 
     def __init__(self, logits: torch.Tensor | None, iou: torch.Tensor, descriptors: torch.Tensor,
@@ -101,7 +112,6 @@ class Proposals:
         self.iou, self.descriptors = iou, descriptors
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.meta = dict(meta or {})
-        self.upsampled = UpsampledMasks()
 
     def __len__(self) -> int:
         return int(self.iou.shape[0])
@@ -111,9 +121,8 @@ class Proposals:
 
     @property
     def logits(self) -> torch.Tensor:
-        if self._logits is None:
-            self._logits = self._packed.take()
-        return self._logits
+        """[N, h, w] float logits (packed ones are decoded on each access, nothing is kept)."""
+        return self._packed.take() if self._logits is None else self._logits
 
     @property
     def lowres_shape(self) -> tuple[int, int]:
@@ -122,7 +131,7 @@ class Proposals:
 
     def lowres_boxes(self) -> torch.Tensor:
         """[N, 4] inclusive xyxy boxes of the low-res masks (stored in the cache: no pass over them)."""
-        return self._packed.boxes if self._packed is not None else batched_mask_to_box(self._logits > 0)
+        return self._packed.boxes if self._packed is not None else mask_boxes(self._logits > 0)
 
     def logits_of(self, index: torch.Tensor) -> torch.Tensor:
         """[n, h, w] float logits of the proposals at `index`, decoding only those."""
@@ -130,13 +139,20 @@ class Proposals:
 
     def to(self, device: torch.device | str) -> "Proposals":
         if self._logits is None:
-            out = Proposals(None, self.iou.to(device), self.descriptors.to(device), self.image_size,
-                            self.meta, packed=self._packed.to(device))
-        else:
-            out = Proposals(self._logits.to(device), self.iou.to(device), self.descriptors.to(device),
-                            self.image_size, self.meta)
-        out.upsampled = self.upsampled
-        return out
+            return Proposals(None, self.iou.to(device), self.descriptors.to(device), self.image_size,
+                             self.meta, packed=self._packed.to(device))
+        return Proposals(self._logits.to(device), self.iou.to(device), self.descriptors.to(device),
+                         self.image_size, self.meta)
+
+    def checksum(self) -> str:
+        """Identity of these proposals for the masks upsampled from them (UpsampledMasks.owner):
+        a hash of the predicted IoUs, descriptors, low-res mask boxes and sizes, the same for `to`
+        copies and for a cache round trip (to_bytes keeps all of them exactly)."""
+        h = hashlib.sha256()
+        h.update(json.dumps([list(self.image_size), list(self.lowres_shape), len(self)]).encode())
+        for t in (self.iou.float(), self.descriptors.float(), self.lowres_boxes().long()):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:32]
 
     # ------------------------------------------------------------------ compact serialisation
     def upsample_radius(self) -> int:
@@ -166,7 +182,7 @@ class Proposals:
             signs=np.frombuffer(zlib.compress(np.packbits(signs.numpy(), axis=-1).tobytes(), 1), np.uint8),
             boundary_values=logits[boundary].numpy().astype(np.float32),
             boundary_counts=boundary.flatten(1).sum(1).numpy().astype(np.int64),
-            boxes=batched_mask_to_box(signs).numpy().astype(np.int32),
+            boxes=mask_boxes(signs).numpy().astype(np.int32),
             iou=self.iou.detach().float().cpu().numpy(),
             descriptors=self.descriptors.detach().float().cpu().numpy(),
             header=np.frombuffer(json.dumps({
@@ -206,7 +222,7 @@ class Proposals:
 class Detections:
     """Final instances for one image, best first.
 
-    boxes: [N, 4] float xyxy with inclusive max pixel indices (as the reference's mask_to_box).
+    boxes: [N, 4] float xyxy with inclusive max pixel indices (the method's box convention).
     masks: per instance a full-resolution boolean mask stored as a crop: (x0, y0, crop[h, w]).
     labels: class keys of the memory bank. scores: decayed cosine scores in (0, 1].
     """

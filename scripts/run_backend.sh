@@ -37,7 +37,7 @@ while read -r model path official url; do
   if [ "$(basename "$path")" = "$official" ]; then  # the official file: fetch it (once)
     case "$model" in sam2*) args=(--sam "$model" --dino none) ;; *) args=(--sam none --dino "$model") ;; esac
     echo "checkpoint of $model missing: downloading the official file (once)" >&2
-    "$PY" -m model.checkpoints "${args[@]}" --dir "$(dirname "$path")" >&2 || true
+    "$PY" scripts/download_checkpoints.py "${args[@]}" --dir "$(dirname "$path")" >&2 || true
   fi
   [ -s "$path" ] || FAILED+=("  $path"$'\n'"      (the official $model file is $official, from $url)")
 done <<<"$CKPTS"

@@ -148,7 +148,7 @@ def test_dockerfile_bakes_the_default_checkpoints() -> None:
     assert Path(args["SAM_CHECKPOINT"]).name == checkpoint_filename(args["SAM_MODEL"]) == "sam2_hiera_large.pt"
     assert Path(args["DINO_CHECKPOINT"]).name == checkpoint_filename(args["DINO_MODEL"]) \
         == "dinov2_vitl14_pretrain.pth"
-    assert "python -m model.checkpoints --sam \"$SAM_MODEL\" --dino \"$DINO_MODEL\"" in stage("backend")
+    assert "python scripts/download_checkpoints.py --sam \"$SAM_MODEL\" --dino \"$DINO_MODEL\"" in stage("backend")
     for var in ("NTT_SAM_CHECKPOINT=$SAM_CHECKPOINT", "NTT_DINO_CHECKPOINT=$DINO_CHECKPOINT"):
         assert var in stage("backend")
 

@@ -1,4 +1,4 @@
-"""Label Studio payloads as LS 1.23.2 sends them (ls_protocol.md §1.4-1.7, ls_live_server.md §5-6).
+"""Label Studio payloads as LS 1.23.2 sends them (recorded from a live server).
 
 Shared by the backend test files. Only the parts LS really sends are here; long fields that
 LS sends but nobody reads (timestamps, counters) keep their documented shape. At the end: a
@@ -27,7 +27,7 @@ def purge_queues(settings) -> None:
 
 LEGACY_TOKEN = "0123456789abcdef0123456789abcdef01234567"
 
-# The 3-control config of ls_live_server.md §3 (e2e_check.py CONFIG).
+# A 3-control config (polygon, rectangle and brush controls on one image).
 CONFIG_XML = """<View>
   <Image name="image" value="$image"/>
   <RectangleLabels name="bbox" toName="image"><Label value="Cat"/><Label value="Dog"/></RectangleLabels>
@@ -50,7 +50,7 @@ CONFIG_WITH_ATTRS_XML = """<View>
 
 PROJECT_UID = "1.1795705944"
 
-# POST /setup (ls_live_server.md §5; extra_params null as LS 1.23.2 sent it)
+# POST /setup (extra_params null as LS 1.23.2 sent it)
 SETUP_BODY = {
     "project": PROJECT_UID,
     "schema": CONFIG_XML,
@@ -109,7 +109,7 @@ ANNOTATION = {
     "parent_annotation": None, "last_created_by": None, "completed_by": 1,
 }
 
-# POST /predict with 2 tasks (ls_protocol.md §1.5; task 1 is annotated as in ls_live_server.md §5)
+# POST /predict with 2 tasks (task 1 is annotated)
 PREDICT_BODY = {
     "tasks": [
         _task(1, "/data/local-files/?d=images/local1.png", annotations=[ANNOTATION]),
@@ -120,7 +120,7 @@ PREDICT_BODY = {
     "params": {"login": None, "password": None, "context": None},
 }
 
-# POST /predict from an interactive smart tool (ls_protocol.md §1.6)
+# POST /predict from an interactive smart tool
 INTERACTIVE_PREDICT_BODY = {
     "tasks": [_task(2, "/data/upload/1/3ab875df-img3.png", file_upload=1, drafts=[])],
     "project": PROJECT_UID,

@@ -22,6 +22,7 @@ import torch
 
 from backend import bulk_delivery, jobs, queueing, runtime
 from backend.errors import LabelStudioAPIError
+from backend.label_config import parse_label_config
 from backend.settings import Settings
 from backend.store import RedisStore
 from backend.tasks_registry import result_hash
@@ -29,8 +30,10 @@ from bench.fake_http import Reply, Request, RouteServer
 from bench.fake_ls import FakeLabelStudio
 from tests.backend.fixtures import LEGACY_TOKEN as TOKEN
 from tests.helpers import png_bytes
+from model.bank import MemoryBank
 from model.engine import Engine, EngineConfig
 from model.options import MethodOptions
+from model.types import Proposals
 
 PID = 7
 LABEL_CONFIG = """<View>
@@ -237,9 +240,30 @@ def test_predict_task_cold_then_cache_hit_identical(env, ls, engine):
     assert record.proposal_key and record.result_hash == result_hash(cold["result"])
     # the masks the cold match upsampled are kept beside the proposals; the hit read them back
     cached = runtime.get_proposal_cache().get(record.proposal_key)
-    assert len(cached.upsampled) > 0
+    assert len(runtime.get_proposal_cache().get_masks(record.proposal_key, cached)) > 0
     assert record.model_version == cold["model_version"] and record.prediction_id is None
     assert ls.writes() == []  # delivered by the web's answer, not through the API
+
+
+def test_a_display_cap_cuts_the_methods_top_k_and_does_not_set_k(env):
+    """MAX_DETECTIONS cuts the regions of the method's top-K (K = 100); it is not passed as K,
+    whose pre-merge cap (8 * K NMS survivors) would let only the first 16 by SAM IoU compete."""
+    runtime.configure(settings=replace(runtime.get_settings(), max_detections=2))
+    n, side = 20, 64
+    logits = torch.full((n, side, side), -5.0)
+    for i in range(n):                                   # 20 separate squares: NMS keeps them all
+        x, y = 12 * (i % 5), 12 * (i // 5)
+        logits[i, y:y + 10, x:x + 10] = 5.0
+    scores = torch.linspace(0.1, 0.9, n)                 # best scores on the lowest SAM IoUs
+    descriptors = torch.stack([scores, (1 - scores ** 2).sqrt()], dim=1)
+    proposals = Proposals(logits, torch.linspace(0.99, 0.5, n), descriptors, (60, 80))
+    bank = MemoryBank()
+    bank.add("Cat", "r", [1.0, 0.0])
+    item = jobs._match_item(proposals, "ab" * 32, bank, parse_label_config(LABEL_CONFIG), "mv")
+    by_control = {}
+    for region in item["result"]:
+        by_control.setdefault(region["from_name"], []).append(round(region["score"], 4))
+    assert by_control == {"poly": [0.9, 0.8579], "box": [0.9, 0.8579]}
 
 
 def test_late_delivery_posts_through_the_api_exactly_once(env, ls):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from backend.proposal_cache import ProposalCache, cache_key
 from model.bank import MemoryBank
-from model.matching import match, match_with_stats
+from model.matching import match, match_full
 from model.options import MethodOptions
 from model.types import Proposals
 
@@ -56,6 +56,10 @@ def test_key_covers_image_engine_and_options():
     assert k != cache_key(sha, "sam2-t+dinov2-s", MethodOptions(points_per_side=16))
     # options that do not change proposals do not change the key
     assert k == cache_key(sha, "sam2-t+dinov2-s", MethodOptions(max_detections=5, score_threshold=0.3))
+    # named deviations change proposals: in the key, except at their default (older caches stay valid)
+    assert k != cache_key(sha, "sam2-t+dinov2-s", MethodOptions(point_batch_size=256))
+    assert k != cache_key(sha, "sam2-t+dinov2-s", MethodOptions(drop_empty_masks=False))
+    assert MethodOptions().cache_key() == "s1024-p32-i0.4-d518-gntt-a0-b0"
 
 
 def test_put_get_gives_identical_matching(tmp_path):
@@ -140,36 +144,40 @@ def test_rejects_path_like_keys(tmp_path):
 
 
 def test_upsampled_masks_are_stored_beside_the_entry_and_reused(tmp_path):
-    """The masks a match upsampled from a cached entry are stored next to it (put_upsampled), read
-    back with the entry by any instance, and used by the next match, which upsamples nothing it
-    has seen and gives the same detections. New proposals under the key drop them; unreadable or
-    mismatched files are ignored."""
+    """The mask cache of a cached entry (the masks its matches upsampled) is stored next to it
+    (put_masks), read back by any instance (get_masks), and saves the next match all upsampling
+    with the same detections. New proposals under the key drop it; unreadable files or files
+    written for other proposals are ignored."""
     cache = ProposalCache(tmp_path, max_bytes=10**8)
     props = make_proposals(0)
     cache.put(key(0), props)
     bank = bank_for(props)
-    assert cache.put_upsampled(key(0), props) == 0           # nothing upsampled yet
-    first, s1 = match_with_stats(props, bank, MethodOptions())
-    assert s1.upsampled > 0
+    masks = cache.get_masks(key(0), props)
+    assert len(masks) == 0 and masks.owner == props.checksum()
+    first = match_full(props, bank, MethodOptions(), masks=masks)
+    assert first.stats.upsampled > 0 and len(masks) == 0         # the match left the cache alone
+    masks.update(first.upsampled)
     side = cache._path(key(0)).with_suffix(".ntm")
-    written = cache.put_upsampled(key(0), props)
+    written = cache.put_masks(key(0), masks)
     assert written == side.stat().st_size > 0
     assert cache.total_bytes() == written + cache._path(key(0)).stat().st_size
-    assert cache.put_upsampled(key(0), props) == 0           # nothing new since
 
-    back = ProposalCache(tmp_path, max_bytes=10**8).get(key(0))
-    assert len(back.upsampled) == s1.upsampled
-    again, s2 = match_with_stats(back, bank, MethodOptions())
-    assert s2.upsampled == 0
-    _same(again, first)
+    other = ProposalCache(tmp_path, max_bytes=10**8)
+    back = other.get(key(0))
+    known = other.get_masks(key(0), back)
+    assert known.keys() == masks.keys()
+    again = match_full(back, bank, MethodOptions(), masks=known)
+    assert again.stats.upsampled == 0 and len(again.upsampled) == 0
+    _same(again.detections, first.detections)
 
     side.write_bytes(side.read_bytes()[:40])                  # torn: ignored and deleted
     old = cache.get(key(0))
-    assert len(old.upsampled) == 0 and not side.exists()
-    match(old, bank, MethodOptions())
-    assert cache.put_upsampled(key(0), old) > 0 and side.exists()
+    assert len(cache.get_masks(key(0), old)) == 0 and not side.exists()
+    assert cache.put_masks(key(0), masks) > 0 and side.exists()
     cache.put(key(0), make_proposals(7))                      # other proposals, same key
     assert not side.exists()
-    old.upsampled.add(999, (48, 64), (0, 0, np.ones((1, 1), bool)))
-    assert cache.put_upsampled(key(0), old) > 0               # written for the replaced entry...
-    assert len(cache.get(key(0)).upsampled) == 0              # ...so never used with the new one
+    assert cache.put_masks(key(0), masks) > 0                 # written for the replaced entry...
+    new = cache.get(key(0))
+    assert len(cache.get_masks(key(0), new)) == 0             # ...so never used with the new one
+    cache._path(key(1)).parent.mkdir(exist_ok=True)
+    assert cache.put_masks(key(1), masks) == 0                # no entry: nothing stored

@@ -55,7 +55,8 @@ def iou(a, b):
 
 
 def test_rectangle_percent_by_hand():
-    # columns 240..400 and rows 120..280 inclusive = 161 px each, on a 640x480 image (ls_protocol.md §3.2)
+    # columns 240..400 and rows 120..280 inclusive = 161 px each, on a 640x480 image
+    # (LS percent values: x = 100 * x0 / W, width = 100 * pixel extent / W)
     det = make_detections([rect_mask(480, 640, 240, 120, 400, 280)], ["Cat"], [0.91])
     rect = next(r for r in regions_for(det) if r["type"] == "rectanglelabels")
     assert rect["value"] == {"x": 37.5, "y": 25.0, "width": 25.15625, "height": 100 * 161 / 480,

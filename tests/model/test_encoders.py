@@ -1,8 +1,9 @@
-"""SAM2 / DINOv2 building, strict checkpoint loading, checkpoint paths and download."""
+"""SAM2 / DINOv2 building, strict checkpoint loading, checkpoint paths, and the download script."""
 from __future__ import annotations
 
 import hashlib
 import http.server
+import sys
 import threading
 from functools import partial
 from pathlib import Path
@@ -12,15 +13,19 @@ import torch
 
 from model import catalog
 from model import checkpoints
-from model.checkpoints import CheckpointError, DownloadError
+from model.checkpoints import CheckpointError
 from model.dino import DINO_MODELS, build_dino, dino_patch_tokens
 from model.preprocess import imagenet_normalize
 from model.proposals import encode_image
 from model.sam import SAM_MODELS, build_sam
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import download_checkpoints as fetch  # noqa: E402  (scripts/download_checkpoints.py)
+from download_checkpoints import DownloadError  # noqa: E402
+
 
 def meta_dinov2_state_dict(size: str = "s", img: int = 518, patch: int = 14, registers: int = 0) -> dict:
-    """Random state dict in Meta's dinov2_vit*14_pretrain.pth layout (runtime doc §8.7)."""
+    """Random state dict in Meta's dinov2_vit*14_pretrain.pth layout."""
     D, depth = {"s": (384, 12), "b": (768, 12)}[size]
     g = torch.Generator().manual_seed(0)
 
@@ -59,20 +64,19 @@ def test_model_tables_map_names_to_official_configs_and_files():
     assert len(SAM_MODELS) == 8
     assert DINO_MODELS["dinov2-l"] == ("vit_large_patch14_dinov2.lvd142m", "dinov2_vitl14_pretrain.pth")
     assert DINO_MODELS["dinov2-g"][1] == "dinov2_vitg14_pretrain.pth"
-    assert set(checkpoints.SHA256) == {f for _, f in SAM_MODELS.values()} | {f for _, f in DINO_MODELS.values()}
 
 
 def test_official_urls():
-    assert checkpoints.checkpoint_url("sam2-l") == \
+    assert catalog.checkpoint_url("sam2-l") == \
         "https://dl.fbaipublicfiles.com/segment_anything_2/072824/sam2_hiera_large.pt"
-    assert checkpoints.checkpoint_url("sam2.1-b+") == \
+    assert catalog.checkpoint_url("sam2.1-b+") == \
         "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_base_plus.pt"
-    assert checkpoints.checkpoint_url("dinov2-l") == \
+    assert catalog.checkpoint_url("dinov2-l") == \
         "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
-    assert checkpoints.checkpoint_url("dinov2-g") == \
+    assert catalog.checkpoint_url("dinov2-g") == \
         "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_pretrain.pth"
     with pytest.raises(ValueError, match="unknown model"):
-        checkpoints.checkpoint_url("sam3-l")
+        catalog.checkpoint_url("sam3-l")
 
 
 def test_default_checkpoint_dir_follows_model_dir(monkeypatch, tmp_path):
@@ -145,7 +149,7 @@ def test_sam_checkpoint_without_model_key(sam_t, tmp_path):
 
 
 def test_sam_checkpoint_of_other_version(sam_t_checkpoint):
-    # SAM 2.1 adds exactly 3 tensors to SAM 2.0 (runtime doc §3)
+    # SAM 2.1 adds exactly 3 tensors to SAM 2.0
     with pytest.raises(CheckpointError) as e:
         build_sam("sam2-t", sam_t_checkpoint, device="cpu", image_size=256)
     assert_one_line(e, f"checkpoint {sam_t_checkpoint} does not match sam2-t "
@@ -209,7 +213,7 @@ def test_dino_checkpoint_missing_and_truncated(meta_s_file, tmp_path):
 
 
 def test_dino_registers_checkpoint_is_rejected(tmp_path):
-    # a *_reg4_pretrain.pth must not load partially into a no-register model (method doc §11.13)
+    # a *_reg4_pretrain.pth must not load partially into a no-register model
     path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
     torch.save(meta_dinov2_state_dict("s", registers=4), path)
     with pytest.raises(CheckpointError) as e:
@@ -236,21 +240,21 @@ def test_dino_rejects_sam_file_and_non_state_dict(sam_t_checkpoint, tmp_path):
     assert_one_line(e, str(path), "not a state dict")
 
 
-# ------------------------------------------------------------------ download
+# ------------------------------------------------------------------ scripts/download_checkpoints.py
 def test_verify_sha256_on_local_file(tmp_path):
     path = tmp_path / "f.bin"
     path.write_bytes(b"no time to train")
     digest = hashlib.sha256(b"no time to train").hexdigest()
-    assert checkpoints.sha256_file(path) == digest
-    checkpoints.verify_sha256(path, digest.upper())
+    assert fetch.sha256_file(path) == digest
+    fetch.verify_sha256(path, digest.upper())
     with pytest.raises(CheckpointError) as e:
-        checkpoints.verify_sha256(path, "0" * 64)
+        fetch.verify_sha256(path, "0" * 64)
     assert_one_line(e, str(path), digest)
 
 
 def test_download_unreachable_url_says_what_to_do(tmp_path):
     with pytest.raises(DownloadError) as e:
-        checkpoints.download("sam2-l", tmp_path, url="http://127.0.0.1:9/sam2_hiera_large.pt", timeout=5)
+        fetch.download("sam2-l", tmp_path, url="http://127.0.0.1:9/sam2_hiera_large.pt", timeout=5)
     assert_one_line(e, "cannot download sam2-l from http://127.0.0.1:9/sam2_hiera_large.pt",
                     str(tmp_path / "sam2_hiera_large.pt"), "MODEL_DIR")
     assert list(tmp_path.iterdir()) == []  # no .part left behind
@@ -279,38 +283,37 @@ def test_download_streams_and_checks_sha256(local_server, tmp_path):
     (served / "file.pt").write_bytes(payload)
     dest_dir = tmp_path / "dest"
     digest = hashlib.sha256(payload).hexdigest()
-    path = checkpoints.download("sam2-t", dest_dir, digest, url=f"{base}/file.pt")
+    path = fetch.download("sam2-t", dest_dir, digest, url=f"{base}/file.pt")
     assert path == dest_dir / "sam2_hiera_tiny.pt" and path.read_bytes() == payload
     assert sorted(p.name for p in dest_dir.iterdir()) == ["sam2_hiera_tiny.pt"]
 
     with pytest.raises(CheckpointError):
-        checkpoints.download("sam2-s", dest_dir, "f" * 64, url=f"{base}/file.pt")
+        fetch.download("sam2-s", dest_dir, "f" * 64, url=f"{base}/file.pt")
     assert sorted(p.name for p in dest_dir.iterdir()) == ["sam2_hiera_tiny.pt"]
     with pytest.raises(DownloadError, match="404"):
-        checkpoints.download("sam2-s", dest_dir, digest, url=f"{base}/missing.pt")
+        fetch.download("sam2-s", dest_dir, digest, url=f"{base}/missing.pt")
 
 
-def test_download_without_known_hash_verifies_by_loading(local_server, tmp_path, meta_s_file):
+def test_download_without_a_hash_verifies_by_loading(local_server, tmp_path, meta_s_file):
     served, base = local_server
     (served / "good.pth").write_bytes(meta_s_file[0].read_bytes())
     (served / "bad.pth").write_bytes(b"not a checkpoint")
-    assert checkpoints.SHA256["dinov2_vits14_pretrain.pth"] is None
     dest_dir = tmp_path / "dest"
-    path = checkpoints.download("dinov2-s", dest_dir, url=f"{base}/good.pth")
+    path = fetch.download("dinov2-s", dest_dir, url=f"{base}/good.pth")
     assert path.read_bytes() == meta_s_file[0].read_bytes()
     path.unlink()
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        checkpoints.download("dinov2-s", dest_dir, url=f"{base}/bad.pth")
+        fetch.download("dinov2-s", dest_dir, url=f"{base}/bad.pth")
     assert list(dest_dir.iterdir()) == []
 
 
 def test_cli_help_and_unreachable_network(monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        checkpoints.main(["--help"])
+        fetch.main(["--help"])
     assert e.value.code == 0 and "--sam" in capsys.readouterr().out
     monkeypatch.setitem(catalog.SAM2_URL_DIRS, "sam2", "http://127.0.0.1:9/")
     (tmp_path / "dinov2_vitl14_pretrain.pth").write_bytes(b"present")
-    assert checkpoints.main(["--sam", "sam2-l", "--dino", "dinov2-l", "--dir", str(tmp_path)]) == 1
+    assert fetch.main(["--sam", "sam2-l", "--dino", "dinov2-l", "--dir", str(tmp_path)]) == 1
     out, err = capsys.readouterr()
     assert "dinov2_vitl14_pretrain.pth already present" in out
     assert "cannot download sam2-l from http://127.0.0.1:9/sam2_hiera_large.pt" in err

@@ -1,4 +1,4 @@
-"""Matching (method doc §6.5-6.9) on hand-made proposals; lazy top-K against the eager oracle and an
+"""Matching (docs/method.md, "Matching") on hand-made proposals; lazy top-K against the eager oracle and an
 independent brute-force re-implementation."""
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from sam2.utils.amg import batched_mask_to_box
 from torchvision.ops import batched_nms
 
 from model.bank import MemoryBank
+from model.engine import Engine, EngineConfig
 from model.matching import match, match_with_stats, merge_size, upsample_mask_crops, upsample_window
 from model.options import MethodOptions
 from model.types import Detections, Proposals
@@ -149,6 +150,20 @@ def test_pre_merge_cap_top_k_and_threshold(opts):
     assert len(match(p, cat_bank(), opts, max_detections=0)) == 0
 
 
+def test_kept_empty_masks_hold_pre_merge_cap_slots_as_in_the_reference():
+    """drop_empty_masks=False keeps empty SAM2 masks (zero descriptor, box [0, 0, 0, 0]): they pass
+    NMS, take pre-merge cap slots by their SAM IoU, then fail score > 0, as in the reference."""
+    logits = [square(12 * i, 0, 12 * i + 9, 9) for i in range(3)]
+    empty = torch.full((LOW, LOW), -5.0)
+    descs = [unit(0.9, math.sqrt(1 - 0.81)), unit(0.8, 0.6), unit(0.7, math.sqrt(1 - 0.49))]
+    reference = props([logits[0], empty, logits[1], logits[2]], [0.9, 0.85, 0.8, 0.7],
+                      [descs[0], torch.zeros(D), descs[1], descs[2]])
+    dropped = props(logits, [0.9, 0.8, 0.7], descs)
+    cap = replace(OPTS, pre_merge_factor=1)
+    assert np.allclose(match(dropped, cat_bank(), cap, max_detections=3).scores, [0.9, 0.8, 0.7])
+    assert np.allclose(match(reference, cat_bank(), cap, max_detections=3).scores, [0.9, 0.8])
+
+
 def test_empty_inputs_give_empty_detections():
     p = separate_squares([0.5], [0.9])
     for det in (match(p, MemoryBank(), OPTS),
@@ -224,7 +239,7 @@ def random_scene(seed: int, n: int = 70, classes: int = 4,
 
 
 def brute_force(p: Proposals, bank: MemoryBank, opts: MethodOptions, k: int, thr: float):
-    """Straight transcription of method doc §6.10 with full masks and float64 maths."""
+    """Straight transcription of the method (docs/method.md, "Matching") with full masks and float64 maths."""
     names, P = bank.prototypes()
     s = (p.descriptors @ P.T).clamp(min=0)
     lab, sc = s.argmax(1), s.max(1).values
@@ -244,13 +259,6 @@ def brute_force(p: Proposals, bank: MemoryBank, opts: MethodOptions, k: int, thr
     order = sorted(valid, key=lambda i: (-dec[i].item(), i))[:k]
     order = [i for i in order if dec[i] > 0 and (thr <= 0 or dec[i] >= thr)]
     return [names[lab[keep[i]]] for i in order], dec[order].numpy(), out[order].numpy()
-
-
-def fresh(p: Proposals) -> Proposals:
-    """The same proposals without the masks earlier matches upsampled (each match computes its own)."""
-    q = p.to("cpu")
-    q.upsampled = UpsampledMasks()
-    return q
 
 
 def assert_same(a: Detections, b: Detections) -> None:
@@ -281,8 +289,8 @@ CASES = [  # (seed, image size, K, threshold, merge_max_side)
 def test_lazy_top_k_is_exact(seed, size, k, thr, max_side):
     p, bank = random_scene(seed, size=size)
     opts = replace(OPTS, merge_max_side=max_side)
-    lazy, s_lazy = match_with_stats(fresh(p), bank, opts, score_threshold=thr, max_detections=k)
-    eager, s_eager = match_with_stats(fresh(p), bank, replace(opts, lazy_topk=False), score_threshold=thr,
+    lazy, s_lazy = match_with_stats(p, bank, opts, score_threshold=thr, max_detections=k)
+    eager, s_eager = match_with_stats(p, bank, replace(opts, lazy_topk=False), score_threshold=thr,
                                       max_detections=k)
     assert len(eager) > 0
     assert_same(lazy, eager)
@@ -296,8 +304,8 @@ def test_lazy_top_k_is_exact(seed, size, k, thr, max_side):
 
 def test_lazy_prunes_a_lot_on_a_crowded_scene():
     p, bank = random_scene(11, n=300, classes=6, size=(300, 400))
-    lazy, s_lazy = match_with_stats(fresh(p), bank, OPTS, max_detections=5)
-    eager, s_eager = match_with_stats(fresh(p), bank, EAGER, max_detections=5)
+    lazy, s_lazy = match_with_stats(p, bank, OPTS, max_detections=5)
+    eager, s_eager = match_with_stats(p, bank, EAGER, max_detections=5)
     assert_same(lazy, eager)
     assert s_eager.candidates == 40 and s_lazy.upsampled <= s_eager.upsampled // 2
 
@@ -307,17 +315,17 @@ def test_proposals_round_trip_gives_identical_detections():
         p, bank = random_scene(21, size=size)
         again = Proposals.from_bytes(p.to_bytes())
         assert not torch.equal(again.logits, p.logits)        # interior values really were dropped
-        assert_same(match(again, bank, OPTS, max_detections=5), match(fresh(p), bank, OPTS, max_detections=5))
-        assert_same(match(fresh(again), bank, EAGER), match(fresh(p), bank, EAGER))
+        assert_same(match(again, bank, OPTS, max_detections=5), match(p, bank, OPTS, max_detections=5))
+        assert_same(match(again, bank, EAGER), match(p, bank, EAGER))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     p, bank = random_scene(31, size=(480, 640))
-    cpu = match(fresh(p), bank, OPTS, max_detections=5)
-    gpu = match(fresh(p).to("cuda"), bank, OPTS, max_detections=5)
+    cpu = match(p, bank, OPTS, max_detections=5)
+    gpu = match(p.to("cuda"), bank, OPTS, max_detections=5)
     assert gpu.labels == cpu.labels and np.allclose(gpu.scores, cpu.scores, atol=1e-5)
-    assert_same(gpu, match(fresh(p).to("cuda"), bank, EAGER, max_detections=5))
+    assert_same(gpu, match(p.to("cuda"), bank, EAGER, max_detections=5))
 
 
 @pytest.mark.parametrize("low,size", [((64, 64), (97, 131)), ((64, 64), (300, 41)), ((64, 64), (23, 17)),
@@ -347,32 +355,94 @@ def test_windowed_upsampling_is_bit_identical_to_the_full_one(low, size):
         assert np.array_equal(rebuilt[y0:y1 + 1, x0:x1 + 1], ref[y0:y1 + 1, x0:x1 + 1].numpy())
 
 
-def test_a_second_match_reuses_the_upsampled_masks_and_gives_the_same_detections():
-    """Masks one match upsampled are kept with the proposals (shared by `to` copies, stored by the
-    proposal cache): the next match upsamples only masks nobody asked for before, and its output
-    is what a match on the bare proposals gives, for the same bank and for a changed one."""
+def state(obj: object) -> object:
+    """Everything an object holds, as comparable values: tensors and arrays by dtype, shape and
+    bytes, objects with to_bytes by those, other objects by their attributes (recursively)."""
+    if isinstance(obj, torch.Tensor):
+        return "tensor", str(obj.dtype), tuple(obj.shape), obj.detach().cpu().contiguous().numpy().tobytes()
+    if isinstance(obj, np.ndarray):
+        return "array", str(obj.dtype), obj.shape, obj.flags.writeable, obj.tobytes()
+    if hasattr(obj, "to_bytes"):
+        return type(obj).__name__, obj.to_bytes()
+    if isinstance(obj, dict):
+        return {k: state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [state(v) for v in obj]
+    if hasattr(obj, "__dict__"):
+        return type(obj).__name__, {k: state(v) for k, v in vars(obj).items() if not k.startswith("_lock")}
+    return repr(obj)
+
+
+def snapshot(p: Proposals) -> object:
+    return state(p), state(vars(p)), p.to_bytes()
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    """A real Engine (random tiny models: match uses only its device and options)."""
+    return Engine(EngineConfig(sam_model="sam2.1-t", dino_model="dinov2-s", random_weights=True, device="cpu",
+                               options=MethodOptions(sam_image_size=256, dino_image_size=112)))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_engine_match_leaves_its_inputs_bit_identical(engine, packed):
+    """Proposals, bank and the caller's mask cache are read, never written: the same bytes, the
+    same attributes after a match (a cold one, one reading the cache, one with another bank)."""
+    p, bank = random_scene(51, n=80, classes=3, size=(150, 200))
+    if packed:
+        p = Proposals.from_bytes(p.to_bytes())
+    masks = UpsampledMasks(p.checksum())
+    masks.update(engine.match_full(p, bank, max_detections=5).upsampled)
+    assert len(masks) > 0
+    other = MemoryBank()
+    other.add("c0", "extra", p.descriptors[3].numpy())
+    before = snapshot(p), state(bank), bank.version, state(other), state(masks)
+    for b in (bank, other):
+        engine.match(p, b)
+        engine.match(p, b, masks=masks)
+        engine.match_full(p, b, score_threshold=0.3, masks=masks)
+    assert (snapshot(p), state(bank), bank.version, state(other), state(masks)) == before
+
+
+def test_matches_with_and_without_a_mask_cache_give_identical_detections(engine):
+    """The caller's cache saves upsampling, never changes the result: for the bank that filled it,
+    a changed bank, the eager reference order and after a to_bytes round trip of the cache."""
     p, bank = random_scene(41, n=120, classes=4, size=(150, 200))
-    first, s1 = match_with_stats(p.to("cpu"), bank, OPTS, max_detections=10)
-    assert s1.upsampled > 0 and len(p.upsampled) == s1.upsampled
-    again, s2 = match_with_stats(p, bank, OPTS, max_detections=10)
-    assert s2.upsampled == 0 and s2.evaluated == s1.evaluated
-    assert_same(again, first)
+    first = engine.match_full(p, bank, max_detections=10)
+    assert first.stats.upsampled > 0 and len(first.upsampled) == first.stats.upsampled
+    masks = UpsampledMasks(p.checksum())
+    assert masks.update(first.upsampled) == len(first.upsampled) and masks.update(first.upsampled) == 0
+    again = engine.match_full(p, bank, max_detections=10, masks=masks)
+    assert again.stats.upsampled == 0 and len(again.upsampled) == 0 and again.stats.evaluated == first.stats.evaluated
+    assert_same(again.detections, first.detections)
     other = MemoryBank()
     for name in bank.classes[1:]:                                   # one class fewer: other candidates
         for ref in bank.refs(name):
             other.add(ref.class_name, ref.ref_id, ref.descriptor)
-    changed, s3 = match_with_stats(p, other, OPTS, max_detections=10)
-    bare, s4 = match_with_stats(fresh(p), other, OPTS, max_detections=10)
-    assert_same(changed, bare)
-    assert s3.upsampled < s4.upsampled
-    restored = UpsampledMasks.from_bytes(p.upsampled.to_bytes())
-    assert restored.crops.keys() == p.upsampled.crops.keys()
-    for key, (x, y, m) in p.upsampled.crops.items():
-        x2, y2, m2 = restored.crops[key]
+    changed = engine.match_full(p, other, max_detections=10, masks=masks)
+    bare = engine.match_full(p, other, max_detections=10)
+    assert_same(changed.detections, bare.detections)
+    assert changed.stats.upsampled < bare.stats.upsampled
+    assert set(changed.upsampled.keys()).isdisjoint(masks.keys())  # only what the cache lacked
+    assert_same(match(p, other, EAGER, max_detections=10, masks=masks), bare.detections)
+    restored = UpsampledMasks.from_bytes(masks.to_bytes())
+    assert restored.owner == masks.owner and restored.keys() == masks.keys()
+    for i, H, W in masks.keys():
+        (x, y, m), (x2, y2, m2) = masks.get(i, (H, W)), restored.get(i, (H, W))
         assert (x, y) == (x2, y2) and m.dtype == m2.dtype == bool and np.array_equal(m, m2)
-    q = fresh(p)
-    q.upsampled = restored
-    assert_same(match(q, other, OPTS, max_detections=10), bare)
+    assert_same(engine.match(Proposals.from_bytes(p.to_bytes()), other, max_detections=10, masks=restored),
+                bare.detections)
+
+
+def test_a_mask_cache_of_other_proposals_is_refused(engine):
+    p, bank = random_scene(41, n=40, classes=2, size=(60, 80))
+    q, _ = random_scene(42, n=40, classes=2, size=(60, 80))
+    assert p.checksum() == Proposals.from_bytes(p.to_bytes()).checksum() == p.to("cpu").checksum()
+    assert p.checksum() != q.checksum()
+    with pytest.raises(ValueError, match="other proposals"):
+        engine.match(p, bank, masks=UpsampledMasks(q.checksum()))
+    with pytest.raises(ValueError, match="other proposals"):
+        UpsampledMasks(p.checksum()).update(UpsampledMasks(q.checksum()))
 
 
 def test_match_pool_runs_torch_single_threaded_and_restores_the_setting():
@@ -388,8 +458,8 @@ def test_match_pool_runs_torch_single_threaded_and_restores_the_setting():
     p, bank = random_scene(51, size=(97, 131))
     with match_pool(2) as pool:
         seen = list(pool.map(lambda q: (torch.get_num_threads(), len(match(q, bank, OPTS))),
-                             [fresh(p), fresh(p)]))
-    assert [s[0] for s in seen] == [1, 1] and seen[0][1] == seen[1][1] == len(match(fresh(p), bank, OPTS)) > 0
+                             [p, p]))
+    assert [s[0] for s in seen] == [1, 1] and seen[0][1] == seen[1][1] == len(match(p, bank, OPTS)) > 0
     later: list[int] = []
     t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
     t.start()

@@ -50,6 +50,9 @@ def test_filter_by_iou_is_strict_and_drops_empty_masks():
     kept_logits, kept_iou = filter_by_iou(logits, iou, 0.4)
     assert kept_iou.tolist() == [0.5]
     assert torch.equal(kept_logits, logits[2:3])
+    # the named deviation off: empty masks stay, as in the reference
+    kept_logits, kept_iou = filter_by_iou(logits, iou, 0.4, drop_empty=False)
+    assert torch.equal(kept_iou, iou[2:]) and torch.equal(kept_logits, logits[2:])
 
 
 # ------------------------------------------------------------------ descriptors

@@ -1,12 +1,17 @@
 """Proposals' compact cache encoding: exact where it matters (thresholded full-res masks)."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sam2.utils.amg import batched_mask_to_box
 
-from model.types import Detections, Proposals, _sign_boundary
+from model.types import Detections, Proposals, _sign_boundary, mask_boxes
 
 
 def _maxpool_boundary(signs: torch.Tensor, r: int) -> torch.Tensor:
@@ -90,3 +95,26 @@ def test_detections_mask_from_crop() -> None:
     full = d.mask(0)
     assert full.shape == (4, 5) and full.sum() == 3 and full[2, 1] and full[3, 2] and not full[2, 2]
     assert len(Detections.empty((3, 3))) == 0
+
+
+def test_mask_boxes_follow_sams_convention() -> None:
+    """Inclusive xyxy, [0, 0, 0, 0] for an empty mask: what SAM's batched_mask_to_box gives."""
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(6, 19, 27, generator=g) > 0.97
+    masks[0] = False
+    masks[1] = True
+    masks[2] = False
+    masks[2, 18, 26] = True
+    assert torch.equal(mask_boxes(masks), batched_mask_to_box(masks))
+    assert mask_boxes(masks)[:3].tolist() == [[0, 0, 0, 0], [0, 0, 26, 18], [26, 18, 26, 18]]
+    assert mask_boxes(torch.zeros(0, 4, 4, dtype=torch.bool)).shape == (0, 4)
+
+
+def test_the_method_package_runs_without_importing_sam2() -> None:
+    """Types, matching and the mask cache need no SAM2 package (only building the model does),
+    and the method package does no networking (scripts/download_checkpoints.py does)."""
+    code = ("import sys, model.types, model.matching, model.upsampled, model.bank, model.checkpoints; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sam2', 'requests')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "[]", out.stdout
