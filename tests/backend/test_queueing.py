@@ -161,7 +161,8 @@ def rq_settings():
 
 def run_burst(settings: Settings) -> None:
     conn = redis.Redis.from_url(settings.redis_url)
-    worker = SimpleWorker([queueing.backend().queues[q] for q in queueing.QUEUES], connection=conn)
+    worker = SimpleWorker([queueing.backend().queues[q] for q in queueing.QUEUES], connection=conn,
+                          serializer=queueing.SERIALIZER)
     worker.work(burst=True)
 
 
@@ -191,12 +192,13 @@ def test_rq_enqueue_fetch_health_and_meta(rq_settings):
 def test_rq_job_options(rq_settings):
     wanted = f"fixed-{uuid.uuid4().hex}"
     job_id = queueing.enqueue(f"{MOD}.add", 1, queue="bank", retries=2, timeout=77, job_id=wanted)
-    job = Job.fetch(job_id, connection=queueing.backend().redis)
+    job = Job.fetch(job_id, connection=queueing.backend().redis, serializer=queueing.SERIALIZER)
     assert job_id == wanted
     assert (job.retries_left, job.retry_intervals, job.timeout) == (2, [5, 30], 77)
     assert (job.result_ttl, job.failure_ttl) == (queueing.RESULT_TTL_S, queueing.FAILURE_TTL_S)
     assert job.origin == f"{rq_settings.queue_prefix}-bank"
-    default = Job.fetch(queueing.enqueue(f"{MOD}.add", 1, retries=0), connection=queueing.backend().redis)
+    default = Job.fetch(queueing.enqueue(f"{MOD}.add", 1, retries=0), connection=queueing.backend().redis,
+                        serializer=queueing.SERIALIZER)
     assert (default.timeout, default.retries_left, default.origin) == (
         rq_settings.job_timeout_s, None, f"{rq_settings.queue_prefix}-predict")
 
@@ -224,7 +226,7 @@ def test_abandoned_job_is_requeued_without_spending_a_retry(rq_settings):
     fresh.work(burst=True)
     info = queueing.fetch(job_id)
     assert (info.status, info.result, info.meta) == ("finished", 3, {"abandoned": 1})
-    assert Job.fetch(job_id, connection=queueing.backend().redis).retries_left == 1
+    assert Job.fetch(job_id, connection=queueing.backend().redis, serializer=queueing.SERIALIZER).retries_left == 1
 
 
 def test_heartbeat_keeps_a_long_job_from_looking_abandoned(rq_settings):

@@ -56,8 +56,8 @@ def test_sixty_seconds_of_concurrent_traffic(make_app, fake_jobs, private_redis)
     settings = app.extensions["ntt"]["settings"]
     mark_bank_filled(PID)
     conn = server.client()
-    worker = ThreadWorker([Queue(settings.queue_name(q), connection=conn) for q in queueing.QUEUES],
-                          connection=conn)
+    worker = ThreadWorker([Queue(settings.queue_name(q), connection=conn, serializer=queueing.SERIALIZER)
+                           for q in queueing.QUEUES], connection=conn, serializer=queueing.SERIALIZER)
     worker_thread = threading.Thread(target=worker.work, kwargs={"logging_level": "WARNING"}, daemon=True)
     worker_thread.start()
 

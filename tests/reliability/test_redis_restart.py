@@ -142,8 +142,9 @@ def test_webhooks_keep_their_order_while_the_spool_drains(make_app, fake_jobs, p
                                          "annotations": [{"id": 1}]})
     assert resp.status_code == 202  # behind the spooled two, not ahead of them
     assert replayer.run_once() == 3
-    queue = Queue(app.extensions["ntt"]["settings"].queue_name("bank"), connection=server.client())
-    jobs = [Job.fetch(j, connection=server.client()) for j in queue.get_job_ids()]
+    queue = Queue(app.extensions["ntt"]["settings"].queue_name("bank"), connection=server.client(),
+                  serializer=queueing.SERIALIZER)
+    jobs = [Job.fetch(j, connection=server.client(), serializer=queueing.SERIALIZER) for j in queue.get_job_ids()]
     assert [(j.args[1], j.args[2].get("annotation", {}).get("id")) for j in jobs] == [
         ("ANNOTATION_UPDATED", 1), ("ANNOTATION_UPDATED", 2), ("ANNOTATIONS_DELETED", None)]
     # with the spool empty, webhooks go straight to the queue again
