@@ -82,8 +82,28 @@ class JSONJob(Job):
         return json_data(super().perform(), "a job's result")
 
 
+def requeue_orphans(connection: redis.Redis, queues: list[Queue]) -> int:
+    """Put back on the front of its queue every job of `queues` that is "queued" yet on no queue:
+    popped by a BLPOP whose reply an outage lost. Scans the job hashes: run after outages only.
+    (A job another worker popped this very moment is requeued too and runs twice: jobs are idempotent.)"""
+    by_name = {q.name: q for q in queues}
+    requeued = 0
+    for key in connection.scan_iter(match=f"{Job.redis_job_namespace_prefix}*", count=1000, _type="HASH"):
+        status, origin = connection.hmget(key, "status", "origin")
+        queue = by_name.get(origin.decode()) if origin else None
+        job_id = key.decode()[len(Job.redis_job_namespace_prefix):]
+        if status != b"queued" or queue is None or connection.lpos(queue.key, job_id) is not None \
+                or connection.lpos(queue.intermediate_queue_key, job_id) is not None:
+            continue
+        connection.lpush(queue.key, job_id)
+        requeued += 1
+        log.warning("job %s was popped from %s as Redis went away and never reached a worker; requeued",
+                    job_id, queue.name)
+    return requeued
+
+
 class OutageSafeQueue(Queue):
-    """Queue whose dequeue never drops a job it popped when Redis fails before the job was fetched."""
+    """Queue whose dequeue never loses a job it popped when Redis goes away meanwhile."""
 
     @classmethod
     def dequeue_any(cls, queues, timeout, connection, **kwargs):  # noqa: ANN001, ANN206 - rq's signature
@@ -91,11 +111,13 @@ class OutageSafeQueue(Queue):
             return super().dequeue_any(queues, timeout, connection, **kwargs)
         except OUTAGE as exc:
             job_id, queue = getattr(exc, "job_id", None), getattr(exc, "queue", None)  # rq names what it popped
-            if job_id is not None and queue is not None:
-                wait_for_redis(connection)
+            wait_for_redis(connection)
+            if job_id is not None and queue is not None:  # popped, then the fetch failed
                 connection.lpush(queue.key, job_id)
                 log.warning("job %s went back to the front of %s: Redis went away as it was dequeued",
                             job_id, queue.name)
+            else:  # the BLPOP itself: Redis may have popped a job whose reply never arrived
+                requeue_orphans(connection, list(queues))
             raise
 
 
@@ -201,15 +223,15 @@ class NTTWorker(SimpleWorker):
         self._through_outages(self.set_state, WorkerStatus.IDLE)
 
     def _settle(self, job: Job, queue: Queue, prepared: bool) -> None:
-        """Requeue `job` if an outage kept its outcome from Redis: still "started" under this worker's
-        execution, or dequeued but never started (`prepared` false)."""
+        """Requeue `job` if an outage kept its outcome from Redis: its execution by this worker is
+        still in the started registry (RQ removes it with the outcome, in one transaction), or it
+        was dequeued but never prepared (`prepared` false) and is on no queue."""
         executions = list(self.executions.values())  # RQ drops the execution once the outcome is recorded
-        status = job.get_status(refresh=True)
-        if status == JobStatus.STARTED and executions:
-            entry = executions[0].composite_key
-            if self.connection.zscore(queue.started_job_registry.key, entry) is not None:
-                self._requeue(queue, job, entry, executions[0].id, "was cut short by a Redis outage")
-        elif status == JobStatus.QUEUED and not prepared and self.connection.lpos(queue.key, job.id) is None:
+        registry = queue.started_job_registry.key
+        if executions and self.connection.zscore(registry, executions[0].composite_key) is not None:
+            self._requeue(queue, job, executions[0].composite_key, executions[0].id, "was cut short by a Redis outage")
+        elif not prepared and job.get_status(refresh=True) == JobStatus.QUEUED \
+                and self.connection.lpos(queue.key, job.id) is None:
             self.connection.lrem(queue.intermediate_queue_key, 1, job.id)
             queue.enqueue_job(job, at_front=True)
             log.warning("job %s (%s) was dequeued as Redis went away; requeued on %s", job.id, job.description,
