@@ -196,8 +196,9 @@ class NTTWorker(SimpleWorker):
                              self.name, type(exc).__name__)
 
     def handle_exception(self, job: Job, *exc_info) -> None:  # noqa: ANN002
-        """A job cut short by a Redis outage did not fail: let execute_job requeue it."""
-        if isinstance(exc_info[1], OUTAGE):
+        """A job cut short by a Redis outage did not fail: let execute_job requeue it (up to
+        MAX_ABANDONED times, so a job that keeps raising Redis errors meets RQ's retry policy)."""
+        if isinstance(exc_info[1], OUTAGE) and int(job.meta.get("interrupted", 0)) < MAX_ABANDONED:
             raise exc_info[1]
         super().handle_exception(job, *exc_info)
 
@@ -229,6 +230,7 @@ class NTTWorker(SimpleWorker):
         executions = list(self.executions.values())  # RQ drops the execution once the outcome is recorded
         registry = queue.started_job_registry.key
         if executions and self.connection.zscore(registry, executions[0].composite_key) is not None:
+            job.meta["interrupted"] = int(job.meta.get("interrupted", 0)) + 1
             self._requeue(queue, job, executions[0].composite_key, executions[0].id, "was cut short by a Redis outage")
         elif not prepared and job.get_status(refresh=True) == JobStatus.QUEUED \
                 and self.connection.lpos(queue.key, job.id) is None:
