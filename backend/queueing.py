@@ -12,6 +12,12 @@
 
 Job functions are referenced by import path ("backend.jobs.predict_task") so the web process never
 imports torch. They must be idempotent: retries and replays may run a job twice.
+
+Nothing on the queue is pickled: job arguments, meta and results are JSON data (ids, URLs, hashes,
+dicts of those), stored with RQ's JSONSerializer. `enqueue` and `update_meta` check that in both modes
+(a non-JSON value raises the same TypeError in both), the embedded worker gives a job the JSON copy
+of its arguments and keeps the JSON copy of its result, as RQ does. A job hash that is not JSON
+(e.g. a pickle planted in Redis) is never deserialized by pickle: it reads as "unreadable".
 """
 from __future__ import annotations
 
@@ -34,10 +40,11 @@ from typing import Any, Callable
 
 import redis
 from rq import Queue, Retry, get_current_job
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import DeserializationError, NoSuchJobError
 from rq.job import Job
 from rq.registry import (DeferredJobRegistry, FailedJobRegistry, FinishedJobRegistry,
                          ScheduledJobRegistry, StartedJobRegistry)
+from rq.serializers import JSONSerializer
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
 from model.atomic import atomic_write
@@ -54,6 +61,8 @@ HEALTH_TIMEOUT_S = 0.2
 HEALTH_MAX_AGE_S = 2.0                    # /health reads a snapshot the spool thread refreshes each second
 EMBEDDED_HISTORY = 1000                   # jobs remembered by the embedded worker
 TERMINAL = frozenset({"finished", "failed", "stopped", "canceled"})
+SERIALIZER = JSONSerializer               # for every RQ Queue, Job and Worker: never pickle
+UNREADABLE = "job data in Redis is not JSON: refused (was it written by an older version or planted?)"
 
 
 class QueueUnavailable(RuntimeError):
@@ -98,6 +107,14 @@ def _error_line(exc_string: str | None) -> str | None:
     return line[:500]
 
 
+def json_data(value: Any, what: str) -> Any:
+    """The JSON copy of `value` (tuples become lists); TypeError naming `what` when it is not JSON data."""
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what} must be JSON data (ids, URLs, hashes, lists and dicts of those): {exc}") from None
+
+
 def _retry(retries: int) -> Retry | None:
     if retries <= 0:
         return None
@@ -123,7 +140,8 @@ class RQBackend:
         # a separate client with tight timeouts: /health must answer in < 100 ms, even with Redis down
         self.fast = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=HEALTH_TIMEOUT_S,
                                          socket_timeout=HEALTH_TIMEOUT_S)
-        self.queues = {name: Queue(settings.queue_name(name), connection=self.redis) for name in QUEUES}
+        self.queues = {name: Queue(settings.queue_name(name), connection=self.redis, serializer=SERIALIZER)
+                       for name in QUEUES}
         self._health: tuple[float, dict | None] = (0.0, None)
         self._health_lock = threading.Lock()
 
@@ -141,19 +159,30 @@ class RQBackend:
     def _info(self, job: Job) -> JobInfo:
         raw = job.get_status(refresh=False)
         status = str(getattr(raw, "value", raw) or "unknown")
+        try:
+            return self._readable_info(job, status)
+        except (DeserializationError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+            log.warning("job %s: %s (%s)", job.id, UNREADABLE, type(exc.__cause__ or exc).__name__)
+            return JobInfo(id=job.id, func="", status=status, error=UNREADABLE,
+                           enqueued_at=job.enqueued_at, ended_at=job.ended_at)
+
+    @staticmethod
+    def _readable_info(job: Job, status: str) -> JobInfo:
         result, error = None, None
         if status == "finished":
             result = job.return_value()
         elif status in ("failed", "stopped"):
             latest = job.latest_result()
             error = _error_line(latest.exc_string if latest else None) or status
+        if "unserialized" in job.meta:  # rq's placeholder for a meta it could not read
+            raise DeserializationError("meta")
         return JobInfo(id=job.id, func=job.func_name, status=status,
                        meta=dict(job.meta or {}), result=result, error=error,
                        enqueued_at=job.enqueued_at, ended_at=job.ended_at)
 
     def fetch(self, job_id: str) -> JobInfo | None:
         try:
-            return self._info(Job.fetch(job_id, connection=self.redis))
+            return self._info(Job.fetch(job_id, connection=self.redis, serializer=SERIALIZER))
         except NoSuchJobError:
             return None
         except redis.exceptions.RedisError as exc:
@@ -161,7 +190,7 @@ class RQBackend:
 
     def fetch_many(self, job_ids: list[str]) -> list[JobInfo | None]:
         try:
-            jobs = Job.fetch_many(job_ids, connection=self.redis)  # one pipelined round trip
+            jobs = Job.fetch_many(job_ids, connection=self.redis, serializer=SERIALIZER)  # one round trip
             return [self._info(job) if job is not None else None for job in jobs]
         except redis.exceptions.RedisError as exc:
             raise QueueUnavailable(f"Redis unavailable: {type(exc).__name__}") from exc
@@ -175,7 +204,7 @@ class RQBackend:
                 # cleanup=False: RQ's cleanup would fail (or spend a retry of) a job abandoned by a
                 # dead worker; the workers requeue those themselves (backend.worker)
                 ids.update(registry(queue=q).get_job_ids(0, limit - 1, desc=True, cleanup=False))
-        jobs = [j for j in Job.fetch_many(list(ids), connection=self.redis) if j is not None]
+        jobs = [j for j in Job.fetch_many(list(ids), connection=self.redis, serializer=SERIALIZER) if j is not None]
         epoch = datetime.min.replace(tzinfo=timezone.utc)
         jobs.sort(key=lambda j: _aware(j.enqueued_at) or epoch, reverse=True)
         return [self._info(j) for j in jobs[:limit]]
@@ -272,7 +301,7 @@ class EmbeddedBackend:
                 job.info.status = "started"
             self._local.job = job.info
             try:
-                result = _import(job.info.func)(*job.args, **job.kwargs)
+                result = json_data(_import(job.info.func)(*job.args, **job.kwargs), "a job's result")
             except Exception as exc:  # noqa: BLE001 - a job failure must not kill the worker thread
                 log.error("job %s (%s) failed: %s", job_id, job.info.func, exc,
                           exc_info=log.isEnabledFor(logging.DEBUG))
@@ -353,11 +382,14 @@ def enqueue(func_path: str, *args: Any, queue: str = "predict", job_id: str | No
     """Queue `func_path(*args, **kwargs)` on "bank" or "predict"; returns the job id.
 
     `retries` failed attempts are retried (RQ: after 5 s, 30 s, 120 s). `timeout` (s) defaults to
-    JOB_TIMEOUT_S. Raises QueueUnavailable when Redis cannot take the job.
+    JOB_TIMEOUT_S. Raises QueueUnavailable when Redis cannot take the job, TypeError when the
+    arguments or meta are not JSON data (in both modes).
     """
     if queue not in QUEUES:
         raise ValueError(f"unknown queue {queue!r}; expected one of {QUEUES}")
-    return backend().enqueue(func_path, args, kwargs, queue, job_id, meta, retries, timeout)
+    args, kwargs = json_data(args, "job arguments"), json_data(kwargs, "job arguments")
+    meta = json_data(meta, "job meta")
+    return backend().enqueue(func_path, tuple(args), kwargs, queue, job_id, meta, retries, timeout)
 
 
 def fetch(job_id: str) -> JobInfo | None:
@@ -384,8 +416,9 @@ def health(max_age: float = HEALTH_MAX_AGE_S) -> dict:
 def update_meta(**fields: Any) -> None:
     """Merge `fields` (e.g. done=3, total=10) into the running job's meta; visible in GET /jobs.
 
-    Called from inside a job function; a no-op outside one.
+    Called from inside a job function; a no-op outside one. Raises TypeError if `fields` is not JSON data.
     """
+    fields = json_data(fields, "job meta")
     job = get_current_job()
     if job is not None:
         job.meta.update(fields)

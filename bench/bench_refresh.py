@@ -394,7 +394,7 @@ class Bench:
             conn = self.store.redis
             for jid in self.job_ids:
                 try:
-                    Job.fetch(jid, connection=conn).delete()
+                    Job.fetch(jid, connection=conn, serializer=queueing.SERIALIZER).delete()
                 except NoSuchJobError:
                     pass
             for pattern in (f"{self.prefix}*", f"rq:*{self.prefix}*"):

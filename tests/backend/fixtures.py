@@ -16,7 +16,7 @@ def purge_queues(settings) -> None:
 
     conn = redis.Redis.from_url(settings.redis_url)
     for info in queueing.list_jobs(1000):
-        Job.fetch(info.id, connection=conn).delete()
+        Job.fetch(info.id, connection=conn, serializer=queueing.SERIALIZER).delete()
     for queue in queueing.backend().queues.values():
         queue.delete(delete_jobs=True)  # also leaves rq's global queue set
     patterns = [f"{settings.queue_prefix}:*"] + [f"rq:*{settings.queue_name(q)}*" for q in queueing.QUEUES]

@@ -1,12 +1,16 @@
 """backend.queueing: the embedded worker thread, RQ on the real Redis, and the webhook spool."""
 from __future__ import annotations
 
+import base64
 import json
 import os
+import pickle
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import replace
+from datetime import datetime
 
 import pytest
 import redis
@@ -161,7 +165,8 @@ def rq_settings():
 
 def run_burst(settings: Settings) -> None:
     conn = redis.Redis.from_url(settings.redis_url)
-    worker = SimpleWorker([queueing.backend().queues[q] for q in queueing.QUEUES], connection=conn)
+    worker = SimpleWorker([queueing.backend().queues[q] for q in queueing.QUEUES], connection=conn,
+                          serializer=queueing.SERIALIZER)
     worker.work(burst=True)
 
 
@@ -191,12 +196,13 @@ def test_rq_enqueue_fetch_health_and_meta(rq_settings):
 def test_rq_job_options(rq_settings):
     wanted = f"fixed-{uuid.uuid4().hex}"
     job_id = queueing.enqueue(f"{MOD}.add", 1, queue="bank", retries=2, timeout=77, job_id=wanted)
-    job = Job.fetch(job_id, connection=queueing.backend().redis)
+    job = Job.fetch(job_id, connection=queueing.backend().redis, serializer=queueing.SERIALIZER)
     assert job_id == wanted
     assert (job.retries_left, job.retry_intervals, job.timeout) == (2, [5, 30], 77)
     assert (job.result_ttl, job.failure_ttl) == (queueing.RESULT_TTL_S, queueing.FAILURE_TTL_S)
     assert job.origin == f"{rq_settings.queue_prefix}-bank"
-    default = Job.fetch(queueing.enqueue(f"{MOD}.add", 1, retries=0), connection=queueing.backend().redis)
+    default = Job.fetch(queueing.enqueue(f"{MOD}.add", 1, retries=0), connection=queueing.backend().redis,
+                        serializer=queueing.SERIALIZER)
     assert (default.timeout, default.retries_left, default.origin) == (
         rq_settings.job_timeout_s, None, f"{rq_settings.queue_prefix}-predict")
 
@@ -224,7 +230,7 @@ def test_abandoned_job_is_requeued_without_spending_a_retry(rq_settings):
     fresh.work(burst=True)
     info = queueing.fetch(job_id)
     assert (info.status, info.result, info.meta) == ("finished", 3, {"abandoned": 1})
-    assert Job.fetch(job_id, connection=queueing.backend().redis).retries_left == 1
+    assert Job.fetch(job_id, connection=queueing.backend().redis, serializer=queueing.SERIALIZER).retries_left == 1
 
 
 def test_heartbeat_keeps_a_long_job_from_looking_abandoned(rq_settings):
@@ -301,3 +307,90 @@ def test_spool_replayer_enqueues_when_redis_answers(rq_settings, tmp_path):
     assert sorted(j.result for j in jobs) == [3, 7, 11]
     assert [j.meta for j in jobs if j.result == 3] == [{"project": 7, "event": "ANNOTATION_CREATED"}]
     assert json.loads(json.dumps([j.to_dict() for j in queueing.list_jobs(10)]))  # JSON-safe
+
+
+# --------------------------------------------------------------------------------------- JSON, never pickle
+def echo(value):
+    return value
+
+
+def a_set() -> set:
+    return {1, 2}
+
+
+class _Planted:
+    """Unpickling this creates the marker file: proof that something unpickled Redis data."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_rq_job_hash_holds_json_not_pickle(rq_settings):
+    conn = queueing.backend().redis
+    job_id = queueing.enqueue(f"{MOD}.add", 1, b=2, queue="bank", meta={"project": 3})
+    data, meta = conn.hmget(f"rq:job:{job_id}", "data", "meta")
+    assert json.loads(zlib.decompress(data)) == [f"{MOD}.add", None, [1], {"b": 2}]  # rq zips the call
+    assert json.loads(meta) == {"project": 3}
+    _worker().work(burst=True)
+    assert queueing.fetch(job_id).result == 3
+    [(_, entry)] = conn.xrange(f"rq:results:{job_id}")
+    assert json.loads(base64.b64decode(entry[b"return_value"])) == 3
+
+
+def test_a_pickle_planted_in_redis_is_never_unpickled(rq_settings, tmp_path, caplog):
+    """Someone with access to Redis replaces a queued job's data, meta and result by pickles whose
+    loading would run code: the web reads the job as unreadable, the worker fails it, both log it,
+    nothing is unpickled, and the next job runs."""
+    conn = queueing.backend().redis
+    marker = tmp_path / "unpickled"
+    evil = pickle.dumps(_Planted(str(marker)))
+    job_id = queueing.enqueue(f"{MOD}.add", 1, queue="bank", retries=0)
+    done_id = queueing.enqueue(f"{MOD}.add", 1, queue="bank")
+    conn.hset(f"rq:job:{job_id}", mapping={"data": zlib.compress(evil), "meta": evil})
+    conn.hset(f"rq:job:{done_id}", "meta", evil)
+
+    for info in (queueing.fetch(job_id), queueing.fetch_many([job_id])[0],
+                 next(j for j in queueing.list_jobs(10) if j.id == job_id)):
+        assert (info.status, info.error, info.meta) == ("queued", queueing.UNREADABLE, {})
+    assert f"job {job_id}: {queueing.UNREADABLE}" in caplog.text
+
+    ok_id = queueing.enqueue(f"{MOD}.add", 2, b=3, queue="bank")
+    _worker().work(burst=True)
+    assert not marker.exists()
+    failed = queueing.fetch(job_id)
+    assert (failed.status, failed.error) == ("failed", queueing.UNREADABLE)
+    assert "DeserializationError" in caplog.text
+    assert queueing.fetch(ok_id).result == 5
+    assert queueing.fetch(done_id).error == queueing.UNREADABLE  # it ran; its meta stays unreadable
+    assert not marker.exists()
+
+
+@pytest.fixture(params=["embedded", "rq"])
+def either_mode(request, monkeypatch):
+    """(mode, run): the queue in embedded or RQ mode; run() runs what is queued."""
+    if request.param == "embedded":
+        request.getfixturevalue("embedded")
+        yield "embedded", lambda: None
+    else:
+        request.getfixturevalue("rq_settings")
+        yield "rq", lambda: _worker().work(burst=True)
+
+
+def test_non_json_data_fails_alike_in_both_modes(either_mode):
+    mode, run = either_mode
+    for bad in ({"when": datetime.now()}, {1, 2}, float("nan")):
+        with pytest.raises(TypeError, match="job arguments must be JSON data"):
+            queueing.enqueue(f"{MOD}.echo", bad)
+    with pytest.raises(TypeError, match="job meta must be JSON data"):
+        queueing.enqueue(f"{MOD}.echo", 1, meta={"at": datetime.now()})
+    tuple_id = queueing.enqueue(f"{MOD}.echo", (1, "a"))
+    set_id = queueing.enqueue(f"{MOD}.a_set", retries=0)
+    run()
+    assert wait_done(tuple_id).result == [1, "a"]  # the job got (and returned) the JSON copy: a list
+    info = wait_done(set_id)
+    assert (info.status, info.error) == ("failed", "TypeError: a job's result must be JSON data (ids, URLs, "
+                                                   "hashes, lists and dicts of those): Object of type set "
+                                                   "is not JSON serializable"), mode

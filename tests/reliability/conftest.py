@@ -89,6 +89,13 @@ class RedisServer:
         wait_for(up, 10, f"redis-server on port {self.port}")
         return self
 
+    def kill(self) -> None:
+        """SIGKILL: Redis goes away at once; what it acknowledged is in its fsynced append-only file."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
     def stop(self) -> None:
         """Graceful stop (the append-only file is complete); the port is closed afterwards."""
         if self.proc is None:

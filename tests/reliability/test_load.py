@@ -49,8 +49,9 @@ class ThreadWorker(SimpleWorker):
 @contextmanager
 def rq_worker(settings: Settings, conn):
     """One ThreadWorker on both queues of `settings`, running the (fake) jobs in this process."""
-    worker = ThreadWorker([Queue(settings.queue_name(q), connection=conn) for q in queueing.QUEUES],
-                          connection=conn)
+    worker = ThreadWorker([Queue(settings.queue_name(q), connection=conn, serializer=queueing.SERIALIZER)
+                           for q in queueing.QUEUES],
+                          connection=conn, serializer=queueing.SERIALIZER)
     thread = threading.Thread(target=worker.work, kwargs={"logging_level": "WARNING"}, daemon=True)
     thread.start()
     try:
@@ -218,7 +219,7 @@ def test_health_answers_while_sixteen_slow_predict_calls_are_held(make_app, fake
             return len(answers)
 
     conn = server.client()
-    predict_queue = Queue(settings.queue_name("predict"), connection=conn)
+    predict_queue = Queue(settings.queue_name("predict"), connection=conn, serializer=queueing.SERIALIZER)
     waiting = settings.predict_waiting_calls
     assert settings.web_threads == 8 and waiting == 6  # the thread count scripts/run_backend.sh starts with
     with rq_worker(settings, conn), gunicorn_web(server.url, tmp_path, PREDICT_BUDGET_S="90") as base:

@@ -8,13 +8,21 @@ A private redis-server with an append-only file plays the production Redis. Whil
 When Redis is back, the spool is replayed in arrival order (order matters: an update followed by a
 delete must not resurrect references), the worker reconnects by itself, and everything works
 again without restarting anything.
+
+`test_worker_survives_redis_going_away_at_random_moments` kills Redis (SIGKILL) at 20 seeded random
+moments of one worker's life, each found by watching the worker's commands (MONITOR), and checks
+that the same worker process applies every queued and spooled event afterwards.
 """
 from __future__ import annotations
 
 import json
 import os
+import random
+import re
+import threading
 import time
 
+import redis
 from rq import Queue
 from rq.job import Job
 
@@ -142,8 +150,9 @@ def test_webhooks_keep_their_order_while_the_spool_drains(make_app, fake_jobs, p
                                          "annotations": [{"id": 1}]})
     assert resp.status_code == 202  # behind the spooled two, not ahead of them
     assert replayer.run_once() == 3
-    queue = Queue(app.extensions["ntt"]["settings"].queue_name("bank"), connection=server.client())
-    jobs = [Job.fetch(j, connection=server.client()) for j in queue.get_job_ids()]
+    queue = Queue(app.extensions["ntt"]["settings"].queue_name("bank"), connection=server.client(),
+                  serializer=queueing.SERIALIZER)
+    jobs = [Job.fetch(j, connection=server.client(), serializer=queueing.SERIALIZER) for j in queue.get_job_ids()]
     assert [(j.args[1], j.args[2].get("annotation", {}).get("id")) for j in jobs] == [
         ("ANNOTATION_UPDATED", 1), ("ANNOTATION_UPDATED", 2), ("ANNOTATIONS_DELETED", None)]
     # with the spool empty, webhooks go straight to the queue again
@@ -164,3 +173,99 @@ def test_a_webhook_that_can_be_neither_queued_nor_spooled_is_a_clear_503(make_ap
     assert any(r.levelname == "ERROR" and "ANNOTATION_CREATED" in r.getMessage() and "lost" in r.getMessage()
                and "No space left on device" in r.getMessage() for r in caplog.records), caplog.text
     assert client.get("/health").status_code == 200 and client.get("/metrics").status_code == 200
+
+
+# (name, MONITOR line pattern, most n): moments of a worker's life; the kill lands at (or just
+# after) the n-th such command, n random. "any" is the n-th command of anyone (worker, scheduler, web).
+MOMENTS = [("dequeue", r"^BLPOP ", 1),                      # idle, blocked on its queues
+           ("set_state", r"^HSET rq:worker:\S+ state ", 2),
+           ("dequeued", r"^HGETALL rq:job:", 1),             # between BLPOP and the job's start
+           ("mid-job", r"^HSET rq:job:\S+ meta ", 3),        # the job reports progress
+           ("heartbeat", r"^EXPIRE rq:worker:", 2),
+           ("finishing", r"^XADD rq:results:", 1),           # writing the result
+           ("maintenance", r"^ZRANGEBYSCORE rq:wip:", 1),    # requeue_abandoned, every 5 s
+           ("any", r"", 40)]
+
+
+def kill_on(server, pattern: str, nth: int) -> threading.Event:
+    """SIGKILL `server` right after the `nth` command matching `pattern` (MONITOR); returns an
+    Event set once it is done. Returns when MONITOR is listening."""
+    listening, killed = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        seen = 0
+        try:
+            with redis.Redis.from_url(server.url).monitor() as monitor:
+                listening.set()
+                for cmd in monitor.listen():
+                    seen += bool(re.search(pattern, cmd["command"]))
+                    if seen >= nth:
+                        break
+        except redis.exceptions.ConnectionError:
+            return  # the test ended (and stopped the server) first
+        finally:
+            listening.set()
+        server.kill()
+        killed.set()
+
+    threading.Thread(target=watch, name="kill-on", daemon=True).start()
+    assert listening.wait(10)
+    return killed
+
+
+def test_worker_survives_redis_going_away_at_random_moments(tmp_path, private_redis, workers):
+    seed = int(os.environ.get("NTT_OUTAGE_SEED") or random.randrange(1 << 30))
+    print(f"NTT_OUTAGE_SEED={seed}")
+    rng = random.Random(seed)
+    server = private_redis()
+    env = {**os.environ, "REDIS_URL": server.url, "NTT_QUEUE_PREFIX": "outage", "MODEL_DIR": str(tmp_path / "model"),
+           "WORKER_HEARTBEAT_S": "0.5", "LOG_LEVEL": "INFO", "PYTHONPATH": str(ROOT)}
+    settings = Settings.from_env(env)
+    runtime.reset()
+    runtime.configure(settings=settings)
+    spool = queueing.Spool(settings.spool_dir)
+    replayer = queueing.SpoolReplayer(spool, settings, interval=0.2)
+    applied_path = tmp_path / "applied.txt"
+    applied_path.touch()
+
+    def applied() -> set[str]:
+        return set(applied_path.read_text().split())
+
+    def submit(event: str) -> bool:
+        """Queue the event, else spool it, as the web process does with a webhook; True if queued."""
+        args = [str(applied_path), event]
+        try:
+            queueing.enqueue("tests.reliability.outage_jobs.apply", *args, queue="bank")
+            return True
+        except queueing.QueueUnavailable:
+            spool.append("tests.reliability.outage_jobs.apply", args, "bank")
+            return False
+
+    t0 = time.monotonic()
+    worker = workers(env, tmp_path / "worker.log")
+    replayer.start()
+    moments = []
+    try:
+        for r in range(20):
+            name, pattern, most = rng.choice(MOMENTS)
+            nth = rng.randint(1, most)
+            moments.append(f"{name}#{nth}")
+            killed = kill_on(server, pattern, nth)
+            submit(f"queued-{r}")  # spooled if the kill came first
+            assert killed.wait(30), f"round {r}: no {name} command #{nth} within 30 s ({moments})"
+            assert not submit(f"spooled-{r}")  # Redis is away: spooled
+            server.start()  # same port, same append-only file
+            wait_for(lambda: {f"queued-{r}", f"spooled-{r}"} <= applied(), 60,
+                     f"round {r} ({name}#{nth}) to be applied; seed {seed}")
+            assert worker.proc.poll() is None, f"the worker quit at {moments[-1]}:\n{worker.output()[-3000:]}"
+        wanted = {f"{kind}-{r}" for r in range(20) for kind in ("queued", "spooled")}
+        assert applied() == wanted
+        assert len(spool) == 0
+        wait_for(lambda: server.client().scard(f"rq:workers:{settings.queue_name('bank')}") == 1, 30,
+                 "the worker to be registered")
+    finally:
+        replayer.stop()
+        runtime.reset()
+    out = worker.output()
+    assert "unhandled exception" not in out and "quitting" not in out, out[-3000:]
+    print(f"{len(moments)} outages ({', '.join(moments)}) in {time.monotonic() - t0:.0f} s")
