@@ -23,7 +23,6 @@ import hashlib
 import io
 import ipaddress
 import logging
-import os
 import socket
 import threading
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ import numpy as np
 import requests
 from PIL import Image, ImageOps
 
-from model.atomic import atomic_write
+from model.atomic import atomic_write, touch
 from backend.errors import ImageError, LabelStudioAPIError, redact_url
 from backend.ls_client import LSAuth, origin, retrying_session
 
@@ -290,7 +289,7 @@ class ImageFetcher:
             return None
         try:
             data = path.read_bytes()
-            os.utime(path)  # recency for LRU eviction
+            touch(path)  # recency for LRU eviction
         except FileNotFoundError:
             return None
         return data
@@ -300,13 +299,15 @@ class ImageFetcher:
             return
         try:  # a full or read-only disk costs the cache, never the image
             atomic_write(path, data, fsync=False)
+            touch(path)
         except OSError as e:
             log.warning("cannot write image cache %s: %s", path, e)
             return
-        self._evict()
+        self._evict(keep=path)
 
-    def _evict(self) -> None:
-        """Delete least recently used files until the cache fits max_cache_bytes."""
+    def _evict(self, keep: Path) -> None:
+        """Delete least recently used files (never `keep`, the one just stored) until the cache
+        fits max_cache_bytes."""
         with self._evict_lock:
             entries = []
             for p in self.cache_dir.glob("*.img"):
@@ -314,10 +315,11 @@ class ImageFetcher:
                     st = p.stat()
                 except FileNotFoundError:
                     continue
-                entries.append((st.st_mtime, st.st_size, p))
+                entries.append((st.st_mtime_ns, st.st_size, p))
             total = sum(size for _, size, _ in entries)
             for _, size, p in sorted(entries, key=lambda e: e[0]):
                 if total <= self.max_cache_bytes:
                     break
-                p.unlink(missing_ok=True)
-                total -= size
+                if p != keep:
+                    p.unlink(missing_ok=True)
+                    total -= size

@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from model.atomic import TEMP_GLOB, atomic_write
+from model.atomic import TEMP_GLOB, atomic_write, touch
 from model.options import MethodOptions
 from model.types import Proposals
 from model.upsampled import UpsampledMasks
@@ -68,7 +68,7 @@ class ProposalCache:
             return None
         for touched in (path, path.with_suffix(_UPSAMPLED)):
             try:
-                os.utime(touched)  # LRU touch
+                touch(touched)  # LRU recency
             except FileNotFoundError:  # evicted by another worker meanwhile; we still have the data
                 pass
         return proposals
@@ -96,6 +96,7 @@ class ProposalCache:
             return 0
         data = masks.to_bytes()
         atomic_write(path.with_suffix(_UPSAMPLED), data, fsync=False)
+        touch(path.with_suffix(_UPSAMPLED))
         self._grew(len(data), keep=path)
         return len(data)
 
@@ -110,6 +111,7 @@ class ProposalCache:
         path.parent.mkdir(exist_ok=True)
         path.with_suffix(_UPSAMPLED).unlink(missing_ok=True)  # masks of an entry this one replaces
         atomic_write(path, data, fsync=False)
+        touch(path)
         self._grew(len(data), keep=path)
         return len(data)
 
@@ -122,17 +124,17 @@ class ProposalCache:
             if self._total > self.max_bytes:
                 self._evict(keep=keep)
 
-    def _entries(self) -> list[tuple[float, int, Path]]:
+    def _entries(self) -> list[tuple[int, int, Path]]:
         out = []
         for path in (*self.dir.glob(f"*/*{_SUFFIX}"), *self.dir.glob(f"*/*{_UPSAMPLED}")):
             try:
                 st = path.stat()
             except FileNotFoundError:
                 continue
-            out.append((st.st_mtime, st.st_size, path))
+            out.append((st.st_mtime_ns, st.st_size, path))
         return out
 
-    def _measure(self) -> tuple[int, list[tuple[float, int, Path]]]:
+    def _measure(self) -> tuple[int, list[tuple[int, int, Path]]]:
         entries = self._entries()
         return sum(size for _, size, _ in entries), entries
 

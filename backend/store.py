@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
@@ -188,12 +188,14 @@ class MemoryStore(Store):
     Keys starting with one of `persist_prefixes` are also written to `persist_dir`, one file per
     group (the first two ':'-separated parts of the key, e.g. "bank:7"), atomically (temp file +
     os.replace), so a multi-key `set_many` within one group survives a crash all or nothing.
+    TTLs run on `clock` (seconds; tests pass a fake one to expire keys without sleeping).
     """
 
     def __init__(self, persist_dir: str | os.PathLike | None = None,
-                 persist_prefixes: tuple[str, ...] = ()) -> None:
+                 persist_prefixes: tuple[str, ...] = (), clock: Callable[[], float] = time.monotonic) -> None:
         self._data: dict[str, object] = {}        # bytes | dict[str, bytes] | set[str]
         self._expiry: dict[str, float] = {}
+        self._clock = clock
         self._mutex = threading.RLock()
         self._locks: dict[str, threading.Lock] = {}
         self._dir = Path(persist_dir) if persist_dir else None
@@ -244,7 +246,7 @@ class MemoryStore(Store):
     # ---- helpers
     def _live(self, key: str):
         exp = self._expiry.get(key)
-        if exp is not None and exp <= time.monotonic():
+        if exp is not None and exp <= self._clock():
             self._data.pop(key, None)
             self._expiry.pop(key, None)
         return self._data.get(key)
@@ -264,7 +266,7 @@ class MemoryStore(Store):
         if ttl is None:
             self._expiry.pop(key, None)
         else:
-            self._expiry[key] = time.monotonic() + ttl
+            self._expiry[key] = self._clock() + ttl
 
     # ---- API
     def get(self, key: str) -> bytes | None:

@@ -254,12 +254,13 @@ class NTTWorker(SimpleWorker):
         self.requeue_abandoned()  # before RQ's registry cleanup, which would fail them or spend a retry
         super().run_maintenance_tasks()
 
-    def requeue_abandoned(self) -> int:
-        """Put jobs whose execution deadline passed (their worker died) back on their queue."""
+    def requeue_abandoned(self, now: int | None = None) -> int:
+        """Put jobs whose execution deadline passed (their worker died) back on their queue;
+        deadlines are judged at `now` (RQ's integer timestamp; default: the current time)."""
         requeued = 0
         for queue in self.queues:
             registry = queue.started_job_registry
-            for entry in self.connection.zrangebyscore(registry.key, 0, current_timestamp()):
+            for entry in self.connection.zrangebyscore(registry.key, 0, current_timestamp() if now is None else now):
                 job_id, execution_id = parse_composite_key(entry.decode() if isinstance(entry, bytes) else entry)
                 try:
                     job = Job.fetch(job_id, connection=self.connection, serializer=self.serializer)

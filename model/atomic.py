@@ -1,11 +1,16 @@
-"""Crash-safe file writes, shared by the bank file, the caches and the state files."""
+"""Crash-safe file writes, shared by the bank file, the caches and the state files; LRU touches."""
 from __future__ import annotations
 
 import os
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 TEMP_GLOB = ".*.tmp"  # names of atomic_write's temp files (left behind only by a killed writer)
+
+_stamp_lock = threading.Lock()
+_last_stamp_ns = 0
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str, *, fsync: bool = True) -> None:
@@ -23,3 +28,14 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, fsync: bool = Tr
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def touch(path: str | os.PathLike) -> None:
+    """Mark `path` used now, for caches that evict the oldest mtime first. A plain os.utime(path)
+    (and a write) stamps the kernel's coarse clock, one tick (1-10 ms) apart, so uses in a row
+    would tie and leave the eviction order to chance; this stamps a nanosecond clock, strictly
+    increasing within the process."""
+    global _last_stamp_ns
+    with _stamp_lock:
+        _last_stamp_ns = stamp = max(time.time_ns(), _last_stamp_ns + 1)
+    os.utime(path, ns=(stamp, stamp))

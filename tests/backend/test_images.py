@@ -146,12 +146,9 @@ def test_lru_eviction_by_total_bytes(server, make_fetcher, tmp_path):
         server.route(f"/{name}.png", ok(data))
     size = max(len(d) for d in images.values())
     fetcher = make_fetcher(max_cache_bytes=2 * size + size // 2)
-    fetcher.fetch("/a.png")
-    time.sleep(0.01)
+    fetcher.fetch("/a.png")  # back to back, no pause: uses within one clock tick keep their order
     fetcher.fetch("/b.png")
-    time.sleep(0.01)
     fetcher.fetch("/a.png")  # hit: a becomes the most recently used
-    time.sleep(0.01)
     fetcher.fetch("/c.png")  # over budget: b (least recently used) goes
     assert [len(server.hits(f"/{n}.png")) for n in "abc"] == [1, 1, 1]
     total = sum(p.stat().st_size for p in (tmp_path / "cache").glob("*.img"))
@@ -159,6 +156,24 @@ def test_lru_eviction_by_total_bytes(server, make_fetcher, tmp_path):
     fetcher.fetch("/a.png")
     fetcher.fetch("/b.png")
     assert [len(server.hits(f"/{n}.png")) for n in "ab"] == [1, 2]
+
+
+def test_lru_order_of_hits_in_a_row(server, make_fetcher, tmp_path):
+    """Hits in quick succession (within one tick of the kernel's coarse file-time clock) still
+    order the entries: after hits on b then a, c's arrival evicts b, never a or c itself."""
+    images = {name: png(64, 48, (i * 40, 0, 0)) for i, name in enumerate("abc")}
+    for name, data in images.items():
+        server.route(f"/{name}.png", ok(data))
+    size = max(len(d) for d in images.values())
+    for n in range(20):  # each round a fresh cache; an order left to chance fails within a few
+        cache = tmp_path / f"cache{n}"
+        fetcher = make_fetcher(cache_dir=cache, max_cache_bytes=2 * size + size // 2)
+        for name in "abbac":
+            fetcher.fetch(f"/{name}.png")
+        server.requests.clear()
+        fetcher.fetch("/a.png")
+        fetcher.fetch("/c.png")
+        assert server.requests == [], "a or c was evicted instead of b"
 
 
 def test_other_hosts_are_refused_unless_allowed(server, make_fetcher):

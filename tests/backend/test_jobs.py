@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import threading
-import time
 import uuid
 from dataclasses import replace
 from typing import Any
@@ -547,13 +546,16 @@ def test_refresh_goes_task_by_task_when_an_old_prediction_would_be_stranded(env,
 def test_delivery_keeps_several_posts_in_flight_and_isolates_a_failure(env):
     """LS_POST_CONCURRENCY posts run at once (a refresh mostly waits on LS); a task LS refuses is
     counted as failed and left unrecorded while the others are recorded."""
-    in_flight, peak, lock = [0], [0], threading.Lock()
+    in_flight, peak, lock, gate = [0], [0], threading.Lock(), threading.Event()
 
     def route(req: Request) -> Reply:
         with lock:
             in_flight[0] += 1
             peak[0] = max(peak[0], in_flight[0])
-        time.sleep(0.15)
+            if peak[0] >= 3:
+                gate.set()
+        gate.wait(10)  # the first posts wait for a third one (a failing run waits 10 s, once)
+        gate.set()
         with lock:
             in_flight[0] -= 1
         tid = int(req.path.rstrip("/").rsplit("/", 1)[1]) - 1000
@@ -592,19 +594,22 @@ def test_train_project_posts_every_unlabelled_task_once(env, ls, engine, caplog)
 
 
 def test_train_project_posts_while_it_predicts_the_next_tasks(env, ls, engine, monkeypatch):
-    """Posting (slow here: 0.4 s per task) overlaps the next predictions: several posts are in
-    flight at once, and every one is counted when the job returns."""
+    """Posting overlaps the next predictions: several posts are in flight at once (the first one
+    waits for a second to start), and every one is counted when the job returns."""
     ls.add_task(1, seed=1, annotations=[annotation(31, 1, [polygon_region("a", "Cat", CAT)])])
     for tid in range(2, 8):
         ls.add_task(tid, seed=tid % 3 + 2)  # 3 distinct images: later tasks are cache hits
-    in_flight, peak, lock = [0], [0], threading.Lock()
+    in_flight, peak, lock, gate = [0], [0], threading.Lock(), threading.Event()
     real = jobs._deliver
 
     def slow_deliver(pid, items):
         with lock:
             in_flight[0] += 1
             peak[0] = max(peak[0], in_flight[0])
-        time.sleep(0.4)
+            if peak[0] >= 2:
+                gate.set()
+        gate.wait(30)  # the first post waits for the next one (serial posting: 30 s, then a failure)
+        gate.set()
         try:
             return real(pid, items)
         finally:

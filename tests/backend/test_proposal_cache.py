@@ -98,6 +98,19 @@ def test_eviction_keeps_total_under_max_and_drops_least_recently_used(tmp_path):
     assert present == [0, 3, 4]
 
 
+def test_eviction_follows_hits_in_a_row(tmp_path):
+    """Uses in quick succession (within one tick of the kernel's coarse file-time clock) keep
+    their order: after hits on entry 1 then entry 0, a new entry evicts 1."""
+    one = len(make_proposals(0).to_bytes())
+    for n in range(10):  # each round a fresh folder; an order left to chance fails within a few
+        cache = ProposalCache(tmp_path / str(n), max_bytes=int(2.5 * one), low_water=1.0)
+        cache.put(key(0), make_proposals(0))
+        cache.put(key(1), make_proposals(1))
+        assert cache.get(key(1)) is not None and cache.get(key(0)) is not None
+        cache.put(key(2), make_proposals(2))
+        assert [i for i in range(3) if cache.contains(key(i))] == [0, 2]
+
+
 def test_eviction_sweeps_temp_files_of_killed_writers(tmp_path, monkeypatch):
     """A writer killed mid-put leaves atomic_write's temp file behind; eviction removes it once it
     is an hour old (a younger one may still be being written)."""

@@ -16,11 +16,13 @@ import pytest
 import redis
 from rq import SimpleWorker
 from rq.job import Job
+from rq.utils import current_timestamp
 
 from backend import queueing, runtime
 from backend.settings import Settings
 from backend.worker import NTTWorker
 from tests.backend.fixtures import purge_queues
+from tests.helpers import wait_for
 
 MOD = __name__  # jobs below are referenced by import path, like backend.jobs functions
 
@@ -55,11 +57,6 @@ def flaky(key: str, failures: int) -> str:
     if CALLS[key] <= failures:
         raise RuntimeError(f"attempt {CALLS[key]} failed")
     return f"ok after {CALLS[key]}"
-
-
-def slow(seconds: float) -> float:
-    time.sleep(seconds)
-    return seconds
 
 
 def progress(total: int) -> int:
@@ -212,18 +209,29 @@ def _worker() -> NTTWorker:
                      heartbeat_s=0.5)  # execution deadline: 2 s without a beat
 
 
+def execution_deadline(job_id: str, queue: str) -> int:
+    """The deadline of the job's execution in its started registry (RQ's integer timestamp)."""
+    registry = queueing.backend().queues[queue].started_job_registry
+    (score,) = [s for e, s in queueing.backend().redis.zrange(registry.key, 0, -1, withscores=True)
+                if e.decode().startswith(job_id + ":")]
+    return int(score)
+
+
 def test_abandoned_job_is_requeued_without_spending_a_retry(rq_settings):
     job_id = queueing.enqueue(f"{MOD}.add", 1, 2, queue="bank", retries=1)
     dead = _worker()
     job, _ = dead.dequeue_job_and_maintain_ttl(timeout=1)
+    before = current_timestamp()
     dead.prepare_execution(job)
     dead.prepare_job_execution(job)  # ... and the worker is SIGKILLed here: no beat, no result
+    after = current_timestamp()
     assert queueing.fetch(job_id).status == "started"
+    deadline = execution_deadline(job_id, "bank")
+    assert before + 2 <= deadline <= after + 2  # three beats of 0.5 s, at least 2 s
 
-    fresh = _worker()
-    assert fresh.requeue_abandoned() == 0  # its deadline has not passed yet
-    time.sleep(3)
-    assert fresh.requeue_abandoned() == 1
+    fresh = _worker()  # judged at chosen moments: no sleeping past the deadline
+    assert fresh.requeue_abandoned(now=deadline - 1) == 0  # its deadline has not passed yet
+    assert fresh.requeue_abandoned(now=deadline) == 1
     info = queueing.fetch(job_id)
     assert (info.status, info.meta) == ("queued", {"abandoned": 1})
     assert fresh.requeue_abandoned() == 0
@@ -234,17 +242,30 @@ def test_abandoned_job_is_requeued_without_spending_a_retry(rq_settings):
 
 
 def test_heartbeat_keeps_a_long_job_from_looking_abandoned(rq_settings):
-    job_id = queueing.enqueue(f"{MOD}.slow", 3.0, queue="predict", retries=0)
+    """While the job runs (held until the check is done), the heartbeat moves its execution
+    deadline forward: judged at the earlier deadline, the job does not look abandoned."""
+    STARTED.clear()
+    GATE.clear()
+    job_id = queueing.enqueue(f"{MOD}.block_then_record", "long", queue="predict", retries=0)
     other = _worker()
     seen = []
-    check = threading.Timer(2.8, lambda: seen.append(  # past the 2 s deadline, while the job runs
-        (queueing.fetch(job_id).status, other.requeue_abandoned())))
-    check.start()
+
+    def check() -> None:  # beside the worker, which runs in this thread (RQ's signal handlers)
+        try:
+            assert STARTED.wait(30)
+            first = execution_deadline(job_id, "predict")
+            wait_for(lambda: execution_deadline(job_id, "predict") > first, 30, "a heartbeat to move the deadline")
+            seen.append((queueing.fetch(job_id).status, other.requeue_abandoned(now=first)))
+        finally:
+            GATE.set()  # the job ends only now
+
+    checker = threading.Thread(target=check)
+    checker.start()
     _worker().work(burst=True)
-    check.join()
+    checker.join()
     assert seen == [("started", 0)]
     info = queueing.fetch(job_id)
-    assert (info.status, info.result, info.meta) == ("finished", 3.0, {})
+    assert (info.status, info.result, info.meta) == ("finished", "long", {})
 
 
 def test_rq_down_is_reported_fast_and_refuses_jobs():
@@ -254,7 +275,9 @@ def test_rq_down_is_reported_fast_and_refuses_jobs():
     try:
         t0 = time.perf_counter()
         health = queueing.health(max_age=0)
-        assert time.perf_counter() - t0 < 0.5
+        seconds = time.perf_counter() - t0
+        print(f"health probe with Redis refusing connections: {seconds * 1000:.1f} ms")
+        assert seconds < 1.0  # LS's /health timeout; a few ms here, no retries with backoff
         assert health == {"mode": "rq", "ok": False, "error": "ConnectionError"}
         with pytest.raises(queueing.QueueUnavailable, match="Redis unavailable"):
             queueing.enqueue(f"{MOD}.add", 1)

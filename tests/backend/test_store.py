@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 
 import pytest
@@ -21,23 +20,52 @@ def redis_store():
         store.redis.delete(*keys)
 
 
+class FakeClock:
+    """A monotonic clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
 @pytest.fixture(params=["redis", "memory"])
-def store(request, tmp_path):
+def store(request, tmp_path, clock):
     if request.param == "redis":
         return request.getfixturevalue("redis_store")
-    return MemoryStore(tmp_path / "state", persist_prefixes=("bank:",))
+    return MemoryStore(tmp_path / "state", persist_prefixes=("bank:",), clock=clock)
 
 
-def test_strings_and_ttl(store):
+def pass_time(store, clock: FakeClock, seconds: float) -> None:
+    """Let `seconds` go by for the store's TTLs, without sleeping: the memory store runs on the
+    fake clock; on Redis, every key of the store has its remaining TTL shortened by `seconds`
+    (a PEXPIRE to <= 0 deletes the key, as its expiry would)."""
+    if isinstance(store, RedisStore):
+        for key in store.redis.scan_iter(match=store.prefix + "*"):
+            left = store.redis.pttl(key)
+            if left >= 0:
+                store.redis.pexpire(key, left - int(seconds * 1000))
+    else:
+        clock.now += seconds
+
+
+def test_strings_and_ttl(store, clock):
     assert store.get("a") is None
     store.set("a", "x")
     assert store.get("a") == b"x"
     store.set("a", b"\x00\xff")
     assert store.get("a") == b"\x00\xff"
-    store.set("t", "1", ttl=0.2)
-    assert store.get("t") == b"1"
-    time.sleep(0.35)
-    assert store.get("t") is None
+    store.set("t", "1", ttl=3600)
+    pass_time(store, clock, 3500)  # (on Redis the last 100 s really pass: room for a busy machine)
+    assert store.get("t") == b"1" and store.get("a") == b"\x00\xff"
+    pass_time(store, clock, 200)
+    assert store.get("t") is None and store.get("a") == b"\x00\xff"
     assert store.delete("a", "missing") == 1
     assert store.get("a") is None
 
@@ -49,11 +77,12 @@ def test_set_many_and_incr(store):
     assert store.get("n") == b"3"
 
 
-def test_setnx_with_ttl(store):
-    assert store.setnx("once", "first", ttl=0.2) is True
+def test_setnx_with_ttl(store, clock):
+    assert store.setnx("once", "first", ttl=3600) is True
+    pass_time(store, clock, 3500)
     assert store.setnx("once", "second") is False
     assert store.get("once") == b"first"
-    time.sleep(0.35)
+    pass_time(store, clock, 200)
     assert store.setnx("once", "third") is True
     assert store.get("once") == b"third"
 
@@ -102,22 +131,23 @@ def test_claim_race_has_one_winner(store):
 
 
 def test_lock_excludes_and_times_out(store):
-    inside = []
+    inside, held, release = [], threading.Event(), threading.Event()
 
     def hold():
-        with store.lock("L", timeout=5):
+        with store.lock("L", timeout=60):
             inside.append("held")
-            time.sleep(0.4)
+            held.set()
+            assert release.wait(30)
             inside.append("releasing")
 
     t = threading.Thread(target=hold)
     t.start()
-    while not inside:
-        time.sleep(0.01)
-    with pytest.raises(LockTimeout):
-        with store.lock("L", timeout=5, blocking_timeout=0.1):
+    assert held.wait(30)
+    with pytest.raises(LockTimeout):  # the holder keeps it until `release`, however slow this is
+        with store.lock("L", timeout=60, blocking_timeout=0.1):
             pass
-    with store.lock("L", timeout=5, blocking_timeout=5):
+    threading.Timer(0.2, release.set).start()  # most likely while the next line waits for the lock
+    with store.lock("L", timeout=60, blocking_timeout=30):
         assert inside == ["held", "releasing"]  # got it only after the holder let go
     t.join()
 
@@ -158,11 +188,12 @@ def test_memory_store_persists_only_chosen_prefixes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tasks%3A7.json"]
 
 
-def test_redis_lock_of_a_dead_holder_expires(redis_store):
-    dead = redis_store.redis.lock(redis_store.prefix + "lock:L", timeout=0.3)
+def test_redis_lock_of_a_dead_holder_expires(redis_store, clock):
+    dead = redis_store.redis.lock(redis_store.prefix + "lock:L", timeout=60)
     assert dead.acquire(blocking=False)  # taken and never released: the worker was SIGKILLed
     with pytest.raises(LockTimeout):
         with redis_store.lock("L", blocking_timeout=0.05):
             pass
-    with redis_store.lock("L", timeout=5, blocking_timeout=3):
-        assert redis_store.redis.ttl(redis_store.prefix + "lock:L") > 1  # now held by us
+    pass_time(redis_store, clock, 60)  # the dead holder's lock expires
+    with redis_store.lock("L", timeout=3600, blocking_timeout=30):
+        assert redis_store.redis.ttl(redis_store.prefix + "lock:L") > 3000  # now held by us, with our expiry
