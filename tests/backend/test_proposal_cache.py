@@ -44,18 +44,22 @@ def _same(a, b) -> None:
 
 
 def key(i: int) -> str:
-    return cache_key(f"{i:064x}", "sam2-t+dinov2-s", MethodOptions())
+    return cache_key(f"{i:064x}", "sam2-t+dinov2-s", WEIGHTS, MethodOptions())
 
 
-def test_key_covers_image_engine_and_options():
+WEIGHTS = "0123456789abcdef"
+
+
+def test_key_covers_image_engine_weights_and_options():
     sha = "ab" * 32
-    k = cache_key(sha, "sam2-t+dinov2-s", MethodOptions())
-    assert len(k) == 64 and k == cache_key(sha, "sam2-t+dinov2-s", MethodOptions())
-    assert k != cache_key("cd" * 32, "sam2-t+dinov2-s", MethodOptions())
-    assert k != cache_key(sha, "sam2-l+dinov2-s", MethodOptions())
-    assert k != cache_key(sha, "sam2-t+dinov2-s", MethodOptions(points_per_side=16))
+    k = cache_key(sha, "sam2-t+dinov2-s", WEIGHTS, MethodOptions())
+    assert len(k) == 64 and k == cache_key(sha, "sam2-t+dinov2-s", WEIGHTS, MethodOptions())
+    assert k != cache_key("cd" * 32, "sam2-t+dinov2-s", WEIGHTS, MethodOptions())
+    assert k != cache_key(sha, "sam2-l+dinov2-s", WEIGHTS, MethodOptions())
+    assert k != cache_key(sha, "sam2-t+dinov2-s", "fedcba9876543210", MethodOptions())  # a swapped checkpoint
+    assert k != cache_key(sha, "sam2-t+dinov2-s", WEIGHTS, MethodOptions(points_per_side=16))
     # options that do not change proposals do not change the key
-    assert k == cache_key(sha, "sam2-t+dinov2-s", MethodOptions(max_detections=5, score_threshold=0.3))
+    assert k == cache_key(sha, "sam2-t+dinov2-s", WEIGHTS, MethodOptions(max_detections=5, score_threshold=0.3))
 
 
 def test_put_get_gives_identical_matching(tmp_path):
