@@ -79,8 +79,8 @@ def _current_bank(pid: int) -> MemoryBank:
     meanwhile."""
     bank = runtime.get_bank_store().get(pid)
     basis = runtime.get_bank_store().basis(pid)
-    engine = _engine_basis()
-    if len(bank) and basis and {k: basis.get(k) for k in engine} != engine:
+    engine = _engine_basis() if len(bank) and basis else None
+    if engine and {k: basis.get(k) for k in engine} != engine:
         log.warning("project %s: the bank was built with %s (weights %s), the workers run %s (weights %s); "
                     "rebuilding it", pid, basis.get("engine"), basis.get("weights"), *engine.values())
         if runtime.get_store().setnx(f"rebuild-pending:{pid}", "1", ttl=REBUILD_DEDUP_S):
