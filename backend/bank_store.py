@@ -4,8 +4,9 @@ Keys (all under "bank:<pid>:", one persistence group in MemoryStore):
   data          MemoryBank.to_bytes()
   version       the bank's content hash ("empty" without references), readable without
                 deserialising (model_version, /setup)
-  basis         JSON {"engine", "config"} the references were computed with (engine name, hash
-                of the label config); written with the bank, so a change of either is noticed
+  basis         JSON {"engine", "weights", "config"} the references were computed with (engine
+                name, weights fingerprint, hash of the label config); written with the bank, so a
+                change of any is noticed
   label_config  the project's current label config XML (from /setup and webhooks)
   ls            JSON {"hostname", "access_token"} from /setup (never logged)
 
@@ -77,7 +78,8 @@ class BankStore:
         return bank
 
     def basis(self, pid: int) -> dict | None:
-        """{"engine", "config"} the stored references were computed with; None before any update."""
+        """{"engine", "weights", "config"} the stored references were computed with; None before any
+        update."""
         raw = self.store.get(self._key(pid, "basis"))
         return json.loads(raw) if raw else None
 

@@ -56,9 +56,14 @@ def _progress(done: int, total: int, **fields) -> None:
 
 
 # ------------------------------------------------------------------------------------ helpers
+def _engine_basis() -> dict:
+    """The workers' engine as a bank's basis records it: model names and weights fingerprint."""
+    return {"engine": runtime.engine_name(), "weights": runtime.get_engine().fingerprint}
+
+
 def _basis(xml: str) -> dict:
-    """What the bank's references depend on: the engine and the label config."""
-    return {"engine": runtime.engine_name(), "config": hashlib.sha256(xml.encode()).hexdigest()[:16]}
+    """What the bank's references depend on: the engine (models and weights) and the label config."""
+    return {**_engine_basis(), "config": hashlib.sha256(xml.encode()).hexdigest()[:16]}
 
 
 def _image_url(task: dict, config: LabelConfig) -> str:
@@ -70,12 +75,14 @@ def _image_url(task: dict, config: LabelConfig) -> str:
 
 def _current_bank(pid: int) -> MemoryBank:
     """The bank to predict with. References computed by another engine (the operator changed the
-    models) cannot be matched: queue a rebuild and predict with an empty bank meanwhile."""
+    models or their weights) cannot be matched: queue a rebuild and predict with an empty bank
+    meanwhile."""
     bank = runtime.get_bank_store().get(pid)
     basis = runtime.get_bank_store().basis(pid)
-    if len(bank) and basis and basis.get("engine") != runtime.engine_name():
-        log.warning("project %s: the bank was built with %s, the workers run %s; rebuilding it",
-                    pid, basis.get("engine"), runtime.engine_name())
+    engine = _engine_basis() if len(bank) and basis else None
+    if engine and {k: basis.get(k) for k in engine} != engine:
+        log.warning("project %s: the bank was built with %s (weights %s), the workers run %s (weights %s); "
+                    "rebuilding it", pid, basis.get("engine"), basis.get("weights"), *engine.values())
         if runtime.get_store().setnx(f"rebuild-pending:{pid}", "1", ttl=REBUILD_DEDUP_S):
             queueing.enqueue("backend.jobs.rebuild_bank", pid, queue="bank", job_id=f"rebuild-{pid}-engine")
         return MemoryBank()
@@ -91,7 +98,7 @@ def _proposals(image: LoadedImage) -> tuple[Proposals, str]:
     """(proposals, cache key): from the proposal cache, else computed once and cached."""
     engine = runtime.get_engine()
     cache = runtime.get_proposal_cache()
-    key = cache_key(image.sha256, engine.name, engine.options)
+    key = cache_key(image.sha256, engine.name, engine.fingerprint, engine.options)
     proposals = cache.get(key)
     if proposals is None:
         proposals = engine.propose(image.array)
@@ -100,6 +107,16 @@ def _proposals(image: LoadedImage) -> tuple[Proposals, str]:
         except OSError as exc:  # disk full, read-only: predict anyway, uncached
             log.warning("proposal cache: cannot store %s (%s); predicting without caching", key[:12], exc)
     return proposals, key
+
+
+def _cached_key(record: TaskRecord) -> str | None:
+    """The task's proposal-cache key when its proposals were computed by the running engine (same
+    models, weights and options); None otherwise: those proposals are stale."""
+    if not record.proposal_key or not record.image_sha256:
+        return None
+    engine = runtime.get_engine()
+    current = cache_key(record.image_sha256, engine.name, engine.fingerprint, engine.options)
+    return record.proposal_key if record.proposal_key == current else None
 
 
 def _match_item(proposals: Proposals, key: str, bank: MemoryBank, config: LabelConfig, mv: str) -> dict:
@@ -512,10 +529,11 @@ def rescore_cached(pid: int, bank: MemoryBank, records: dict[int, TaskRecord] | 
         if len(bank) == 0:
             item = prediction_item([], mv)
         else:
-            proposals = cache.get(record.proposal_key) if record.proposal_key else None
+            key = _cached_key(record)
+            proposals = cache.get(key) if key else None
             if proposals is None:
                 return None
-            item = _match_item(proposals, record.proposal_key, bank, config, mv)
+            item = _match_item(proposals, key, bank, config, mv)
         return task_id, item, result_hash(item["result"]) != record.result_hash
 
     threads = min(len(records), runtime.get_settings().refresh_threads)
@@ -568,7 +586,7 @@ def refresh_project(pid: int) -> dict:
     counts = {"tasks": len(registered), "current": len(registered) - len(stale), "rescored": 0, "changed": 0,
               "posted": 0, "failed": 0, "enqueued": 0}
     cache = runtime.get_proposal_cache()
-    cached = {tid: rec for tid, rec in stale.items() if rec.proposal_key and cache.contains(rec.proposal_key)}
+    cached = {tid: rec for tid, rec in stale.items() if (key := _cached_key(rec)) and cache.contains(key)}
     retire = bulk_delivery.plan(pid, cached, mv, OUR_VERSION_PREFIX) if len(bank) else None
     bulk_ok = retire is not None
     importer = bulk_delivery.Importer(pid)

@@ -2,7 +2,7 @@
 
 Proposals do not depend on the memory bank, so an image that was proposed once is re-scored
 against any later bank in milliseconds. Entries are Proposals.to_bytes() files (compressed,
-thresholded masks exact) named by a key that covers the image content, the models and every
+thresholded masks exact) named by a key that covers the image content, the models, their weights and every
 option that changes proposals. Beside an entry, a second file keeps the full-resolution masks that
 matches upsampled from it (a model.upsampled.UpsampledMasks, the caller's mask cache: get_masks
 reads it, put_masks stores it), tied to the proposals' checksum, so a later re-match reads them
@@ -30,9 +30,10 @@ _SUFFIX = ".ntp"           # proposals
 _UPSAMPLED = ".ntm"        # masks matches upsampled from them
 
 
-def cache_key(image_sha256: str, engine_name: str, options: MethodOptions) -> str:
-    """Key of one image's proposals for one engine and option set."""
-    raw = f"{image_sha256}|{engine_name}|{options.cache_key()}"
+def cache_key(image_sha256: str, engine_name: str, weights: str, options: MethodOptions) -> str:
+    """Key of one image's proposals for one engine (models and their weights' fingerprint,
+    Engine.fingerprint) and option set."""
+    raw = f"{image_sha256}|{engine_name}|{weights}|{options.cache_key()}"
     return hashlib.sha256(raw.encode()).hexdigest()
 
 

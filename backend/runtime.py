@@ -8,6 +8,7 @@ slow build (loading models) never blocks `/setup` reading a version.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,8 +28,12 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-# MemoryStore keys that survive a restart of the embedded process (banks + task registry).
-PERSISTED_PREFIXES = ("bank:", "tasks:")
+# Store key of the engine the workers loaded: JSON {"engine": name, "weights": fingerprint}.
+ENGINE_KEY = "engine"
+WEIGHTS_IN_VERSION = 8  # hex characters of the weights fingerprint in model_version
+
+# MemoryStore keys that survive a restart of the embedded process (banks, task registry, engine).
+PERSISTED_PREFIXES = ("bank:", "tasks:", ENGINE_KEY)
 
 _objects: dict[Any, Any] = {}
 _locks: dict[Any, threading.Lock] = {}
@@ -91,29 +96,47 @@ def engine_name() -> str:
     return catalog.engine_name(s.sam_model, s.dino_model)
 
 
+def weights_fingerprint() -> str | None:
+    """Fingerprint of the weights the jobs run with (Engine.fingerprint): this process's engine
+    when it loaded one, else the one the workers published when they loaded theirs (the web
+    process never loads models); None before any engine of these models was loaded."""
+    engine = _objects.get("engine")
+    if engine is not None:
+        return engine.fingerprint
+    raw = get_store().get(ENGINE_KEY)
+    published = json.loads(raw) if raw else {}
+    return published.get("weights") if published.get("engine") == engine_name() else None
+
+
 def model_version(pid: int, bank_version: str | None = None) -> str:
-    """'ntt-<sam>+<dino>-<bank version>'; changes whenever the project's bank changes.
+    """'ntt-<sam>+<dino>@<weights>-<bank version>'; changes whenever the project's bank or the
+    workers' weights change (without a published fingerprint: 'ntt-<sam>+<dino>-<bank version>').
 
     Pass `bank_version` when the caller already holds the bank it predicts with, so the version
     stamped on a prediction is the one of the bank actually used.
     """
     version = bank_version if bank_version is not None else get_bank_store().version(pid)
-    return f"ntt-{engine_name()}-{version}"
+    weights = weights_fingerprint()
+    return f"ntt-{engine_name()}{f'@{weights[:WEIGHTS_IN_VERSION]}' if weights else ''}-{version}"
 
 
 # ---------------------------------------------------------------------------------------- workers
 def get_engine() -> "Engine":
-    """SAM2 + DINOv2 from the settings, loaded once per process."""
+    """SAM2 + DINOv2 from the settings, loaded once per process; their identity (names and weights
+    fingerprint) is published in the store for the web process."""
     def build() -> "Engine":
         from model.engine import Engine, EngineConfig
 
         s = get_settings()
         random = s.random_weights
-        return Engine(EngineConfig(
+        engine = Engine(EngineConfig(
             sam_model=s.sam_model, dino_model=s.dino_model,
             sam_checkpoint=None if random else str(s.sam_checkpoint),
             dino_checkpoint=None if random else str(s.dino_checkpoint),
             random_weights=random, device=s.device, options=s.method_options()))
+        # for the web process's model_version: a checkpoint swap makes LS predict again
+        get_store().set(ENGINE_KEY, json.dumps({"engine": engine.name, "weights": engine.fingerprint}))
+        return engine
     return _single("engine", build)
 
 

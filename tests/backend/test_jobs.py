@@ -29,6 +29,7 @@ from bench.fake_http import Reply, Request, RouteServer
 from bench.fake_ls import FakeLabelStudio
 from tests.backend.fixtures import LEGACY_TOKEN as TOKEN
 from tests.helpers import png_bytes
+import model.checkpoints
 from model.bank import MemoryBank
 from model.engine import Engine, EngineConfig
 from model.options import MethodOptions
@@ -69,14 +70,8 @@ class FakeLS(FakeLabelStudio):
 
 
 # ------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def engine():
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    # iou_threshold 0: random weights predict IoUs anywhere in (0, 1)
-    eng = Engine(EngineConfig(sam_model="sam2.1-t", dino_model="dinov2-s", random_weights=True, device="cpu",
-                              options=MethodOptions(sam_image_size=256, dino_image_size=112, points_per_side=2,
-                                                    iou_threshold=0.0)))
+def counting_proposals(eng: Engine) -> Engine:
+    """The engine, counting its propose calls in `propose_calls`."""
     eng.propose_calls = 0
     real = eng.propose
 
@@ -86,6 +81,24 @@ def engine():
 
     eng.propose = counting
     return eng
+
+
+@pytest.fixture(scope="module")
+def engine():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    # iou_threshold 0: random weights predict IoUs anywhere in (0, 1)
+    return counting_proposals(Engine(EngineConfig(
+        sam_model="sam2.1-t", dino_model="dinov2-s", random_weights=True, device="cpu",
+        options=MethodOptions(sam_image_size=256, dino_image_size=112, points_per_side=2, iou_threshold=0.0))))
+
+
+@pytest.fixture(scope="module")
+def other_engine(engine):
+    """`engine`'s models and options with other weights (as after swapping a checkpoint)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(model.checkpoints, "RANDOM_WEIGHTS_SEED", 1)
+        return counting_proposals(Engine(engine.config))
 
 
 @pytest.fixture
@@ -153,10 +166,10 @@ def refresh_calls(enqueued) -> list[tuple]:
 # ------------------------------------------------------------------------------ tests
 def test_model_version_names_the_engine_without_loading_it(env, engine):
     assert runtime.engine_name() == engine.name == "sam2.1-t+dinov2-s"
-    assert runtime.model_version(PID) == "ntt-sam2.1-t+dinov2-s-empty"
+    assert runtime.model_version(PID) == f"ntt-sam2.1-t+dinov2-s@{engine.fingerprint[:8]}-empty"
 
 
-def test_webhooks_create_update_delete_and_cancel(env, ls):
+def test_webhooks_create_update_delete_and_cancel(env, ls, engine):
     ls.add_task(1, seed=1)
     banks = runtime.get_bank_store()
     out = webhook(ls, "ANNOTATION_CREATED", annotation(11, 1, [polygon_region("a", "Cat", CAT),
@@ -168,7 +181,7 @@ def test_webhooks_create_update_delete_and_cancel(env, ls):
     assert sorted(r.ref_id for c in bank.classes for r in bank.refs(c)) == ["11:a", "11:b", "11:r"]
     v1 = banks.version(PID)
     assert out["version"] == v1 != "empty"
-    assert runtime.model_version(PID) == f"ntt-sam2.1-t+dinov2-s-{v1}"
+    assert runtime.model_version(PID) == f"ntt-sam2.1-t+dinov2-s@{engine.fingerprint[:8]}-{v1}"
     assert [e[1] for e in refresh_calls(env)] == [(PID,)]
     assert banks.label_config(PID) == LABEL_CONFIG
 
@@ -212,7 +225,7 @@ def test_project_updated_rebuilds_only_when_the_config_changes(env, ls):
 def test_predict_task_empty_bank_runs_no_model(env, ls, engine):
     task = ls.add_task(1, seed=1)
     item = jobs.predict_task(PID, task, LABEL_CONFIG)
-    assert item == {"result": [], "score": 0.0, "model_version": "ntt-sam2.1-t+dinov2-s-empty"}
+    assert item == {"result": [], "score": 0.0, "model_version": f"ntt-sam2.1-t+dinov2-s@{engine.fingerprint[:8]}-empty"}
     assert engine.propose_calls == 0
     assert runtime.get_registry().get(PID, 1).image_url == task["data"]["image"]
 
@@ -640,6 +653,8 @@ def test_engine_is_built_once_from_the_settings(monkeypatch, tmp_path):
     built = []
 
     class Recorder:
+        name, fingerprint = "sam2-s+dinov2-b", "0123456789abcdef"
+
         def __init__(self, config):
             built.append(config)
 
@@ -673,3 +688,72 @@ def test_bank_of_another_engine_is_rebuilt_not_matched(env, ls, engine):
         assert item["result"] == [] and item["model_version"].endswith("-empty")
     assert engine.propose_calls == 0
     assert [(e[0], e[2]) for e in env] == [("backend.jobs.rebuild_bank", "bank")]  # queued once
+
+
+# ------------------------------------------------------------------------------ swapped weights
+def _bank_of_first_weights(ls, env, engine) -> str:
+    """A bank built from task 1's annotation in LS, then task 2 predicted (its proposals cached),
+    all with `engine`; returns task 2's proposal-cache key."""
+    ann = annotation(11, 1, [polygon_region("a", "Cat", CAT)])
+    ls.add_task(1, seed=1, annotations=[ann])
+    webhook(ls, "ANNOTATION_CREATED", ann)
+    jobs.predict_task(PID, ls.add_task(2, seed=2), LABEL_CONFIG)
+    assert engine.propose_calls == 1 and runtime.get_bank_store().basis(PID)["weights"] == engine.fingerprint
+    env.clear()
+    return runtime.get_registry().get(PID, 2).proposal_key
+
+
+def test_bank_of_other_weights_is_rebuilt_and_model_version_changes(env, ls, engine, other_engine):
+    assert other_engine.name == engine.name and other_engine.fingerprint != engine.fingerprint
+    _bank_of_first_weights(ls, env, engine)
+    banks = runtime.get_bank_store()
+    version, mv, basis = banks.version(PID), runtime.model_version(PID), jobs._basis(LABEL_CONFIG)
+
+    runtime.configure(engine=other_engine)  # the workers restarted with a fine-tuned checkpoint
+    assert jobs._basis(LABEL_CONFIG) != basis
+    assert runtime.model_version(PID) != mv  # LS predicts again
+    item = jobs.predict_task(PID, ls.tasks[2], LABEL_CONFIG)  # the old references are not matched
+    assert item["result"] == [] and item["model_version"].endswith("-empty")
+    assert [(e[0], e[2]) for e in env] == [("backend.jobs.rebuild_bank", "bank")]
+    out = jobs.rebuild_bank(PID, refresh=False)
+    assert out["references"] == 1 and banks.basis(PID)["weights"] == other_engine.fingerprint
+    assert banks.version(PID) != version and runtime.model_version(PID) not in (mv, item["model_version"])
+
+
+def test_proposals_of_other_weights_are_not_reused(env, ls, engine, other_engine):
+    first_key = _bank_of_first_weights(ls, env, engine)
+    runtime.configure(engine=other_engine)
+    jobs.rebuild_bank(PID, refresh=False)
+    other_engine.propose_calls = 0
+    item = jobs.predict_task(PID, ls.tasks[2], LABEL_CONFIG)
+    assert other_engine.propose_calls == 1 and item["result"]  # proposed again, not read from the cache
+    assert runtime.get_registry().get(PID, 2).proposal_key != first_key
+
+
+def test_refresh_does_not_rescore_proposals_of_other_weights(env, ls, engine, other_engine):
+    _bank_of_first_weights(ls, env, engine)
+    runtime.configure(engine=other_engine)
+    jobs.rebuild_bank(PID, refresh=False)
+    out = jobs.refresh_project(PID)
+    assert (out["rescored"], out["enqueued"]) == (0, 1)  # task 2 is predicted again, by the new weights
+    assert [e[1][1]["id"] for e in env if e[0] == "backend.jobs.predict_task"] == [2]
+
+
+def test_web_model_version_follows_the_weights_the_workers_published(env, engine, other_engine, monkeypatch):
+    import model.engine
+
+    settings, store = runtime.get_settings(), runtime.get_store()
+
+    def web() -> str:
+        """model_version as the web process computes it: it never loads a model."""
+        runtime.reset()
+        runtime.configure(settings=settings, store=store)
+        return runtime.model_version(PID)
+
+    assert web() == "ntt-sam2.1-t+dinov2-s-empty"  # no worker has loaded an engine yet
+    for eng in (engine, other_engine):  # a worker starts and loads its engine
+        monkeypatch.setattr(model.engine, "Engine", lambda config, eng=eng: eng)
+        runtime.reset()
+        runtime.configure(settings=settings, store=store)
+        assert runtime.get_engine() is eng
+        assert web() == f"ntt-sam2.1-t+dinov2-s@{eng.fingerprint[:8]}-empty"

@@ -44,21 +44,25 @@ def _same(a, b) -> None:
 
 
 def key(i: int) -> str:
-    return cache_key(f"{i:064x}", "sam2-t+dinov2-s", MethodOptions())
+    return cache_key(f"{i:064x}", "sam2-t+dinov2-s", WEIGHTS, MethodOptions())
 
 
-def test_key_covers_image_engine_and_options():
+WEIGHTS = "0123456789abcdef"
+
+
+def test_key_covers_image_engine_weights_and_options():
     sha = "ab" * 32
-    k = cache_key(sha, "sam2-t+dinov2-s", MethodOptions())
-    assert len(k) == 64 and k == cache_key(sha, "sam2-t+dinov2-s", MethodOptions())
-    assert k != cache_key("cd" * 32, "sam2-t+dinov2-s", MethodOptions())
-    assert k != cache_key(sha, "sam2-l+dinov2-s", MethodOptions())
-    assert k != cache_key(sha, "sam2-t+dinov2-s", MethodOptions(points_per_side=16))
+    k = cache_key(sha, "sam2-t+dinov2-s", WEIGHTS, MethodOptions())
+    assert len(k) == 64 and k == cache_key(sha, "sam2-t+dinov2-s", WEIGHTS, MethodOptions())
+    assert k != cache_key("cd" * 32, "sam2-t+dinov2-s", WEIGHTS, MethodOptions())
+    assert k != cache_key(sha, "sam2-l+dinov2-s", WEIGHTS, MethodOptions())
+    assert k != cache_key(sha, "sam2-t+dinov2-s", "fedcba9876543210", MethodOptions())  # a swapped checkpoint
+    assert k != cache_key(sha, "sam2-t+dinov2-s", WEIGHTS, MethodOptions(points_per_side=16))
     # options that do not change proposals do not change the key
-    assert k == cache_key(sha, "sam2-t+dinov2-s", MethodOptions(max_detections=5, score_threshold=0.3))
+    assert k == cache_key(sha, "sam2-t+dinov2-s", WEIGHTS, MethodOptions(max_detections=5, score_threshold=0.3))
     # named deviations change proposals: in the key, except at their default (older caches stay valid)
-    assert k != cache_key(sha, "sam2-t+dinov2-s", MethodOptions(point_batch_size=256))
-    assert k != cache_key(sha, "sam2-t+dinov2-s", MethodOptions(drop_empty_masks=False))
+    assert k != cache_key(sha, "sam2-t+dinov2-s", WEIGHTS, MethodOptions(point_batch_size=256))
+    assert k != cache_key(sha, "sam2-t+dinov2-s", WEIGHTS, MethodOptions(drop_empty_masks=False))
     assert MethodOptions().cache_key() == "s1024-p32-i0.4-d518-gntt-a0-b0"
 
 

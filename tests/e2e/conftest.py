@@ -54,10 +54,10 @@ def start_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ca
     started: list[Backend] = []
     logs = request.node.stash.setdefault(_TEST_LOGS, [])
 
-    def start(ls: LabelStudio, api_key: str = LEGACY_TOKEN) -> Backend:
+    def start(ls: LabelStudio, api_key: str = LEGACY_TOKEN, basic_auth: tuple[str, str] | None = None) -> Backend:
         work = tmp_path / f"backend-{len(started)}"
         logs.extend([work / "logs" / "backend-web.log", work / "logs" / "backend-worker.log"])
-        backend = Backend.start(work, ls.url, api_key)
+        backend = Backend.start(work, ls.url, api_key, basic_auth=basic_auth)
         started.append(backend)
         return backend
 

@@ -73,8 +73,8 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
                        + (f" (last error: {last_error!r})" if last_error else ""))
 
 
-def http_ok(url: str) -> bool:
-    return requests.get(url, timeout=2).status_code == 200
+def http_ok(url: str, auth: tuple[str, str] | None = None) -> bool:
+    return requests.get(url, timeout=2, auth=auth).status_code == 200
 
 
 # Polling noise left out of the log tails shown for a failed test.
@@ -313,13 +313,15 @@ class Backend:
     worker: ManagedProcess
     redis_url: str
     queue_prefix: str
+    auth: tuple[str, str] | None = None   # (BASIC_AUTH_USER, BASIC_AUTH_PASS) the web process requires
 
     @property
     def processes(self) -> list[ManagedProcess]:
         return [self.web, self.worker]
 
     @classmethod
-    def start(cls, work_dir: Path, ls_url: str, api_key: str, timeout: float = 180) -> "Backend":
+    def start(cls, work_dir: Path, ls_url: str, api_key: str, timeout: float = 180,
+              basic_auth: tuple[str, str] | None = None) -> "Backend":
         port = free_port()
         prefix = f"e2e-{uuid.uuid4().hex[:10]}"
         redis_url = f"redis://{REDIS_HOST_PORT}/{os.environ.get('NTT_E2E_REDIS_DB', '12')}"
@@ -346,15 +348,17 @@ class Backend:
             "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
         })
+        if basic_auth:
+            env.update({"BASIC_AUTH_USER": basic_auth[0], "BASIC_AUTH_PASS": basic_auth[1]})
         logs = work_dir / "logs"
         worker = ManagedProcess.spawn("rq-worker", [sys.executable, "-m", "backend.worker"], env,
                                       logs / "backend-worker.log")
         gunicorn = ["gunicorn", "--bind", f"127.0.0.1:{port}", "--config", "python:backend.gunicorn_conf",
                     "--no-control-socket", "_wsgi:app"]  # the README's command
         web = ManagedProcess.spawn("web", [sys.executable, "-m", *gunicorn], env, logs / "backend-web.log")
-        backend = cls(f"http://127.0.0.1:{port}", web, worker, redis_url, prefix)
+        backend = cls(f"http://127.0.0.1:{port}", web, worker, redis_url, prefix, basic_auth)
         try:
-            wait_for(lambda: http_ok(f"{backend.url}/health"), timeout, "backend /health",
+            wait_for(lambda: http_ok(f"{backend.url}/health", basic_auth), timeout, "backend /health",
                      alive=backend.check_alive)
             wait_for(backend.ready, timeout, "an RQ worker (backend /health ready)", interval=0.5,
                      alive=backend.check_alive)
@@ -369,17 +373,17 @@ class Backend:
 
     def ready(self) -> bool:
         """The web process sees Redis and at least one worker on its queues."""
-        return bool(requests.get(f"{self.url}/health", timeout=2).json().get("ready"))
+        return bool(requests.get(f"{self.url}/health", timeout=2, auth=self.auth).json().get("ready"))
 
     def metrics(self) -> dict:
         """The web process's counters (GET /metrics), e.g. "webhooks ANNOTATION_CREATED"."""
-        r = requests.get(f"{self.url}/metrics", timeout=5)
+        r = requests.get(f"{self.url}/metrics", timeout=5, auth=self.auth)
         r.raise_for_status()
         return r.json()
 
     def jobs(self) -> list[dict]:
         """The recent jobs as the backend's GET /jobs reports them (status, meta, error)."""
-        r = requests.get(f"{self.url}/jobs", params={"limit": 200}, timeout=5)
+        r = requests.get(f"{self.url}/jobs", params={"limit": 200}, timeout=5, auth=self.auth)
         r.raise_for_status()
         return r.json()["jobs"]
 

@@ -6,6 +6,7 @@ reads the stored predictions back with GET /api/predictions?task=...
 """
 from __future__ import annotations
 
+import base64
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from tests.backend.fixtures import CONFIG_XML as CONFIG
 
-from .ls_harness import LEGACY_TOKEN, Backend, LabelStudio, LSClient, wait_for
+from .ls_harness import LEGACY_TOKEN, Backend, LabelStudio, LSClient, http_ok, wait_for
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -184,13 +185,23 @@ def create_project(ls: LabelStudio, client: LSClient, uploaded: list[Picture], l
     return Project(client, pid, by_name, pictures)
 
 
-def connect(project: Project, backend: Backend) -> None:
-    ml = project.client.call("POST", "/api/ml", json={"url": backend.url, "project": project.id,
-                                                      "title": "ntt", "is_interactive": False})
+def ml_connection(project: Project, backend: Backend, basic_auth: tuple[str, str] | None = None) -> dict:
+    """The body of POST /api/ml (the model connection form), with Basic auth when given."""
+    body = {"url": backend.url, "project": project.id, "title": "ntt", "is_interactive": False}
+    if basic_auth:
+        body.update(auth_method="BASIC_AUTH", basic_auth_user=basic_auth[0], basic_auth_pass=basic_auth[1])
+    return body
+
+
+def connect(project: Project, backend: Backend, basic_auth: tuple[str, str] | None = None) -> dict:
+    """Connect the model; returns the webhook to <backend>/webhook that LS created with it."""
+    ml = project.client.call("POST", "/api/ml", json=ml_connection(project, backend, basic_auth))
     assert ml["state"] == "CO", ml  # Connected: /health and /setup answered
     project.ml_id = ml["id"]
     hooks = project.client.call("GET", "/api/webhooks", params={"project": project.id})
-    assert any(h["url"] == backend.url + "/webhook" and h["is_active"] for h in hooks), hooks
+    ours = [h for h in hooks if h["url"] == backend.url + "/webhook" and h["is_active"]]
+    assert len(ours) == 1, hooks
+    return ours[0]
 
 
 def settled_version(project: Project, backend: Backend, previous: set[str]) -> str:
@@ -328,4 +339,45 @@ def test_personal_access_token(label_studio_factory: Callable[[], LabelStudio],
         assert len(preds) == 1, (name, preds)  # a failed download yields no stored prediction
         kinds |= check_prediction(preds[0], p[name], version)  # sizes read from the downloaded images
     assert kinds, "no region at all: the image sizes were never checked"
+    assert_no_failed_jobs(backend)
+
+
+def test_basic_auth(label_studio: LabelStudio, start_backend: Callable[..., Backend]) -> None:
+    """BASIC_AUTH_USER/PASS on the backend. Label Studio calls /health, /setup and /predict with the
+    credentials of the model connection, but creates its <ml url>/webhook webhook without them: its
+    events are refused (401) until the webhook's headers carry them, as the README says."""
+    ls = label_studio
+    client = ls.client()
+    user, password = "ntt-e2e", "basic-auth-pass-e2e"
+    up = [make_picture(ls.work_dir / "upload", f"auth-{c}.png", 80, 60, 30 + n) for n, c in enumerate("abc")]
+    project = create_project(ls, client, up, [], [])
+    backend = start_backend(ls, basic_auth=(user, password))
+    assert not http_ok(f"{backend.url}/health") and http_ok(f"{backend.url}/health", (user, password))
+
+    r = client.request("POST", "/api/ml", json=ml_connection(project, backend))
+    assert r.status_code == 400 and "authentication" in r.text, (r.status_code, r.text)  # LS saw our 401
+    hook = connect(project, backend, (user, password))
+    v0 = project.ml_version()
+    assert v0.startswith("ntt-")
+
+    # LS's own webhook carries no credentials: the annotation's event is refused
+    p = project.pictures
+    refused = backend.metrics().get("auth_failures", 0)
+    project.annotate("auth-a.png", [rect_region(p["auth-a.png"], p["auth-a.png"].dog, "Dog", "a1")])
+    wait_for(lambda: backend.metrics().get("auth_failures", 0) > refused, VERSION_TIMEOUT,
+             "Label Studio's webhook to be refused (401)")
+    assert "webhooks ANNOTATION_CREATED" not in backend.metrics() and project.ml_version() == v0
+
+    # the README's step: the webhook sends the same credentials in its headers
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    client.call("PATCH", f"/api/webhooks/{hook['id']}/", json={"headers": {"Authorization": f"Basic {token}"}})
+    project.annotate("auth-b.png", [brush_region(p["auth-b.png"], "Cat", "b1"),
+                                    rect_region(p["auth-b.png"], p["auth-b.png"].dog, "Dog", "b2")])
+    version = settled_version(project, backend, {v0})
+    assert backend.metrics()["webhooks ANNOTATION_CREATED"] == 1
+
+    out = project.dm_action("retrieve_tasks_predictions")  # /predict with the credentials
+    assert out["processed_items"] == len(project.tasks), out
+    (pred,) = project.predictions("auth-c.png")
+    check_prediction(pred, p["auth-c.png"], version)
     assert_no_failed_jobs(backend)
