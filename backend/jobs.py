@@ -1,12 +1,14 @@
 """The work the queues run (RQ workers, or the embedded worker thread), as plain functions.
 
-* apply_webhook   annotation/project events -> one atomic bank update -> refresh_project queued
+* apply_webhook   annotation/project/task events, checked against Label Studio -> one atomic bank
+                  update -> refresh_project queued
 * rebuild_bank    a fresh bank from every annotated task, read through the LS API
 * train_project   START_TRAINING: rebuild, then pre-annotate every unlabelled task via the LS API
 * predict_task    the unit of /predict work, with late delivery through the LS API
 * refresh_project after a bank change: re-score every processed task from its cached proposals
-                  (no SAM2/DINOv2 run) and post only the predictions whose result changed, or
-                  for many tasks replace them all in bulk (backend.bulk_delivery)
+                  (no SAM2/DINOv2 run) and bring each one's prediction to the new model_version
+                  (a PATCH of the version alone where the result did not change), or for many
+                  tasks replace them all in bulk (backend.bulk_delivery)
 
 Jobs may run twice (retries, spool replays): each one is idempotent, and every prediction goes to
 Label Studio through `_deliver`, which PATCHes our existing prediction instead of adding another
@@ -43,6 +45,8 @@ from model.types import Proposals
 log = logging.getLogger(__name__)
 
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+HANDLED_EVENTS = (*ANNOTATION_EVENTS, "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED", "TASKS_DELETED",
+                  "PROJECT_UPDATED")
 REFRESH_BATCH = 50           # tasks re-scored, posted and recorded per round (progress granularity)
 LOG_EVERY = 25               # train_project logs a progress line every N tasks
 OUR_VERSION_PREFIX = "ntt-"  # model_version prefix of the predictions this backend made
@@ -289,64 +293,158 @@ def _labelled(task: dict) -> bool:
     return any(not a.get("was_cancelled") for a in task.get("annotations") or [])
 
 
+def _ls_project(pid: int, client: LabelStudioClient) -> dict | None:
+    """The project as Label Studio holds it, or None (logged) when LS has no such project."""
+    try:
+        return client.get_project(pid)
+    except LabelStudioAPIError as exc:
+        if exc.status != 404:
+            raise
+    log.warning("project %s: Label Studio has no such project; event ignored", pid)
+    return None
+
+
+def _payload_ids(items: object) -> list[int]:
+    """The integer ids of a webhook's list of {"id": ...} objects (anything else is skipped)."""
+    ids = []
+    for item in items if isinstance(items, list) else []:
+        value = item.get("id") if isinstance(item, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            ids.append(value)
+        elif isinstance(value, str) and value.strip().isdigit():
+            ids.append(int(value))
+    return ids
+
+
+def _ls_annotation(pid: int, client: LabelStudioClient, annotation_id: int) -> tuple[dict, dict] | None:
+    """(annotation, its task) as Label Studio holds them, or None (logged) when LS has no such
+    annotation in this project."""
+    try:
+        annotation = client.get_annotation(annotation_id)
+    except LabelStudioAPIError as exc:
+        if exc.status != 404:
+            raise
+        annotation = None
+    task_id = annotation.get("task") if isinstance(annotation, dict) else None
+    tasks = client.get_tasks(pid, [task_id]) if isinstance(task_id, int) else []
+    if not tasks:
+        log.warning("project %s: Label Studio holds no annotation %s in this project; event ignored",
+                    pid, annotation_id)
+        return None
+    return annotation, tasks[0]
+
+
+def _bank_groups(pid: int) -> set[str]:
+    """The annotation ids (groups) the project's bank holds references of."""
+    bank = runtime.get_bank_store().get(pid)
+    return {r.group for name in bank.classes for r in bank.refs(name) if r.group is not None}
+
+
+def _deleted_annotations(pid: int, client: LabelStudioClient, ids: list[int]) -> list[str]:
+    """Those of `ids` whose references the bank holds and that Label Studio no longer has (404)."""
+    gone = []
+    for annotation_id in sorted({str(i) for i in ids} & _bank_groups(pid)):
+        try:
+            client.get_annotation(int(annotation_id))
+        except LabelStudioAPIError as exc:
+            if exc.status != 404:
+                raise
+            gone.append(annotation_id)
+            continue
+        log.warning("project %s: annotation %s is still in Label Studio; its references are kept",
+                    pid, annotation_id)
+    return gone
+
+
+def _annotation_changed(pid: int, event: str, payload: dict, xml: str, client: LabelStudioClient) -> dict:
+    """ANNOTATION_CREATED / _UPDATED: the annotation's references, as LS holds it, replace its
+    previous ones."""
+    annotation_id = _payload_ids([payload.get("annotation")])
+    if not annotation_id:
+        raise BadRequest(f"{event} without an annotation object with an id")
+    found = _ls_annotation(pid, client, annotation_id[0])
+    if found is None:
+        return {"event": event, "annotation": annotation_id[0], "status": "annotation not in Label Studio"}
+    annotation, task = found
+    banks = runtime.get_bank_store()
+    stored = banks.basis(pid)
+    if stored is not None and stored != _basis(xml):  # config or models changed: start over
+        return {"event": event, "rebuild": rebuild_bank(pid)}
+    group = str(annotation["id"])
+    refs = _task_references(pid, task, [annotation], parse_label_config(xml))[group]
+
+    def replace_annotation(bank: MemoryBank) -> None:
+        bank.remove_group(group)
+        for label, ref_id, descriptor in refs:
+            bank.add(label, ref_id, descriptor, group=group)
+
+    version = banks.update(pid, replace_annotation, basis=_basis(xml))
+    return {"event": event, "annotation": annotation["id"], "references": len(refs), "version": version}
+
+
+def _annotations_deleted(pid: int, event: str, payload: dict, client: LabelStudioClient) -> dict:
+    ids = _payload_ids(payload.get("annotations"))
+    gone = _deleted_annotations(pid, client, ids)
+
+    def remove_annotations(bank: MemoryBank) -> None:
+        for group in gone:
+            bank.remove_group(group)
+
+    banks = runtime.get_bank_store()
+    version = banks.update(pid, remove_annotations) if gone else banks.version(pid)
+    return {"event": event, "annotations": len(ids), "removed": len(gone), "version": version}
+
+
+def _tasks_deleted(pid: int, event: str, payload: dict, client: LabelStudioClient) -> dict:
+    """TASKS_DELETED: registered tasks that LS no longer lists in the project are forgotten, so
+    refreshes stop posting to them."""
+    registry = runtime.get_registry()
+    known = set(_payload_ids(payload.get("tasks"))) & set(registry.all(pid))
+    present = {int(t["id"]) for t in client.get_tasks(pid, known)} if known else set()
+    if present:
+        log.warning("project %s: tasks %s are still in Label Studio; not forgotten", pid, sorted(present)[:20])
+    gone = known - present
+    return {"event": event, "forgotten": registry.remove(pid, *gone) if gone else 0}
+
+
 # ------------------------------------------------------------------------------------ jobs
 def apply_webhook(pid: int, event: str, payload: dict) -> dict:
-    """Apply one Label Studio webhook to the project's bank; queue a refresh when it changed."""
+    """Apply one Label Studio webhook to the project's bank; queue a refresh when it changed.
+
+    A webhook is a hint, never a source of truth (anyone who reaches /webhook can send one): the
+    project's label config, the annotation and its task are read back from Label Studio with the
+    backend's own credentials, and ids of deleted annotations or tasks are acted on only once LS no
+    longer holds them. What LS does not hold changes nothing (logged).
+    """
     t0 = time.monotonic()
+    if event not in HANDLED_EVENTS:
+        return {"event": event, "status": "ignored"}
+    client = runtime.get_ls_client(pid)
+    project = _ls_project(pid, client)
+    if project is None:
+        return {"event": event, "status": "project not in Label Studio"}
     banks = runtime.get_bank_store()
-    before = banks.version(pid)
-    project = payload.get("project") if isinstance(payload.get("project"), dict) else {}
     xml = project.get("label_config") or banks.label_config(pid)
+    if not xml:
+        raise BadRequest(f"project {pid}: Label Studio gave no label config")
+    if xml != banks.label_config(pid):
+        banks.set_label_config(pid, xml)
+    before = banks.version(pid)
 
     if event in ANNOTATION_EVENTS:
-        if not xml:
-            raise BadRequest(f"project {pid}: no label config known yet (the project was never set up)")
-        if xml != banks.label_config(pid):
-            banks.set_label_config(pid, xml)
-        stored = banks.basis(pid)
-        if stored is not None and stored != _basis(xml):  # config or models changed: start over
-            return {"event": event, "rebuild": rebuild_bank(pid)}
-        annotation, task = payload.get("annotation") or {}, payload.get("task") or {}
-        if not isinstance(annotation, dict) or not isinstance(task, dict) or "id" not in annotation:
-            raise BadRequest(f"{event} without an annotation object with an id")
-        if "data" not in task and "id" in task:
-            task = runtime.get_ls_client(pid).get_task(int(task["id"]))
-        config = parse_label_config(xml)
-        group = str(annotation["id"])
-        refs = _task_references(pid, task, [annotation], config)[group]
-
-        def replace_annotation(bank: MemoryBank) -> None:
-            bank.remove_group(group)
-            for label, ref_id, descriptor in refs:
-                bank.add(label, ref_id, descriptor, group=group)
-
-        version = banks.update(pid, replace_annotation, basis=_basis(xml))
-        result = {"event": event, "annotation": annotation["id"], "references": len(refs)}
+        result = _annotation_changed(pid, event, payload, xml, client)
     elif event == "ANNOTATIONS_DELETED":
-        ids = [str(a["id"]) for a in payload.get("annotations") or [] if isinstance(a, dict) and "id" in a]
-
-        def remove_annotations(bank: MemoryBank) -> None:
-            for group in ids:
-                bank.remove_group(group)
-
-        version = banks.update(pid, remove_annotations)
-        result = {"event": event, "annotations": len(ids)}
-    elif event == "ANNOTATIONS_CREATED":  # bulk import: tasks are not in the payload
-        return {"event": event, "rebuild": rebuild_bank(pid)}
-    elif event == "PROJECT_UPDATED":
-        if not xml:
-            return {"event": event, "status": "no label config in the payload"}
-        banks.set_label_config(pid, xml)
-        if banks.basis(pid) == _basis(xml):
-            return {"event": event, "status": "label config unchanged"}
-        return {"event": event, "rebuild": rebuild_bank(pid)}
+        result = _annotations_deleted(pid, event, payload, client)
     elif event == "TASKS_DELETED":
-        ids = [int(t["id"]) for t in payload.get("tasks") or [] if isinstance(t, dict) and "id" in t]
-        return {"event": event, "forgotten": runtime.get_registry().remove(pid, *ids) if ids else 0}
-    else:
-        return {"event": event, "status": "ignored"}
-
-    result.update(version=version, changed=version != before, seconds=round(time.monotonic() - t0, 3))
+        return _tasks_deleted(pid, event, payload, client)
+    elif event == "PROJECT_UPDATED" and banks.basis(pid) == _basis(xml):
+        return {"event": event, "status": "label config unchanged"}
+    else:  # PROJECT_UPDATED with a new config, ANNOTATIONS_CREATED (a bulk import: no tasks in the payload)
+        return {"event": event, "rebuild": rebuild_bank(pid)}
+    if "version" not in result:  # the bank was not touched
+        return result
+    version = result["version"]
+    result.update(changed=version != before, seconds=round(time.monotonic() - t0, 3))
     if version != before:
         result["refresh_job"] = _schedule_refresh(pid, version)
     return result
@@ -361,7 +459,10 @@ def rebuild_bank(pid: int, refresh: bool = True) -> dict:
     t0 = time.monotonic()
     banks = runtime.get_bank_store()
     client = runtime.get_ls_client(pid)
-    xml = client.get_project(pid).get("label_config") or banks.label_config(pid)
+    project = _ls_project(pid, client)
+    if project is None:
+        return {"status": "project not in Label Studio"}
+    xml = project.get("label_config") or banks.label_config(pid)
     if not xml:
         raise BadRequest(f"project {pid} has no label config")
     banks.set_label_config(pid, xml)
@@ -412,6 +513,8 @@ def train_project(pid: int) -> dict:
     """
     t0 = time.monotonic()
     rebuilt = rebuild_bank(pid, refresh=False)
+    if "status" in rebuilt:
+        return {"rebuild": rebuilt, "status": rebuilt["status"]}
     client = runtime.get_ls_client(pid)
     registry = runtime.get_registry()
     config = parse_label_config(runtime.get_bank_store().label_config(pid))

@@ -25,10 +25,11 @@ from backend import queueing, runtime
 from backend.app import create_app
 from backend.errors import ImageError
 from backend.settings import Settings
+from backend.tasks_registry import result_hash
 from tests.backend.fixtures import (CONFIG_XML, LEGACY_TOKEN, PREDICT_BODY, PROJECT_UID, RECT_REGION,
                                     SETUP_BODY, WEBHOOK_ANNOTATION_CREATED, WEBHOOK_ANNOTATION_UPDATED,
                                     WEBHOOK_ANNOTATIONS_DELETED, WEBHOOK_PROJECT_UPDATED,
-                                    WEBHOOK_START_TRAINING)
+                                    WEBHOOK_START_TRAINING, WEBHOOK_TASKS_DELETED)
 
 PID = 1  # PROJECT_UID = "1.1795705944"
 CHOICES_ONLY_XML = ('<View><Image name="image" value="$image"/>'
@@ -325,6 +326,7 @@ def test_setup_and_health_stay_fast_while_the_worker_is_busy(make_app, jobs):
      ("apply_webhook", PID, "ANNOTATIONS_CREATED", "ANNOTATIONS_CREATED")),
     (WEBHOOK_PROJECT_UPDATED, ("apply_webhook", PID, "PROJECT_UPDATED", "PROJECT_UPDATED")),
     (WEBHOOK_START_TRAINING, ("train_project", PID)),
+    (WEBHOOK_TASKS_DELETED, ("apply_webhook", PID, "TASKS_DELETED", "TASKS_DELETED")),
 ])
 def test_webhook_known_events_queue_a_bank_job(client, jobs, payload, call):
     resp = client.post("/webhook", json=payload)

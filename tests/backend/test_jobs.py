@@ -140,6 +140,8 @@ def annotation(aid: int, tid: int, regions, cancelled=False) -> dict:
 
 
 def webhook(ls: FakeLS, event: str, ann: dict) -> dict:
+    """Save `ann` in the fake LS, as a user's submit does, then apply the webhook LS sends for it."""
+    ls.save_annotation(ann)
     return jobs.apply_webhook(PID, event, {"action": event, "annotation": ann, "task": ls.tasks[ann["task"]],
                                            "project": {"id": PID, "label_config": LABEL_CONFIG}})
 
@@ -186,6 +188,7 @@ def test_webhooks_create_update_delete_and_cancel(env, ls):
     webhook(ls, "ANNOTATION_UPDATED", annotation(12, 1, [polygon_region("d", "Cat", CAT)], cancelled=True))
     assert [r.ref_id for c in banks.get(PID).classes for r in banks.get(PID).refs(c)] == ["11:c"]
 
+    ls.delete_annotation(11)
     out = jobs.apply_webhook(PID, "ANNOTATIONS_DELETED", {"action": "ANNOTATIONS_DELETED",
                                                           "annotations": [{"id": 11}, {"id": 99}]})
     assert out["changed"] is True and len(banks.get(PID)) == 0 and banks.version(PID) == "empty"
@@ -205,6 +208,76 @@ def test_project_updated_rebuilds_only_when_the_config_changes(env, ls):
     bank = runtime.get_bank_store().get(PID)
     assert sorted(r.ref_id for c in bank.classes for r in bank.refs(c)) == ["21:a", "22:b"]
     assert jobs.apply_webhook(PID, "PROJECT_UPDATED", payload)["status"] == "label config unchanged"
+
+
+OTHER_CONFIG = LABEL_CONFIG.replace('"Dog"', '"Horse"')
+
+
+def test_a_forged_annotation_webhook_changes_nothing(env, ls, caplog):
+    """Anyone can POST /webhook: the annotation, its task and the label config are read back from
+    LS; an annotation LS does not hold (or holds in another project) changes nothing."""
+    ls.add_task(1, seed=1)
+    ls.add_project(8, LABEL_CONFIG)
+    ls.tasks[50] = {"id": 50, "project": 8, "data": {"image": "/data/upload/7/img1.png"},
+                    "annotations": [annotation(60, 50, [polygon_region("x", "Dog", DOG)])]}
+    banks = runtime.get_bank_store()
+    forged = [annotation(55, 1, [polygon_region("f", "Dog", DOG)]),   # LS never had it
+              annotation(60, 1, [polygon_region("x", "Dog", DOG)])]   # LS has it, in project 8
+    for ann in forged:
+        out = jobs.apply_webhook(PID, "ANNOTATION_CREATED", {
+            "action": "ANNOTATION_CREATED", "annotation": ann, "task": ls.tasks[1],
+            "project": {"id": PID, "label_config": OTHER_CONFIG}})
+        assert out["status"] == "annotation not in Label Studio", out
+    assert banks.version(PID) == "empty" and refresh_calls(env) == []
+    assert banks.label_config(PID) == LABEL_CONFIG                  # LS's config, not the payload's
+    assert "Label Studio holds no annotation 55" in caplog.text
+
+    # a real annotation: its regions as LS holds them, not as the payload claims
+    ls.tasks[1]["annotations"] = [annotation(12, 1, [polygon_region("a", "Cat", CAT)])]
+    out = jobs.apply_webhook(PID, "ANNOTATION_UPDATED", {
+        "action": "ANNOTATION_UPDATED", "annotation": annotation(12, 1, [polygon_region("z", "Dog", DOG)]),
+        "task": {"id": 1, "data": {"image": "http://elsewhere.example/x.png"}}, "project": {"id": PID}})
+    assert out["references"] == 1 and out["changed"] is True
+    assert [r.ref_id for c in banks.get(PID).classes for r in banks.get(PID).refs(c)] == ["12:a"]
+
+    # deletions LS did not make remove nothing; a project LS does not have is left alone
+    v1 = banks.version(PID)
+    out = jobs.apply_webhook(PID, "ANNOTATIONS_DELETED", {"action": "ANNOTATIONS_DELETED",
+                                                          "annotations": [{"id": 12}]})
+    assert out["removed"] == 0 and out["changed"] is False and banks.version(PID) == v1
+    assert len(refresh_calls(env)) == 1
+    out = jobs.apply_webhook(99, "ANNOTATION_CREATED", {"action": "ANNOTATION_CREATED", "annotation": forged[0],
+                                                        "project": {"id": 99, "label_config": LABEL_CONFIG}})
+    assert out["status"] == "project not in Label Studio" and banks.label_config(99) is None
+
+
+def test_project_events_act_on_label_studio_not_the_payload(env, ls):
+    """PROJECT_UPDATED reads the label config from LS; START_TRAINING for a project LS does not
+    have does nothing (and does not fail)."""
+    ls.add_task(1, seed=1, annotations=[annotation(21, 1, [polygon_region("a", "Cat", CAT)])])
+    banks = runtime.get_bank_store()
+    jobs.rebuild_bank(PID)
+    v1 = banks.version(PID)
+    forged = {"action": "PROJECT_UPDATED", "project": {"id": PID, "label_config": OTHER_CONFIG}}
+    assert jobs.apply_webhook(PID, "PROJECT_UPDATED", forged)["status"] == "label config unchanged"
+    assert banks.label_config(PID) == LABEL_CONFIG and banks.version(PID) == v1
+    ls.add_task(2, seed=2, annotations=[annotation(22, 2, [polygon_region("b", "Dog", DOG)])])  # imported
+    out = jobs.apply_webhook(PID, "ANNOTATIONS_CREATED", {"action": "ANNOTATIONS_CREATED", "project": {"id": PID}})
+    assert out["rebuild"]["references"] == 2 and banks.version(PID) != v1
+    out = jobs.train_project(99)
+    assert out["status"] == "project not in Label Studio" and ls.writes() == []
+
+
+def test_tasks_deleted_forgets_only_tasks_label_studio_deleted(env, ls):
+    """Deleted tasks leave the registry (refreshes stop posting to them); a task LS still has stays."""
+    registry = runtime.get_registry()
+    for tid in (2, 3, 4):
+        ls.add_task(tid, seed=tid)
+    registry.update(PID, {tid: {"image_url": f"/data/upload/7/img{tid}.png"} for tid in (2, 3, 4)})
+    del ls.tasks[3]
+    out = jobs.apply_webhook(PID, "TASKS_DELETED", {"action": "TASKS_DELETED", "project": {"id": PID},
+                                                    "tasks": [{"id": 2}, {"id": 3}, {"id": 77}]})
+    assert out["forgotten"] == 1 and sorted(registry.all(PID)) == [2, 4]
 
 
 def test_predict_task_empty_bank_runs_no_model(env, ls, engine):
