@@ -143,13 +143,18 @@ def _find_ours(client: LabelStudioClient, task_id: int) -> int | None:
     return max(int(p["id"]) for p in ours) if ours else None
 
 
-def _post(client: LabelStudioClient, task_id: int, item: dict, known_id: int | None) -> int:
-    """PATCH our prediction of the task when there is one, else create it; returns its id."""
+def _post(client: LabelStudioClient, task_id: int, item: dict, known_id: int | None,
+          version_only: bool = False) -> int:
+    """PATCH our prediction of the task when there is one, else create it; returns its id.
+    `version_only`: prediction `known_id` holds this result already; only its model_version is sent."""
     prediction_id = known_id if known_id is not None else _find_ours(client, task_id)
     if prediction_id is not None:
         try:
-            client.update_prediction(prediction_id, result=item["result"], score=item["score"],
-                                     model_version=item["model_version"], task_id=task_id)
+            if version_only:
+                client.update_prediction(prediction_id, model_version=item["model_version"])
+            else:
+                client.update_prediction(prediction_id, result=item["result"], score=item["score"],
+                                         model_version=item["model_version"], task_id=task_id)
             return prediction_id
         except LabelStudioAPIError as exc:
             if exc.status != 404:  # deleted in LS meanwhile: create a new one below
@@ -161,7 +166,9 @@ def _post(client: LabelStudioClient, task_id: int, item: dict, known_id: int | N
 def _deliver(pid: int, items: dict[int, dict]) -> dict:
     """Post items to Label Studio unless our own earlier post already holds that result under that
     model_version. (A result the web process returned is not trusted to be stored: LS does not
-    store interactive answers, nor one that arrives after its timeout.)
+    store interactive answers, nor one that arrives after its timeout.) When our known prediction
+    holds the result under an older model_version, only its version is PATCHed: LS treats a
+    prediction of another version than the model's as stale and would add a second one.
 
     Up to LS_POST_CONCURRENCY posts are in flight at once. One failing task is logged and
     counted; the others proceed. Registry records (which must exist) get the prediction id and
@@ -181,9 +188,11 @@ def _deliver(pid: int, items: dict[int, dict]) -> dict:
             todo.append((task_id, item, record, digest))
 
     def post(job: tuple[int, dict, TaskRecord | None, str]) -> int | None:
-        task_id, item, record, _ = job
+        task_id, item, record, digest = job
+        known = record.prediction_id if record else None
+        same_result = record is not None and record.result_hash == digest
         try:
-            return _post(client, task_id, item, record.prediction_id if record else None)
+            return _post(client, task_id, item, known, version_only=known is not None and same_result)
         except LabelStudioAPIError as exc:
             log.error("project %s task %s: posting the prediction to Label Studio failed: %s", pid, task_id, exc)
             return None
@@ -650,9 +659,11 @@ def refresh_project(pid: int) -> dict:
     """Re-label every processed task of the project with the current bank (see module docstring).
 
     Tasks already delivered with the current model_version are skipped; the rest are re-scored from
-    cached proposals in batches and the changed ones posted (PATCH per task), or, for many tasks,
-    all of them replaced in bulk (backend.bulk_delivery). Tasks without cached proposals get a
-    predict job. Stops early when the bank changes again (that change queued its own refresh).
+    cached proposals in batches and posted (PATCH per task; the version alone where the result did
+    not change, or LS would treat the old version as stale and add a second prediction), or, for
+    many tasks, all of them replaced in bulk (backend.bulk_delivery). Tasks without cached
+    proposals get a predict job. Stops early when the bank changes again (that change queued its
+    own refresh).
     """
     t0 = time.monotonic()
     xml = runtime.get_bank_store().label_config(pid)
@@ -683,7 +694,7 @@ def refresh_project(pid: int) -> dict:
         may still have landed in LS, so those tasks forget the prediction id they knew: each post
         then updates our newest prediction there (the imported one if it exists)."""
         log.warning("project %s: %s; posting task by task", pid, why)
-        items = importer.drain_changed()
+        items = importer.drain()
         if items:
             runtime.get_registry().update(pid, {tid: {"prediction_id": None} for tid in items})
         post_each(items)
@@ -699,13 +710,14 @@ def refresh_project(pid: int) -> dict:
         counts["changed"] += len(changed)
         if bulk_ok and {tid for tid, _, _ in rescored} != set(batch) & set(cached):
             bulk_ok = give_up("a task planned for the bulk refresh could not be re-scored")
+        items = {tid: item for tid, item, _ in rescored}  # a new version even where the result is unchanged
         if bulk_ok:
             try:
-                counts["posted"] += importer.add({tid: item for tid, item, _ in rescored}, set(changed))
+                counts["posted"] += importer.add(items)
             except LabelStudioAPIError as exc:
                 bulk_ok = give_up(f"bulk import failed ({exc})")  # this batch's items were pending too
         else:
-            post_each(changed)
+            post_each(items)
         missing = {tid: batch[tid] for tid in set(batch) - {tid for tid, _, _ in rescored}}
         counts["enqueued"] += _enqueue_predictions(pid, missing, xml, config.value_key, version)
         _progress(start + len(batch), len(ids), stage="refresh", model_version=mv, **counts)

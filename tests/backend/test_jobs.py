@@ -357,16 +357,16 @@ def test_refresh_rescores_cached_tasks_without_proposing(env, ls, engine):
     for item, changed in rescored.values():
         assert all(r["value"][r["type"]] == ["Dog"] for r in item["result"])
         assert changed == bool(item["result"])
-    # pretend task 4's new result is already in LS: it must not be posted again
+    # pretend task 4's new result is already in LS: unchanged, yet posted under the new version
     same = rescored[4][0]
     runtime.get_registry().update(PID, {4: {"result_hash": result_hash(same["result"])}})
-    expected_posts = {tid for tid, (_, changed) in rescored.items() if changed and tid != 4}
-    assert expected_posts, "the Dog reference should change at least one result"
+    changed_results = {tid for tid, (_, changed) in rescored.items() if changed and tid != 4}
+    assert changed_results, "the Dog reference should change at least one result"
 
     summary = jobs.refresh_project(PID)
     assert engine.propose_calls == 3  # no SAM2/DINOv2 run for cached tasks
     assert summary["rescored"] == 3 and summary["enqueued"] == 1
-    assert summary["changed"] == summary["posted"] == len(expected_posts)
+    assert summary["changed"] == len(changed_results) and summary["posted"] == 3
     writes = ls.writes()
     posted_tasks = set()
     for method, path, body in writes:
@@ -374,10 +374,10 @@ def test_refresh_rescores_cached_tasks_without_proposing(env, ls, engine):
         posted_tasks.add(tid)
         assert body["model_version"] == runtime.model_version(PID)
         assert result_hash(body["result"]) == result_hash(rescored[tid][0]["result"])
-    assert posted_tasks == expected_posts
-    if 2 in expected_posts:  # our prediction found in LS is PATCHed, not duplicated
-        assert [p for m, p, _ in writes if m == "PATCH"] == ["/api/predictions/500/"]
-        assert not any(m == "POST" and b["task"] == 2 for m, _, b in writes)
+    assert posted_tasks == {2, 3, 4}
+    # our prediction found in LS is PATCHed, not duplicated
+    assert [p for m, p, _ in writes if m == "PATCH"] == ["/api/predictions/500/"]
+    assert not any(m == "POST" and b["task"] == 2 for m, _, b in writes)
     # the uncached task is queued as a predict job that delivers through the API
     (func, args, queue, job_id, _), = [e for e in env if e[0] == "backend.jobs.predict_task"]
     assert queue == "predict" and args[0] == PID and args[1]["id"] == 5 and args[1]["data"]["image"] == uncached["data"]["image"]
@@ -406,6 +406,29 @@ def test_rescore_threads_give_the_same_items_in_task_order(env, ls, engine):
     assert [(row[0], row[-1]) for row in out[3]] == [(tid, False) for tid in records]  # as delivered
     assert any(row[1] != result_hash([]) for row in out[3])  # something was found to compare
     assert engine.propose_calls == 4
+
+
+def test_refresh_moves_unchanged_predictions_to_the_new_version(env, ls, engine):
+    """A bank change that leaves a task's result as it was still gives its prediction the new
+    model_version (a PATCH of the version alone): LS treats another version as stale, and the next
+    "Retrieve predictions" would add a second prediction of ours."""
+    _bank_from(ls, env)
+    registry = runtime.get_registry()
+    for tid in (2, 3):  # delivered through the API: our prediction ids are known
+        assert runtime.get_store().claim(f"delivery:{tid}", "api") == "api"
+        jobs.predict_task(PID, ls.add_task(tid, seed=tid), LABEL_CONFIG, delivery_key=f"delivery:{tid}")
+    webhook(ls, "ANNOTATION_CREATED", annotation(12, 1, [polygon_region("b", "Dog", DOG)]))
+    mv = runtime.model_version(PID)
+    # what LS holds under the old version is what the new bank finds: unchanged results
+    for tid, item, _ in jobs.rescore_cached(PID, runtime.get_bank_store().get(PID)):
+        ls.predictions[registry.get(PID, tid).prediction_id]["result"] = item["result"]
+        registry.update(PID, {tid: {"result_hash": result_hash(item["result"])}})
+    before = len(ls.writes())
+    summary = jobs.refresh_project(PID)
+    assert summary["rescored"] == 2 and summary["changed"] == 0 and summary["posted"] == 2
+    assert [(kind, body) for kind, _, body in ls.writes()[before:]] == [("PATCH", {"model_version": mv})] * 2
+    assert sorted((p["task"], p["model_version"]) for p in ls.predictions.values()) == [(2, mv), (3, mv)]
+    assert jobs.refresh_project(PID)["rescored"] == 0
 
 
 def _many_cached_tasks(ls, n: int, first: int = 100) -> str:
@@ -571,10 +594,34 @@ def test_importer_caps_requests_by_bytes(env, ls):
     for t in range(1, 11):
         ls.tasks[t] = {"id": t, "project": PID, "data": {}}
     item = {"result": [{"value": {"rle": list(range(1500))}}], "score": 0.5, "model_version": "ntt-v"}
-    posted = sum(importer.add({t: dict(item)}, set()) for t in range(1, 11)) + importer.flush()
+    posted = sum(importer.add({t: dict(item)}) for t in range(1, 11)) + importer.flush()
     sizes = [len(c[2]) for c in ls.writes() if c[0] == "IMPORT"]
     assert posted == 10 and sum(sizes) == 10 and len(sizes) > 1
     assert runtime.get_registry().get(PID, 7).model_version == "ntt-v"
+
+
+def test_failed_bulk_import_moves_unchanged_predictions_too(env, ls, engine, monkeypatch):
+    """When the bulk import fails, every task it was to re-post is posted one by one, those whose
+    result did not change included: each ends with one prediction of ours, of the new version."""
+    _bank_from(ls, env)
+    _many_cached_tasks(ls, 25)
+    webhook(ls, "ANNOTATION_CREATED", annotation(12, 1, [polygon_region("b", "Dog", DOG)]))
+    mv = runtime.model_version(PID)
+    registry = runtime.get_registry()
+    for tid, item, _ in jobs.rescore_cached(PID, runtime.get_bank_store().get(PID)):  # results unchanged
+        registry.update(PID, {tid: {"result_hash": result_hash(item["result"])}})
+    real = ls.handle
+
+    def refuse_import(req, method, path, query):
+        if path.endswith("/import/predictions"):
+            return Reply(403, {"detail": "You do not have permission to perform this action."})
+        return real(req, method, path, query)
+
+    monkeypatch.setattr(ls, "handle", refuse_import)
+    summary = jobs.refresh_project(PID)
+    assert summary["bulk"] is True and summary["changed"] == 0 and summary["posted"] == 25
+    for tid in range(100, 125):
+        assert [p["model_version"] for p in ls.predictions.values() if p["task"] == tid] == [mv], tid
 
 
 def test_refresh_goes_task_by_task_when_an_old_prediction_would_be_stranded(env, ls, engine):
