@@ -560,11 +560,14 @@ def train_project(pid: int) -> dict:
                 wait(list(in_flight), return_when=FIRST_COMPLETED)
             collect([f for f in list(in_flight) if f.done()])
             _progress(n, len(todo), stage="pre-annotate", **counts)
-            if n % LOG_EVERY == 0 or n == len(todo):
-                log.info("project %s: pre-annotated %d/%d tasks (%d posted, %d unchanged, %d failed)",
-                         pid, n, len(todo), counts["posted"], counts["skipped"], counts["failed"])
+            if n % LOG_EVERY == 0 and n < len(todo):
+                log.info("project %s: pre-annotating, %d/%d tasks predicted (%d posted so far, %d unchanged, "
+                         "%d failed)", pid, n, len(todo), counts["posted"], counts["skipped"], counts["failed"])
         wait(list(in_flight))
         collect(list(in_flight))
+    _progress(len(todo), len(todo), stage="pre-annotate", **counts)
+    log.info("project %s: pre-annotated %d tasks (%d posted, %d unchanged, %d failed)",
+             pid, len(todo), counts["posted"], counts["skipped"], counts["failed"])
     # tasks labelled meanwhile but predicted before still deserve the new bank
     refresh_job = _schedule_refresh(pid, bank_version(bank)) if rebuilt["changed"] else None
     return {"rebuild": rebuilt, "tasks": len(todo), **counts, "refresh_job": refresh_job,

@@ -687,7 +687,7 @@ def test_train_project_posts_every_unlabelled_task_once(env, ls, engine, caplog)
     assert "task 3" in caplog.text and TOKEN not in caplog.text
 
 
-def test_train_project_posts_while_it_predicts_the_next_tasks(env, ls, engine, monkeypatch):
+def test_train_project_posts_while_it_predicts_the_next_tasks(env, ls, engine, monkeypatch, caplog):
     """Posting (slow here: 0.4 s per task) overlaps the next predictions: several posts are in
     flight at once, and every one is counted when the job returns."""
     ls.add_task(1, seed=1, annotations=[annotation(31, 1, [polygon_region("a", "Cat", CAT)])])
@@ -708,9 +708,13 @@ def test_train_project_posts_while_it_predicts_the_next_tasks(env, ls, engine, m
                 in_flight[0] -= 1
 
     monkeypatch.setattr(jobs, "_deliver", slow_deliver)
+    caplog.set_level(logging.INFO, logger="backend.jobs")
     out = jobs.train_project(PID)
     assert out["tasks"] == 6 and out["posted"] == 6 and out["failed"] == 0
     assert peak[0] > 1 and in_flight[0] == 0
+    # the last progress line is written once posting ended, with the final counts
+    progress = [r.getMessage() for r in caplog.records if "pre-annotat" in r.getMessage()]
+    assert progress[-1].endswith("pre-annotated 6 tasks (6 posted, 0 unchanged, 0 failed)"), progress
     assert sorted(body["task"] for method, _, body in ls.writes() if method == "POST") == list(range(2, 8))
 
 
