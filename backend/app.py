@@ -42,6 +42,7 @@ from backend.bank_store import EMPTY_VERSION
 from backend.errors import BadRequest
 from backend.label_config import parse_label_config
 from backend.settings import Settings
+from backend.tasks_registry import result_hash
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +266,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         if todo and version == EMPTY_VERSION:
             for i in todo:  # nothing to match against: a valid, empty prediction
                 items[i] = {"result": [], "score": 0.0, "model_version": mv}
+            # registered like a predict job's tasks, so the first reference's refresh updates them
+            # (LS stores each item as a new prediction whose id we do not learn)
+            runtime.get_registry().update(pid, {int(tasks[i]["id"]): {
+                "image_url": tasks[i]["data"][value_key], "prediction_id": None, "model_version": mv,
+                "result_hash": result_hash([])} for i in todo})
             return items
 
         deadline = time.monotonic() + settings.predict_budget_s

@@ -188,6 +188,13 @@ def test_predict_with_empty_bank_returns_empty_results_without_jobs(client, jobs
     mv = runtime.model_version(PID)
     assert resp.get_json() == {"results": [{"result": [], "score": 0.0, "model_version": mv}] * 2}
     assert jobs.calls == [] and queueing.list_jobs() == []
+    # registered like predicted tasks, so the first reference's refresh brings them up to date
+    records = runtime.get_registry().all(PID)
+    assert sorted(records) == [1, 2]
+    for task in PREDICT_BODY["tasks"]:
+        record = records[task["id"]]
+        assert (record.image_url, record.model_version, record.prediction_id) == (task["data"]["image"], mv, None)
+        assert record.result_hash == result_hash([])
 
 
 def test_predict_one_item_per_task_in_order(client, jobs):
