@@ -15,10 +15,13 @@ Routes (protocol: LS 1.23; timeouts LS applies: /health 1 s, /setup 3 s, /predic
                      later; its item here has no "result" key, and so has a failed task's item
                      ({"model_version", "error"}): LS 1.23 skips such items instead of storing an
                      empty prediction, so the task is predicted again next time.
-* POST /webhook      annotation / project events -> a "bank" job; 201 at once. While Redis is down
-                     the job goes to a durable spool (202 {"status": "spooled"}) that a background
-                     thread replays when Redis is back.
-* GET /versions, /metrics, /jobs (?id=<job id> for one, with its progress meta), /openapi.json.
+* POST /webhook      annotation / task / project events -> a "bank" job; 201 at once. The event is a
+                     hint: the job reads what it names back from Label Studio (backend.jobs). While
+                     Redis is down the job goes to a durable spool (202 {"status": "spooled"}) that a
+                     background thread replays when Redis is back.
+* GET /versions      the project's model_version (JSON body or ?project=); without a project, the
+                     versions of every project known (LS 1.23.2 names none).
+* GET /metrics, /jobs (?id=<job id> for one, with its progress meta), /openapi.json.
 
 Every error is JSON {"error": "..."}; bad input gets a 4xx with a message, never a 500.
 """
@@ -382,9 +385,14 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.get("/versions")
     def versions() -> Response:
+        """The project's model_version; without a project (LS 1.23.2 sends none, and nothing else
+        tells which project asks), those of every project known."""
         body = _json_body(required=False)
         project = body.get("project") if isinstance(body, dict) else None
         project = project if project is not None else request.args.get("project")
+        if project is None:
+            known = runtime.get_bank_store().projects()
+            return jsonify({"versions": sorted({runtime.model_version(pid) for pid in known})})
         return jsonify({"versions": [runtime.model_version(_project_id(project))]})
 
     @app.get("/openapi.json")

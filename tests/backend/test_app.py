@@ -406,8 +406,20 @@ def test_versions_from_json_body_or_query(client):
     mv = runtime.model_version(PID)
     assert client.get("/versions", json={"project": PROJECT_UID}).get_json() == {"versions": [mv]}
     assert client.get("/versions?project=1").get_json() == {"versions": [mv]}
-    resp = client.get("/versions")
+    resp = client.get("/versions", json={"project": "x"})
     assert resp.status_code == 400 and "project" in resp.get_json()["error"]
+
+
+def test_versions_without_a_project_lists_every_known_project(client):
+    """LS 1.23.2 asks GET /versions (Settings -> Model -> versions) without naming the project."""
+    assert (client.get("/versions").status_code, client.get("/versions").get_json()) == (200, {"versions": []})
+    for pid in (1, 4):
+        client.post("/setup", json={**SETUP_BODY, "project": f"{pid}.1795705944"})
+    fill_bank(4)
+    resp = client.get("/versions")
+    assert resp.status_code == 200
+    assert resp.get_json() == {"versions": sorted([runtime.model_version(1), runtime.model_version(4)])}
+    assert runtime.model_version(1) != runtime.model_version(4)
 
 
 def test_metrics_count_requests_and_jobs(client, jobs):
