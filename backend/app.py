@@ -17,10 +17,13 @@ Routes (protocol: LS 1.23; timeouts LS applies: /health 1 s, /setup 3 s, /predic
                      empty prediction, so the task is predicted again next time. At most
                      WEB_THREADS - 2 calls wait at once (Settings.predict_waiting_calls); the others
                      hand over at once, so LS's /health and /setup always find a free thread.
-* POST /webhook      annotation / project events -> a "bank" job; 201 at once. While Redis is down
-                     the job goes to a durable spool (202 {"status": "spooled"}) that a background
-                     thread replays when Redis is back.
-* GET /versions, /metrics, /jobs (?id=<job id> for one, with its progress meta), /openapi.json.
+* POST /webhook      annotation / task / project events -> a "bank" job; 201 at once. The event is a
+                     hint: the job reads what it names back from Label Studio (backend.jobs). While
+                     Redis is down the job goes to a durable spool (202 {"status": "spooled"}) that a
+                     background thread replays when Redis is back.
+* GET /versions      the project's model_version (JSON body or ?project=); without a project, the
+                     versions of every project known (LS 1.23.2 names none).
+* GET /metrics, /jobs (?id=<job id> for one, with its progress meta), /openapi.json.
 
 Every error is JSON {"error": "..."}; bad input gets a 4xx with a message, never a 500.
 """
@@ -44,6 +47,7 @@ from backend.bank_store import EMPTY_VERSION
 from backend.errors import BadRequest
 from backend.label_config import parse_label_config
 from backend.settings import Settings
+from backend.tasks_registry import result_hash
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +272,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         if todo and version == EMPTY_VERSION:
             for i in todo:  # nothing to match against: a valid, empty prediction
                 items[i] = {"result": [], "score": 0.0, "model_version": mv}
+            # registered like a predict job's tasks, so the first reference's refresh updates them
+            # (LS stores each item as a new prediction whose id we do not learn)
+            runtime.get_registry().update(pid, {int(tasks[i]["id"]): {
+                "image_url": tasks[i]["data"][value_key], "prediction_id": None, "model_version": mv,
+                "result_hash": result_hash([])} for i in todo})
             return items
 
         deadline = time.monotonic() + settings.predict_budget_s
@@ -393,9 +402,14 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.get("/versions")
     def versions() -> Response:
+        """The project's model_version; without a project (LS 1.23.2 sends none, and nothing else
+        tells which project asks), those of every project known."""
         body = _json_body(required=False)
         project = body.get("project") if isinstance(body, dict) else None
         project = project if project is not None else request.args.get("project")
+        if project is None:
+            known = runtime.get_bank_store().projects()
+            return jsonify({"versions": sorted({runtime.model_version(pid) for pid in known})})
         return jsonify({"versions": [runtime.model_version(_project_id(project))]})
 
     @app.get("/openapi.json")

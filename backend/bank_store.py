@@ -9,6 +9,7 @@ Keys (all under "bank:<pid>:", one persistence group in MemoryStore):
                 change of any is noticed
   label_config  the project's current label config XML (from /setup and webhooks)
   ls            JSON {"hostname", "access_token"} from /setup (never logged)
+and "bank:projects", the set of project ids that ever got a label config (GET /versions).
 
 `update` holds a per-project store lock, applies the caller's edit to a freshly loaded bank and
 writes bytes + version in one transaction; an exception before that write (or a killed worker)
@@ -118,6 +119,11 @@ class BankStore:
     # ------------------------------------------------------------------ project settings
     def set_label_config(self, pid: int, xml: str) -> None:
         self.store.set(self._key(pid, "label_config"), xml)
+        self.store.sadd("bank:projects", str(int(pid)))
+
+    def projects(self) -> list[int]:
+        """Ids of the projects that ever got a label config, in order."""
+        return sorted(int(p) for p in self.store.smembers("bank:projects"))
 
     def label_config(self, pid: int) -> str | None:
         raw = self.store.get(self._key(pid, "label_config"))

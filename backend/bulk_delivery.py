@@ -97,20 +97,17 @@ class Importer:
     """Collects refreshed items and imports them in few large requests.
 
     `add` and `flush` return how many predictions they posted; when one raises, the items not
-    imported stay pending, and `drain_changed` hands back those whose result changed so the caller
-    can post them task by task."""
+    imported stay pending, and `drain` hands them back so the caller can post them task by task."""
 
     def __init__(self, pid: int, max_items: int | None = None, max_bytes: int | None = None) -> None:
         self.pid = pid
         self.max_items = max_items or BULK_IMPORT_ITEMS
         self.max_bytes = max_bytes or BULK_IMPORT_BYTES
         self.pending: dict[int, dict] = {}
-        self.changed: set[int] = set()
         self.bytes = 0
 
-    def add(self, items: dict[int, dict], changed: set[int]) -> int:
+    def add(self, items: dict[int, dict]) -> int:
         self.pending.update(items)
-        self.changed |= changed & set(items)
         self.bytes += sum(len(json.dumps(item["result"])) for item in items.values())
         return self.flush() if len(self.pending) >= self.max_items or self.bytes >= self.max_bytes else 0
 
@@ -118,12 +115,11 @@ class Importer:
         if not self.pending:
             return 0
         posted = post(self.pid, self.pending)["posted"]
-        self.pending, self.changed, self.bytes = {}, set(), 0
+        self.pending, self.bytes = {}, 0
         return posted
 
-    def drain_changed(self) -> dict[int, dict]:
-        out = {tid: item for tid, item in self.pending.items() if tid in self.changed}
-        self.pending, self.changed, self.bytes = {}, set(), 0
+    def drain(self) -> dict[int, dict]:
+        out, self.pending, self.bytes = self.pending, {}, 0
         return out
 
 

@@ -1,12 +1,14 @@
 """The work the queues run (RQ workers, or the embedded worker thread), as plain functions.
 
-* apply_webhook   annotation/project events -> one atomic bank update -> refresh_project queued
+* apply_webhook   annotation/project/task events, checked against Label Studio -> one atomic bank
+                  update -> refresh_project queued
 * rebuild_bank    a fresh bank from every annotated task, read through the LS API
 * train_project   START_TRAINING: rebuild, then pre-annotate every unlabelled task via the LS API
 * predict_task    the unit of /predict work, with late delivery through the LS API
 * refresh_project after a bank change: re-score every processed task from its cached proposals
-                  (no SAM2/DINOv2 run) and post only the predictions whose result changed, or
-                  for many tasks replace them all in bulk (backend.bulk_delivery)
+                  (no SAM2/DINOv2 run) and bring each one's prediction to the new model_version
+                  (a PATCH of the version alone where the result did not change), or for many
+                  tasks replace them all in bulk (backend.bulk_delivery)
 
 Jobs may run twice (retries, spool replays): each one is idempotent, and every prediction goes to
 Label Studio through `_deliver`, which PATCHes our existing prediction instead of adding another
@@ -43,6 +45,8 @@ from model.types import Proposals
 log = logging.getLogger(__name__)
 
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+HANDLED_EVENTS = (*ANNOTATION_EVENTS, "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED", "TASKS_DELETED",
+                  "PROJECT_UPDATED")
 REFRESH_BATCH = 50           # tasks re-scored, posted and recorded per round (progress granularity)
 LOG_EVERY = 25               # train_project logs a progress line every N tasks
 OUR_VERSION_PREFIX = "ntt-"  # model_version prefix of the predictions this backend made
@@ -160,13 +164,18 @@ def _find_ours(client: LabelStudioClient, task_id: int) -> int | None:
     return max(int(p["id"]) for p in ours) if ours else None
 
 
-def _post(client: LabelStudioClient, task_id: int, item: dict, known_id: int | None) -> int:
-    """PATCH our prediction of the task when there is one, else create it; returns its id."""
+def _post(client: LabelStudioClient, task_id: int, item: dict, known_id: int | None,
+          version_only: bool = False) -> int:
+    """PATCH our prediction of the task when there is one, else create it; returns its id.
+    `version_only`: prediction `known_id` holds this result already; only its model_version is sent."""
     prediction_id = known_id if known_id is not None else _find_ours(client, task_id)
     if prediction_id is not None:
         try:
-            client.update_prediction(prediction_id, result=item["result"], score=item["score"],
-                                     model_version=item["model_version"], task_id=task_id)
+            if version_only:
+                client.update_prediction(prediction_id, model_version=item["model_version"])
+            else:
+                client.update_prediction(prediction_id, result=item["result"], score=item["score"],
+                                         model_version=item["model_version"], task_id=task_id)
             return prediction_id
         except LabelStudioAPIError as exc:
             if exc.status != 404:  # deleted in LS meanwhile: create a new one below
@@ -178,7 +187,9 @@ def _post(client: LabelStudioClient, task_id: int, item: dict, known_id: int | N
 def _deliver(pid: int, items: dict[int, dict]) -> dict:
     """Post items to Label Studio unless our own earlier post already holds that result under that
     model_version. (A result the web process returned is not trusted to be stored: LS does not
-    store interactive answers, nor one that arrives after its timeout.)
+    store interactive answers, nor one that arrives after its timeout.) When our known prediction
+    holds the result under an older model_version, only its version is PATCHed: LS treats a
+    prediction of another version than the model's as stale and would add a second one.
 
     Up to LS_POST_CONCURRENCY posts are in flight at once. One failing task is logged and
     counted; the others proceed. Registry records (which must exist) get the prediction id and
@@ -198,9 +209,11 @@ def _deliver(pid: int, items: dict[int, dict]) -> dict:
             todo.append((task_id, item, record, digest))
 
     def post(job: tuple[int, dict, TaskRecord | None, str]) -> int | None:
-        task_id, item, record, _ = job
+        task_id, item, record, digest = job
+        known = record.prediction_id if record else None
+        same_result = record is not None and record.result_hash == digest
         try:
-            return _post(client, task_id, item, record.prediction_id if record else None)
+            return _post(client, task_id, item, known, version_only=known is not None and same_result)
         except LabelStudioAPIError as exc:
             log.error("project %s task %s: posting the prediction to Label Studio failed: %s", pid, task_id, exc)
             return None
@@ -310,64 +323,158 @@ def _labelled(task: dict) -> bool:
     return any(not a.get("was_cancelled") for a in task.get("annotations") or [])
 
 
+def _ls_project(pid: int, client: LabelStudioClient) -> dict | None:
+    """The project as Label Studio holds it, or None (logged) when LS has no such project."""
+    try:
+        return client.get_project(pid)
+    except LabelStudioAPIError as exc:
+        if exc.status != 404:
+            raise
+    log.warning("project %s: Label Studio has no such project; event ignored", pid)
+    return None
+
+
+def _payload_ids(items: object) -> list[int]:
+    """The integer ids of a webhook's list of {"id": ...} objects (anything else is skipped)."""
+    ids = []
+    for item in items if isinstance(items, list) else []:
+        value = item.get("id") if isinstance(item, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            ids.append(value)
+        elif isinstance(value, str) and value.strip().isdigit():
+            ids.append(int(value))
+    return ids
+
+
+def _ls_annotation(pid: int, client: LabelStudioClient, annotation_id: int) -> tuple[dict, dict] | None:
+    """(annotation, its task) as Label Studio holds them, or None (logged) when LS has no such
+    annotation in this project."""
+    try:
+        annotation = client.get_annotation(annotation_id)
+    except LabelStudioAPIError as exc:
+        if exc.status != 404:
+            raise
+        annotation = None
+    task_id = annotation.get("task") if isinstance(annotation, dict) else None
+    tasks = client.get_tasks(pid, [task_id]) if isinstance(task_id, int) else []
+    if not tasks:
+        log.warning("project %s: Label Studio holds no annotation %s in this project; event ignored",
+                    pid, annotation_id)
+        return None
+    return annotation, tasks[0]
+
+
+def _bank_groups(pid: int) -> set[str]:
+    """The annotation ids (groups) the project's bank holds references of."""
+    bank = runtime.get_bank_store().get(pid)
+    return {r.group for name in bank.classes for r in bank.refs(name) if r.group is not None}
+
+
+def _deleted_annotations(pid: int, client: LabelStudioClient, ids: list[int]) -> list[str]:
+    """Those of `ids` whose references the bank holds and that Label Studio no longer has (404)."""
+    gone = []
+    for annotation_id in sorted({str(i) for i in ids} & _bank_groups(pid)):
+        try:
+            client.get_annotation(int(annotation_id))
+        except LabelStudioAPIError as exc:
+            if exc.status != 404:
+                raise
+            gone.append(annotation_id)
+            continue
+        log.warning("project %s: annotation %s is still in Label Studio; its references are kept",
+                    pid, annotation_id)
+    return gone
+
+
+def _annotation_changed(pid: int, event: str, payload: dict, xml: str, client: LabelStudioClient) -> dict:
+    """ANNOTATION_CREATED / _UPDATED: the annotation's references, as LS holds it, replace its
+    previous ones."""
+    annotation_id = _payload_ids([payload.get("annotation")])
+    if not annotation_id:
+        raise BadRequest(f"{event} without an annotation object with an id")
+    found = _ls_annotation(pid, client, annotation_id[0])
+    if found is None:
+        return {"event": event, "annotation": annotation_id[0], "status": "annotation not in Label Studio"}
+    annotation, task = found
+    banks = runtime.get_bank_store()
+    stored = banks.basis(pid)
+    if stored is not None and stored != _basis(xml):  # config or models changed: start over
+        return {"event": event, "rebuild": rebuild_bank(pid)}
+    group = str(annotation["id"])
+    refs = _task_references(pid, task, [annotation], parse_label_config(xml))[group]
+
+    def replace_annotation(bank: MemoryBank) -> None:
+        bank.remove_group(group)
+        for label, ref_id, descriptor in refs:
+            bank.add(label, ref_id, descriptor, group=group)
+
+    version = banks.update(pid, replace_annotation, basis=_basis(xml))
+    return {"event": event, "annotation": annotation["id"], "references": len(refs), "version": version}
+
+
+def _annotations_deleted(pid: int, event: str, payload: dict, client: LabelStudioClient) -> dict:
+    ids = _payload_ids(payload.get("annotations"))
+    gone = _deleted_annotations(pid, client, ids)
+
+    def remove_annotations(bank: MemoryBank) -> None:
+        for group in gone:
+            bank.remove_group(group)
+
+    banks = runtime.get_bank_store()
+    version = banks.update(pid, remove_annotations) if gone else banks.version(pid)
+    return {"event": event, "annotations": len(ids), "removed": len(gone), "version": version}
+
+
+def _tasks_deleted(pid: int, event: str, payload: dict, client: LabelStudioClient) -> dict:
+    """TASKS_DELETED: registered tasks that LS no longer lists in the project are forgotten, so
+    refreshes stop posting to them."""
+    registry = runtime.get_registry()
+    known = set(_payload_ids(payload.get("tasks"))) & set(registry.all(pid))
+    present = {int(t["id"]) for t in client.get_tasks(pid, known)} if known else set()
+    if present:
+        log.warning("project %s: tasks %s are still in Label Studio; not forgotten", pid, sorted(present)[:20])
+    gone = known - present
+    return {"event": event, "forgotten": registry.remove(pid, *gone) if gone else 0}
+
+
 # ------------------------------------------------------------------------------------ jobs
 def apply_webhook(pid: int, event: str, payload: dict) -> dict:
-    """Apply one Label Studio webhook to the project's bank; queue a refresh when it changed."""
+    """Apply one Label Studio webhook to the project's bank; queue a refresh when it changed.
+
+    A webhook is a hint, never a source of truth (anyone who reaches /webhook can send one): the
+    project's label config, the annotation and its task are read back from Label Studio with the
+    backend's own credentials, and ids of deleted annotations or tasks are acted on only once LS no
+    longer holds them. What LS does not hold changes nothing (logged).
+    """
     t0 = time.monotonic()
+    if event not in HANDLED_EVENTS:
+        return {"event": event, "status": "ignored"}
+    client = runtime.get_ls_client(pid)
+    project = _ls_project(pid, client)
+    if project is None:
+        return {"event": event, "status": "project not in Label Studio"}
     banks = runtime.get_bank_store()
-    before = banks.version(pid)
-    project = payload.get("project") if isinstance(payload.get("project"), dict) else {}
     xml = project.get("label_config") or banks.label_config(pid)
+    if not xml:
+        raise BadRequest(f"project {pid}: Label Studio gave no label config")
+    if xml != banks.label_config(pid):
+        banks.set_label_config(pid, xml)
+    before = banks.version(pid)
 
     if event in ANNOTATION_EVENTS:
-        if not xml:
-            raise BadRequest(f"project {pid}: no label config known yet (the project was never set up)")
-        if xml != banks.label_config(pid):
-            banks.set_label_config(pid, xml)
-        stored = banks.basis(pid)
-        if stored is not None and stored != _basis(xml):  # config or models changed: start over
-            return {"event": event, "rebuild": rebuild_bank(pid)}
-        annotation, task = payload.get("annotation") or {}, payload.get("task") or {}
-        if not isinstance(annotation, dict) or not isinstance(task, dict) or "id" not in annotation:
-            raise BadRequest(f"{event} without an annotation object with an id")
-        if "data" not in task and "id" in task:
-            task = runtime.get_ls_client(pid).get_task(int(task["id"]))
-        config = parse_label_config(xml)
-        group = str(annotation["id"])
-        refs = _task_references(pid, task, [annotation], config)[group]
-
-        def replace_annotation(bank: MemoryBank) -> None:
-            bank.remove_group(group)
-            for label, ref_id, descriptor in refs:
-                bank.add(label, ref_id, descriptor, group=group)
-
-        version = banks.update(pid, replace_annotation, basis=_basis(xml))
-        result = {"event": event, "annotation": annotation["id"], "references": len(refs)}
+        result = _annotation_changed(pid, event, payload, xml, client)
     elif event == "ANNOTATIONS_DELETED":
-        ids = [str(a["id"]) for a in payload.get("annotations") or [] if isinstance(a, dict) and "id" in a]
-
-        def remove_annotations(bank: MemoryBank) -> None:
-            for group in ids:
-                bank.remove_group(group)
-
-        version = banks.update(pid, remove_annotations)
-        result = {"event": event, "annotations": len(ids)}
-    elif event == "ANNOTATIONS_CREATED":  # bulk import: tasks are not in the payload
-        return {"event": event, "rebuild": rebuild_bank(pid)}
-    elif event == "PROJECT_UPDATED":
-        if not xml:
-            return {"event": event, "status": "no label config in the payload"}
-        banks.set_label_config(pid, xml)
-        if banks.basis(pid) == _basis(xml):
-            return {"event": event, "status": "label config unchanged"}
-        return {"event": event, "rebuild": rebuild_bank(pid)}
+        result = _annotations_deleted(pid, event, payload, client)
     elif event == "TASKS_DELETED":
-        ids = [int(t["id"]) for t in payload.get("tasks") or [] if isinstance(t, dict) and "id" in t]
-        return {"event": event, "forgotten": runtime.get_registry().remove(pid, *ids) if ids else 0}
-    else:
-        return {"event": event, "status": "ignored"}
-
-    result.update(version=version, changed=version != before, seconds=round(time.monotonic() - t0, 3))
+        return _tasks_deleted(pid, event, payload, client)
+    elif event == "PROJECT_UPDATED" and banks.basis(pid) == _basis(xml):
+        return {"event": event, "status": "label config unchanged"}
+    else:  # PROJECT_UPDATED with a new config, ANNOTATIONS_CREATED (a bulk import: no tasks in the payload)
+        return {"event": event, "rebuild": rebuild_bank(pid)}
+    if "version" not in result:  # the bank was not touched
+        return result
+    version = result["version"]
+    result.update(changed=version != before, seconds=round(time.monotonic() - t0, 3))
     if version != before:
         result["refresh_job"] = _schedule_refresh(pid, version)
     return result
@@ -382,7 +489,10 @@ def rebuild_bank(pid: int, refresh: bool = True) -> dict:
     t0 = time.monotonic()
     banks = runtime.get_bank_store()
     client = runtime.get_ls_client(pid)
-    xml = client.get_project(pid).get("label_config") or banks.label_config(pid)
+    project = _ls_project(pid, client)
+    if project is None:
+        return {"status": "project not in Label Studio"}
+    xml = project.get("label_config") or banks.label_config(pid)
     if not xml:
         raise BadRequest(f"project {pid} has no label config")
     banks.set_label_config(pid, xml)
@@ -433,6 +543,8 @@ def train_project(pid: int) -> dict:
     """
     t0 = time.monotonic()
     rebuilt = rebuild_bank(pid, refresh=False)
+    if "status" in rebuilt:
+        return {"rebuild": rebuilt, "status": rebuilt["status"]}
     client = runtime.get_ls_client(pid)
     registry = runtime.get_registry()
     config = parse_label_config(runtime.get_bank_store().label_config(pid))
@@ -469,11 +581,14 @@ def train_project(pid: int) -> dict:
                 wait(list(in_flight), return_when=FIRST_COMPLETED)
             collect([f for f in list(in_flight) if f.done()])
             _progress(n, len(todo), stage="pre-annotate", **counts)
-            if n % LOG_EVERY == 0 or n == len(todo):
-                log.info("project %s: pre-annotated %d/%d tasks (%d posted, %d unchanged, %d failed)",
-                         pid, n, len(todo), counts["posted"], counts["skipped"], counts["failed"])
+            if n % LOG_EVERY == 0 and n < len(todo):
+                log.info("project %s: pre-annotating, %d/%d tasks predicted (%d posted so far, %d unchanged, "
+                         "%d failed)", pid, n, len(todo), counts["posted"], counts["skipped"], counts["failed"])
         wait(list(in_flight))
         collect(list(in_flight))
+    _progress(len(todo), len(todo), stage="pre-annotate", **counts)
+    log.info("project %s: pre-annotated %d tasks (%d posted, %d unchanged, %d failed)",
+             pid, len(todo), counts["posted"], counts["skipped"], counts["failed"])
     # tasks labelled meanwhile but predicted before still deserve the new bank
     refresh_job = _schedule_refresh(pid, bank_version(bank)) if rebuilt["changed"] else None
     return {"rebuild": rebuilt, "tasks": len(todo), **counts, "refresh_job": refresh_job,
@@ -569,9 +684,11 @@ def refresh_project(pid: int) -> dict:
     """Re-label every processed task of the project with the current bank (see module docstring).
 
     Tasks already delivered with the current model_version are skipped; the rest are re-scored from
-    cached proposals in batches and the changed ones posted (PATCH per task), or, for many tasks,
-    all of them replaced in bulk (backend.bulk_delivery). Tasks without cached proposals get a
-    predict job. Stops early when the bank changes again (that change queued its own refresh).
+    cached proposals in batches and posted (PATCH per task; the version alone where the result did
+    not change, or LS would treat the old version as stale and add a second prediction), or, for
+    many tasks, all of them replaced in bulk (backend.bulk_delivery). Tasks without cached
+    proposals get a predict job. Stops early when the bank changes again (that change queued its
+    own refresh).
     """
     t0 = time.monotonic()
     xml = runtime.get_bank_store().label_config(pid)
@@ -602,7 +719,7 @@ def refresh_project(pid: int) -> dict:
         may still have landed in LS, so those tasks forget the prediction id they knew: each post
         then updates our newest prediction there (the imported one if it exists)."""
         log.warning("project %s: %s; posting task by task", pid, why)
-        items = importer.drain_changed()
+        items = importer.drain()
         if items:
             runtime.get_registry().update(pid, {tid: {"prediction_id": None} for tid in items})
         post_each(items)
@@ -618,13 +735,14 @@ def refresh_project(pid: int) -> dict:
         counts["changed"] += len(changed)
         if bulk_ok and {tid for tid, _, _ in rescored} != set(batch) & set(cached):
             bulk_ok = give_up("a task planned for the bulk refresh could not be re-scored")
+        items = {tid: item for tid, item, _ in rescored}  # a new version even where the result is unchanged
         if bulk_ok:
             try:
-                counts["posted"] += importer.add({tid: item for tid, item, _ in rescored}, set(changed))
+                counts["posted"] += importer.add(items)
             except LabelStudioAPIError as exc:
                 bulk_ok = give_up(f"bulk import failed ({exc})")  # this batch's items were pending too
         else:
-            post_each(changed)
+            post_each(items)
         missing = {tid: batch[tid] for tid in set(batch) - {tid for tid, _, _ in rescored}}
         counts["enqueued"] += _enqueue_predictions(pid, missing, xml, config.value_key, version)
         _progress(start + len(batch), len(ids), stage="refresh", model_version=mv, **counts)

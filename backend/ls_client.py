@@ -15,11 +15,12 @@ sent nowhere else, not to another port or scheme of the same host, nor across a 
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -260,6 +261,26 @@ class LabelStudioClient:
         answering; do not call this while holding resources /predict needs.
         """
         return self._request("GET", f"api/tasks/{int(task_id)}/")
+
+    def get_annotation(self, annotation_id: int) -> dict:
+        """One annotation as LS holds it (`result`, `task`, `project`, `was_cancelled`, ...)."""
+        return self._request("GET", f"api/annotations/{int(annotation_id)}/")
+
+    def get_tasks(self, project_id: int, task_ids: Iterable[int], chunk: int = 100) -> list[dict]:
+        """The tasks among `task_ids` that the project holds (absent ones are left out), with
+        annotations and predictions: the project's task listing narrowed to those ids, `chunk` per
+        request. Unlike GET /api/tasks/<id>/ it does not make LS call /predict for a task without
+        predictions (only `evaluate_predictions_automatically` does, as for `iter_tasks`)."""
+        ids = sorted({int(t) for t in task_ids})
+        found: list[dict] = []
+        for start in range(0, len(ids), chunk):
+            part = ids[start:start + chunk]
+            query = json.dumps({"selectedItems": {"all": False, "included": part}})
+            body = self._request("GET", "api/tasks/", params={
+                "project": int(project_id), "page": 1, "page_size": len(part), "fields": "all", "query": query})
+            tasks = body if isinstance(body, list) else (body or {}).get("tasks") or []
+            found += [t for t in tasks if isinstance(t, dict) and t.get("id") in part]
+        return found
 
     def iter_tasks(self, project_id: int, page_size: int = 100) -> Iterator[dict]:
         """All tasks of a project, with annotations and predictions (`fields=all`; LS's default

@@ -12,7 +12,7 @@ from typing import Any
 
 # The Label Studio webhook actions the backend handles (any other is answered 200 and ignored).
 WEBHOOK_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED",
-                  "START_TRAINING", "PROJECT_UPDATED")
+                  "START_TRAINING", "PROJECT_UPDATED", "TASKS_DELETED")
 
 _PROJECT_UID = {"oneOf": [{"type": "string", "pattern": r"^\d{1,18}(\.\d+)?$"},
                           {"type": "integer", "minimum": 0}],
@@ -146,13 +146,18 @@ _PATHS: dict[str, Any] = {
     "/webhook": {"post": {
         "operationId": "webhook",
         "summary": "Label Studio event; queued as a bank job and answered at once.",
+        "description": "A hint, not a source of truth: the job reads the project, the annotation and its task "
+                       "back from Label Studio with the backend's own credentials and acts on what LS holds; "
+                       "deleted annotations and tasks are forgotten only once LS no longer has them.",
         "requestBody": {"required": True, "content": {"application/json": {"schema": {
             "type": "object", "required": ["action"],
             "properties": {
                 "action": {"type": "string", "enum": list(WEBHOOK_EVENTS),
                            "description": "Handled events; any other action is answered 200 and ignored."},
                 "project": _ref("Project"), "annotation": _ref("Annotation"), "task": _ref("Task"),
-                "annotations": {"type": "array", "items": _ref("Annotation")}}}}}},
+                "annotations": {"type": "array", "items": _ref("Annotation")},
+                "tasks": {"type": "array", "items": {"type": "object", "required": ["id"],
+                                                     "properties": {"id": {"type": "integer"}}}}}}}}},
         "responses": {
             "200": _json({"type": "object", "properties": {"status": {"type": "string"}}}, "Unknown event, ignored."),
             "201": _json({"type": "object", "properties": {"status": {"type": "string"}, "job": {"type": "string"}}},
@@ -162,7 +167,9 @@ _PATHS: dict[str, Any] = {
             "503": _json(_ref("Error"), "Redis is down and the spool cannot be written: the event is lost."),
             **_ERRORS}}},
     "/versions": {"get": {
-        "operationId": "versions", "summary": "The project's current model_version (JSON body or ?project=).",
+        "operationId": "versions",
+        "summary": "The project's current model_version (JSON body or ?project=); without a project, "
+                   "those of every project known.",
         "parameters": [{"name": "project", "in": "query", "required": False, "schema": _PROJECT_UID}],
         "responses": {"200": _json({"type": "object", "properties": {
             "versions": {"type": "array", "items": {"type": "string"}}}}, "Versions."),

@@ -114,7 +114,7 @@ def main() -> None:
                     retire = bulk_delivery.plan(pid, records, mv, "bench-")
                     assert retire == [f"bench-{version - 1}"], retire
                     importer = bulk_delivery.Importer(pid)  # fed as refresh_project does, batch by batch
-                    posted = sum(importer.add(dict(list(items.items())[k:k + jobs.REFRESH_BATCH]), set())
+                    posted = sum(importer.add(dict(list(items.items())[k:k + jobs.REFRESH_BATCH]))
                                  for k in range(0, len(tasks), jobs.REFRESH_BATCH)) + importer.flush()
                     assert posted == len(tasks) and bulk_delivery.retire(pid, mv, "bench-") == len(tasks)
                 else:

@@ -215,9 +215,12 @@ class Bench:
         Returns (job result, perf_counter at the webhook call, seconds the call took)."""
         task = self.task(pid, seed)
         region = reference_region(self.h, self.w, label, f"r{annotation_id}", "brush" in self.controls)
-        payload = {"action": "ANNOTATION_CREATED", "task": task,
-                   "annotation": {"id": annotation_id, "task": task["id"], "was_cancelled": False,
-                                  "result": [region]},
+        annotation = {"id": annotation_id, "task": task["id"], "was_cancelled": False, "result": [region]}
+        # saved in LS first (the job reads it back from there); LS ids are unique, so an id reused
+        # for another project's identical bank moves there
+        self.ls.delete_annotation(annotation_id)
+        self.ls.save_annotation(annotation)
+        payload = {"action": "ANNOTATION_CREATED", "task": task, "annotation": annotation,
                    "project": {"id": pid, "label_config": self.config}}
         t0 = time.perf_counter()
         out = jobs.apply_webhook(pid, "ANNOTATION_CREATED", payload)

@@ -4,8 +4,10 @@ It answers what the backend reads and writes, as LS does:
 
 * task images at /data/upload/<pid>/<name>;
 * GET /api/projects/<pid>/ (404 for an unknown project);
-* GET /api/tasks/ paginated (`project`, `page`, `page_size`; {"total", "tasks"}; 404 "Invalid page."
-  past the end) and GET /api/tasks/<id>/, each task listing the predictions LS holds for it;
+* GET /api/tasks/ paginated (`project`, `page`, `page_size`, `query` {"selectedItems": {"all": false,
+  "included": [ids]}}; {"total", "tasks"}; 404 "Invalid page." past the end) and GET /api/tasks/<id>/,
+  each task listing the predictions LS holds for it;
+* GET /api/annotations/<id>/: an annotation of a task (found in the tasks' "annotations");
 * predictions: GET /api/predictions/?task= or ?project=, POST, PATCH (404 for an unknown id), bulk
   POST /api/projects/<pid>/import/predictions;
 * GET/DELETE /api/projects/<pid>/model-versions/: counts per version / delete one version, in that
@@ -23,6 +25,7 @@ write) and `project_of` (which project a prediction is in).
 """
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -81,6 +84,18 @@ class FakeLabelStudio:
                 self.images[image_name] = png
             self.tasks[task_id] = task
         return task
+
+    def save_annotation(self, annotation: dict) -> dict:
+        """Create or replace an annotation (by id) on its task (`annotation["task"]`), as a submit does."""
+        with self.lock:
+            held = self.tasks[annotation["task"]].setdefault("annotations", [])
+            held[:] = [a for a in held if a.get("id") != annotation["id"]] + [annotation]
+        return annotation
+
+    def delete_annotation(self, annotation_id: int) -> None:
+        with self.lock:
+            for task in self.tasks.values():
+                task["annotations"] = [a for a in task.get("annotations") or [] if a.get("id") != annotation_id]
 
     def add_prediction(self, task_id: int, result: list, model_version: str, score: float = 0.0) -> int:
         """A prediction LS already holds (e.g. one it stored from a /predict answer); returns its id."""
@@ -150,6 +165,10 @@ class FakeLabelStudio:
         if method == "GET" and (m := re.fullmatch(r"/api/tasks/(\d+)/", path)):
             task = self.tasks.get(int(m.group(1)))
             return Reply(200, self._listed([task])[0]) if task else _not_found()
+        if method == "GET" and (m := re.fullmatch(r"/api/annotations/(\d+)/", path)):
+            found = [{**a, "task": t["id"], "project": t.get("project")} for t in self.tasks.values()
+                     for a in t.get("annotations") or [] if a.get("id") == int(m.group(1))]
+            return Reply(200, found[0]) if found else _not_found()
         if method == "GET" and path == "/api/predictions/":
             preds = list(self.predictions.values())
             if "task" in query:
@@ -202,6 +221,9 @@ class FakeLabelStudio:
         page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["100"])[0])
         tasks = [t for _, t in sorted(self.tasks.items())
                  if "project" not in query or t.get("project") == int(query["project"][0])]
+        selected = json.loads(query["query"][0]).get("selectedItems") if "query" in query else None
+        if selected and not selected.get("all"):
+            tasks = [t for t in tasks if t["id"] in selected.get("included", [])]
         chunk = tasks[(page - 1) * size:page * size]
         if page > 1 and not chunk:
             return Reply(404, {"detail": "Invalid page."})

@@ -178,6 +178,8 @@ WEBHOOK_ANNOTATIONS_DELETED = {"action": "ANNOTATIONS_DELETED", "annotations": [
 
 WEBHOOK_START_TRAINING = {"action": "START_TRAINING", "project": PROJECT}
 
+WEBHOOK_TASKS_DELETED = {"action": "TASKS_DELETED", "tasks": [{"id": 2}], "project": PROJECT}
+
 WEBHOOK_PROJECT_UPDATED = {"action": "PROJECT_UPDATED", "project": PROJECT}
 
 

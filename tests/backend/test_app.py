@@ -26,10 +26,11 @@ from backend import queueing, runtime
 from backend.app import create_app
 from backend.errors import ImageError
 from backend.settings import Settings
+from backend.tasks_registry import result_hash
 from tests.backend.fixtures import (CONFIG_XML, LEGACY_TOKEN, PREDICT_BODY, PROJECT_UID, RECT_REGION,
                                     SETUP_BODY, WEBHOOK_ANNOTATION_CREATED, WEBHOOK_ANNOTATION_UPDATED,
                                     WEBHOOK_ANNOTATIONS_DELETED, WEBHOOK_PROJECT_UPDATED,
-                                    WEBHOOK_START_TRAINING)
+                                    WEBHOOK_START_TRAINING, WEBHOOK_TASKS_DELETED)
 from tests.helpers import wait_for
 
 PID = 1  # PROJECT_UID = "1.1795705944"
@@ -204,6 +205,13 @@ def test_predict_with_empty_bank_returns_empty_results_without_jobs(client, jobs
     mv = runtime.model_version(PID)
     assert resp.get_json() == {"results": [{"result": [], "score": 0.0, "model_version": mv}] * 2}
     assert jobs.calls == [] and queueing.list_jobs() == []
+    # registered like predicted tasks, so the first reference's refresh brings them up to date
+    records = runtime.get_registry().all(PID)
+    assert sorted(records) == [1, 2]
+    for task in PREDICT_BODY["tasks"]:
+        record = records[task["id"]]
+        assert (record.image_url, record.model_version, record.prediction_id) == (task["data"]["image"], mv, None)
+        assert record.result_hash == result_hash([])
 
 
 def test_predict_one_item_per_task_in_order(client, jobs):
@@ -377,6 +385,7 @@ def test_setup_and_health_stay_fast_while_the_worker_is_busy(make_app, jobs):
      ("apply_webhook", PID, "ANNOTATIONS_CREATED", "ANNOTATIONS_CREATED")),
     (WEBHOOK_PROJECT_UPDATED, ("apply_webhook", PID, "PROJECT_UPDATED", "PROJECT_UPDATED")),
     (WEBHOOK_START_TRAINING, ("train_project", PID)),
+    (WEBHOOK_TASKS_DELETED, ("apply_webhook", PID, "TASKS_DELETED", "TASKS_DELETED")),
 ])
 def test_webhook_known_events_queue_a_bank_job(client, jobs, payload, call):
     resp = client.post("/webhook", json=payload)
@@ -449,8 +458,20 @@ def test_versions_from_json_body_or_query(client):
     mv = runtime.model_version(PID)
     assert client.get("/versions", json={"project": PROJECT_UID}).get_json() == {"versions": [mv]}
     assert client.get("/versions?project=1").get_json() == {"versions": [mv]}
-    resp = client.get("/versions")
+    resp = client.get("/versions", json={"project": "x"})
     assert resp.status_code == 400 and "project" in resp.get_json()["error"]
+
+
+def test_versions_without_a_project_lists_every_known_project(client):
+    """LS 1.23.2 asks GET /versions (Settings -> Model -> versions) without naming the project."""
+    assert (client.get("/versions").status_code, client.get("/versions").get_json()) == (200, {"versions": []})
+    for pid in (1, 4):
+        client.post("/setup", json={**SETUP_BODY, "project": f"{pid}.1795705944"})
+    fill_bank(4)
+    resp = client.get("/versions")
+    assert resp.status_code == 200
+    assert resp.get_json() == {"versions": sorted([runtime.model_version(1), runtime.model_version(4)])}
+    assert runtime.model_version(1) != runtime.model_version(4)
 
 
 def test_metrics_count_requests_and_jobs(client, jobs):

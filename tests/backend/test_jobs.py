@@ -155,6 +155,8 @@ def annotation(aid: int, tid: int, regions, cancelled=False) -> dict:
 
 
 def webhook(ls: FakeLS, event: str, ann: dict) -> dict:
+    """Save `ann` in the fake LS, as a user's submit does, then apply the webhook LS sends for it."""
+    ls.save_annotation(ann)
     return jobs.apply_webhook(PID, event, {"action": event, "annotation": ann, "task": ls.tasks[ann["task"]],
                                            "project": {"id": PID, "label_config": LABEL_CONFIG}})
 
@@ -201,6 +203,7 @@ def test_webhooks_create_update_delete_and_cancel(env, ls, engine):
     webhook(ls, "ANNOTATION_UPDATED", annotation(12, 1, [polygon_region("d", "Cat", CAT)], cancelled=True))
     assert [r.ref_id for c in banks.get(PID).classes for r in banks.get(PID).refs(c)] == ["11:c"]
 
+    ls.delete_annotation(11)
     out = jobs.apply_webhook(PID, "ANNOTATIONS_DELETED", {"action": "ANNOTATIONS_DELETED",
                                                           "annotations": [{"id": 11}, {"id": 99}]})
     assert out["changed"] is True and len(banks.get(PID)) == 0 and banks.version(PID) == "empty"
@@ -220,6 +223,76 @@ def test_project_updated_rebuilds_only_when_the_config_changes(env, ls):
     bank = runtime.get_bank_store().get(PID)
     assert sorted(r.ref_id for c in bank.classes for r in bank.refs(c)) == ["21:a", "22:b"]
     assert jobs.apply_webhook(PID, "PROJECT_UPDATED", payload)["status"] == "label config unchanged"
+
+
+OTHER_CONFIG = LABEL_CONFIG.replace('"Dog"', '"Horse"')
+
+
+def test_a_forged_annotation_webhook_changes_nothing(env, ls, caplog):
+    """Anyone can POST /webhook: the annotation, its task and the label config are read back from
+    LS; an annotation LS does not hold (or holds in another project) changes nothing."""
+    ls.add_task(1, seed=1)
+    ls.add_project(8, LABEL_CONFIG)
+    ls.tasks[50] = {"id": 50, "project": 8, "data": {"image": "/data/upload/7/img1.png"},
+                    "annotations": [annotation(60, 50, [polygon_region("x", "Dog", DOG)])]}
+    banks = runtime.get_bank_store()
+    forged = [annotation(55, 1, [polygon_region("f", "Dog", DOG)]),   # LS never had it
+              annotation(60, 1, [polygon_region("x", "Dog", DOG)])]   # LS has it, in project 8
+    for ann in forged:
+        out = jobs.apply_webhook(PID, "ANNOTATION_CREATED", {
+            "action": "ANNOTATION_CREATED", "annotation": ann, "task": ls.tasks[1],
+            "project": {"id": PID, "label_config": OTHER_CONFIG}})
+        assert out["status"] == "annotation not in Label Studio", out
+    assert banks.version(PID) == "empty" and refresh_calls(env) == []
+    assert banks.label_config(PID) == LABEL_CONFIG                  # LS's config, not the payload's
+    assert "Label Studio holds no annotation 55" in caplog.text
+
+    # a real annotation: its regions as LS holds them, not as the payload claims
+    ls.tasks[1]["annotations"] = [annotation(12, 1, [polygon_region("a", "Cat", CAT)])]
+    out = jobs.apply_webhook(PID, "ANNOTATION_UPDATED", {
+        "action": "ANNOTATION_UPDATED", "annotation": annotation(12, 1, [polygon_region("z", "Dog", DOG)]),
+        "task": {"id": 1, "data": {"image": "http://elsewhere.example/x.png"}}, "project": {"id": PID}})
+    assert out["references"] == 1 and out["changed"] is True
+    assert [r.ref_id for c in banks.get(PID).classes for r in banks.get(PID).refs(c)] == ["12:a"]
+
+    # deletions LS did not make remove nothing; a project LS does not have is left alone
+    v1 = banks.version(PID)
+    out = jobs.apply_webhook(PID, "ANNOTATIONS_DELETED", {"action": "ANNOTATIONS_DELETED",
+                                                          "annotations": [{"id": 12}]})
+    assert out["removed"] == 0 and out["changed"] is False and banks.version(PID) == v1
+    assert len(refresh_calls(env)) == 1
+    out = jobs.apply_webhook(99, "ANNOTATION_CREATED", {"action": "ANNOTATION_CREATED", "annotation": forged[0],
+                                                        "project": {"id": 99, "label_config": LABEL_CONFIG}})
+    assert out["status"] == "project not in Label Studio" and banks.label_config(99) is None
+
+
+def test_project_events_act_on_label_studio_not_the_payload(env, ls):
+    """PROJECT_UPDATED reads the label config from LS; START_TRAINING for a project LS does not
+    have does nothing (and does not fail)."""
+    ls.add_task(1, seed=1, annotations=[annotation(21, 1, [polygon_region("a", "Cat", CAT)])])
+    banks = runtime.get_bank_store()
+    jobs.rebuild_bank(PID)
+    v1 = banks.version(PID)
+    forged = {"action": "PROJECT_UPDATED", "project": {"id": PID, "label_config": OTHER_CONFIG}}
+    assert jobs.apply_webhook(PID, "PROJECT_UPDATED", forged)["status"] == "label config unchanged"
+    assert banks.label_config(PID) == LABEL_CONFIG and banks.version(PID) == v1
+    ls.add_task(2, seed=2, annotations=[annotation(22, 2, [polygon_region("b", "Dog", DOG)])])  # imported
+    out = jobs.apply_webhook(PID, "ANNOTATIONS_CREATED", {"action": "ANNOTATIONS_CREATED", "project": {"id": PID}})
+    assert out["rebuild"]["references"] == 2 and banks.version(PID) != v1
+    out = jobs.train_project(99)
+    assert out["status"] == "project not in Label Studio" and ls.writes() == []
+
+
+def test_tasks_deleted_forgets_only_tasks_label_studio_deleted(env, ls):
+    """Deleted tasks leave the registry (refreshes stop posting to them); a task LS still has stays."""
+    registry = runtime.get_registry()
+    for tid in (2, 3, 4):
+        ls.add_task(tid, seed=tid)
+    registry.update(PID, {tid: {"image_url": f"/data/upload/7/img{tid}.png"} for tid in (2, 3, 4)})
+    del ls.tasks[3]
+    out = jobs.apply_webhook(PID, "TASKS_DELETED", {"action": "TASKS_DELETED", "project": {"id": PID},
+                                                    "tasks": [{"id": 2}, {"id": 3}, {"id": 77}]})
+    assert out["forgotten"] == 1 and sorted(registry.all(PID)) == [2, 4]
 
 
 def test_predict_task_empty_bank_runs_no_model(env, ls, engine):
@@ -320,16 +393,16 @@ def test_refresh_rescores_cached_tasks_without_proposing(env, ls, engine):
     for item, changed in rescored.values():
         assert all(r["value"][r["type"]] == ["Dog"] for r in item["result"])
         assert changed == bool(item["result"])
-    # pretend task 4's new result is already in LS: it must not be posted again
+    # pretend task 4's new result is already in LS: unchanged, yet posted under the new version
     same = rescored[4][0]
     runtime.get_registry().update(PID, {4: {"result_hash": result_hash(same["result"])}})
-    expected_posts = {tid for tid, (_, changed) in rescored.items() if changed and tid != 4}
-    assert expected_posts, "the Dog reference should change at least one result"
+    changed_results = {tid for tid, (_, changed) in rescored.items() if changed and tid != 4}
+    assert changed_results, "the Dog reference should change at least one result"
 
     summary = jobs.refresh_project(PID)
     assert engine.propose_calls == 3  # no SAM2/DINOv2 run for cached tasks
     assert summary["rescored"] == 3 and summary["enqueued"] == 1
-    assert summary["changed"] == summary["posted"] == len(expected_posts)
+    assert summary["changed"] == len(changed_results) and summary["posted"] == 3
     writes = ls.writes()
     posted_tasks = set()
     for method, path, body in writes:
@@ -337,10 +410,10 @@ def test_refresh_rescores_cached_tasks_without_proposing(env, ls, engine):
         posted_tasks.add(tid)
         assert body["model_version"] == runtime.model_version(PID)
         assert result_hash(body["result"]) == result_hash(rescored[tid][0]["result"])
-    assert posted_tasks == expected_posts
-    if 2 in expected_posts:  # our prediction found in LS is PATCHed, not duplicated
-        assert [p for m, p, _ in writes if m == "PATCH"] == ["/api/predictions/500/"]
-        assert not any(m == "POST" and b["task"] == 2 for m, _, b in writes)
+    assert posted_tasks == {2, 3, 4}
+    # our prediction found in LS is PATCHed, not duplicated
+    assert [p for m, p, _ in writes if m == "PATCH"] == ["/api/predictions/500/"]
+    assert not any(m == "POST" and b["task"] == 2 for m, _, b in writes)
     # the uncached task is queued as a predict job that delivers through the API
     (func, args, queue, job_id, _), = [e for e in env if e[0] == "backend.jobs.predict_task"]
     assert queue == "predict" and args[0] == PID and args[1]["id"] == 5 and args[1]["data"]["image"] == uncached["data"]["image"]
@@ -369,6 +442,29 @@ def test_rescore_threads_give_the_same_items_in_task_order(env, ls, engine):
     assert [(row[0], row[-1]) for row in out[3]] == [(tid, False) for tid in records]  # as delivered
     assert any(row[1] != result_hash([]) for row in out[3])  # something was found to compare
     assert engine.propose_calls == 4
+
+
+def test_refresh_moves_unchanged_predictions_to_the_new_version(env, ls, engine):
+    """A bank change that leaves a task's result as it was still gives its prediction the new
+    model_version (a PATCH of the version alone): LS treats another version as stale, and the next
+    "Retrieve predictions" would add a second prediction of ours."""
+    _bank_from(ls, env)
+    registry = runtime.get_registry()
+    for tid in (2, 3):  # delivered through the API: our prediction ids are known
+        assert runtime.get_store().claim(f"delivery:{tid}", "api") == "api"
+        jobs.predict_task(PID, ls.add_task(tid, seed=tid), LABEL_CONFIG, delivery_key=f"delivery:{tid}")
+    webhook(ls, "ANNOTATION_CREATED", annotation(12, 1, [polygon_region("b", "Dog", DOG)]))
+    mv = runtime.model_version(PID)
+    # what LS holds under the old version is what the new bank finds: unchanged results
+    for tid, item, _ in jobs.rescore_cached(PID, runtime.get_bank_store().get(PID)):
+        ls.predictions[registry.get(PID, tid).prediction_id]["result"] = item["result"]
+        registry.update(PID, {tid: {"result_hash": result_hash(item["result"])}})
+    before = len(ls.writes())
+    summary = jobs.refresh_project(PID)
+    assert summary["rescored"] == 2 and summary["changed"] == 0 and summary["posted"] == 2
+    assert [(kind, body) for kind, _, body in ls.writes()[before:]] == [("PATCH", {"model_version": mv})] * 2
+    assert sorted((p["task"], p["model_version"]) for p in ls.predictions.values()) == [(2, mv), (3, mv)]
+    assert jobs.refresh_project(PID)["rescored"] == 0
 
 
 def _many_cached_tasks(ls, n: int, first: int = 100) -> str:
@@ -534,10 +630,34 @@ def test_importer_caps_requests_by_bytes(env, ls):
     for t in range(1, 11):
         ls.tasks[t] = {"id": t, "project": PID, "data": {}}
     item = {"result": [{"value": {"rle": list(range(1500))}}], "score": 0.5, "model_version": "ntt-v"}
-    posted = sum(importer.add({t: dict(item)}, set()) for t in range(1, 11)) + importer.flush()
+    posted = sum(importer.add({t: dict(item)}) for t in range(1, 11)) + importer.flush()
     sizes = [len(c[2]) for c in ls.writes() if c[0] == "IMPORT"]
     assert posted == 10 and sum(sizes) == 10 and len(sizes) > 1
     assert runtime.get_registry().get(PID, 7).model_version == "ntt-v"
+
+
+def test_failed_bulk_import_moves_unchanged_predictions_too(env, ls, engine, monkeypatch):
+    """When the bulk import fails, every task it was to re-post is posted one by one, those whose
+    result did not change included: each ends with one prediction of ours, of the new version."""
+    _bank_from(ls, env)
+    _many_cached_tasks(ls, 25)
+    webhook(ls, "ANNOTATION_CREATED", annotation(12, 1, [polygon_region("b", "Dog", DOG)]))
+    mv = runtime.model_version(PID)
+    registry = runtime.get_registry()
+    for tid, item, _ in jobs.rescore_cached(PID, runtime.get_bank_store().get(PID)):  # results unchanged
+        registry.update(PID, {tid: {"result_hash": result_hash(item["result"])}})
+    real = ls.handle
+
+    def refuse_import(req, method, path, query):
+        if path.endswith("/import/predictions"):
+            return Reply(403, {"detail": "You do not have permission to perform this action."})
+        return real(req, method, path, query)
+
+    monkeypatch.setattr(ls, "handle", refuse_import)
+    summary = jobs.refresh_project(PID)
+    assert summary["bulk"] is True and summary["changed"] == 0 and summary["posted"] == 25
+    for tid in range(100, 125):
+        assert [p["model_version"] for p in ls.predictions.values() if p["task"] == tid] == [mv], tid
 
 
 def test_refresh_goes_task_by_task_when_an_old_prediction_would_be_stranded(env, ls, engine):
@@ -606,7 +726,7 @@ def test_train_project_posts_every_unlabelled_task_once(env, ls, engine, caplog)
     assert "task 3" in caplog.text and TOKEN not in caplog.text
 
 
-def test_train_project_posts_while_it_predicts_the_next_tasks(env, ls, engine, monkeypatch):
+def test_train_project_posts_while_it_predicts_the_next_tasks(env, ls, engine, monkeypatch, caplog):
     """Posting overlaps the next predictions: several posts are in flight at once (the first one
     waits for a second to start), and every one is counted when the job returns."""
     ls.add_task(1, seed=1, annotations=[annotation(31, 1, [polygon_region("a", "Cat", CAT)])])
@@ -630,9 +750,13 @@ def test_train_project_posts_while_it_predicts_the_next_tasks(env, ls, engine, m
                 in_flight[0] -= 1
 
     monkeypatch.setattr(jobs, "_deliver", slow_deliver)
+    caplog.set_level(logging.INFO, logger="backend.jobs")
     out = jobs.train_project(PID)
     assert out["tasks"] == 6 and out["posted"] == 6 and out["failed"] == 0
     assert peak[0] > 1 and in_flight[0] == 0
+    # the last progress line is written once posting ended, with the final counts
+    progress = [r.getMessage() for r in caplog.records if "pre-annotat" in r.getMessage()]
+    assert progress[-1].endswith("pre-annotated 6 tasks (6 posted, 0 unchanged, 0 failed)"), progress
     assert sorted(body["task"] for method, _, body in ls.writes() if method == "POST") == list(range(2, 8))
 
 

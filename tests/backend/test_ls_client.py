@@ -275,3 +275,25 @@ def test_pat_refresh_is_never_redirected(server, pat):
         assert other.requests == []  # a 307 would have carried the PAT in the body
     finally:
         other.close()
+
+
+def test_get_tasks_lists_the_named_tasks_of_the_project_without_opening_them():
+    """GET /api/tasks/<id>/ would make LS run /predict for a task without predictions: the tasks are
+    read through the project's listing narrowed to their ids, `chunk` ids per request."""
+    from bench.fake_ls import FakeLabelStudio
+
+    with FakeLabelStudio(LEGACY_TOKEN) as ls:
+        ls.add_project(1, "<View/>")
+        ls.add_project(2, "<View/>")
+        for tid in range(1, 6):
+            ls.add_task(1 if tid != 4 else 2, tid, f"img{tid}.png", b"png",
+                        annotations=[{"id": 10 + tid, "result": []}])
+        client = LabelStudioClient(ls.url, LSAuth(LEGACY_TOKEN, ls.url))
+        tasks = client.get_tasks(1, [5, 4, 3, 2, 99], chunk=2)   # 4: another project's; 99: none
+        assert sorted(t["id"] for t in tasks) == [2, 3, 5]
+        assert all(t["annotations"][0]["id"] == 10 + t["id"] for t in tasks)
+        assert client.get_tasks(1, []) == []
+        assert client.get_annotation(13)["task"] == 3
+        with pytest.raises(LabelStudioAPIError) as err:
+            client.get_annotation(77)
+        assert err.value.status == 404

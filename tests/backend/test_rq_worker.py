@@ -2,7 +2,8 @@
 
 webhook (ANNOTATION_CREATED with a brush region) -> bank job on the worker -> bank version changes
 -> /setup returns the new model_version -> /predict runs on the worker with the new bank.
-The "Label Studio" here is a local http.server that serves the task image behind a legacy token.
+The "Label Studio" here is bench/fake_ls.py's (the project, the task, its annotation and image,
+behind a legacy token).
 Small random-weight models (tests/conftest.py): the numbers are meaningless, the plumbing is real.
 """
 from __future__ import annotations
@@ -23,8 +24,9 @@ from PIL import Image
 from backend import queueing, runtime
 from backend.app import create_app
 from backend.settings import Settings
-from bench.fake_http import Reply, Request, RouteServer
-from tests.backend.fixtures import (BRUSH_REGION, LEGACY_TOKEN, PREDICT_BODY, SETUP_BODY,
+from bench.fake_http import Request
+from bench.fake_ls import FakeLabelStudio
+from tests.backend.fixtures import (BRUSH_REGION, CONFIG_XML, LEGACY_TOKEN, PREDICT_BODY, SETUP_BODY,
                                     WEBHOOK_ANNOTATION_CREATED, purge_queues)
 from tests.helpers import ROOT, WorkerProcess, wait_for
 
@@ -42,23 +44,28 @@ def _png() -> bytes:
     return buf.getvalue()
 
 
+class RecordingLS(FakeLabelStudio):
+    """bench/fake_ls.py's Label Studio, recording (target, Authorization) of every request."""
+
+    def __init__(self) -> None:
+        super().__init__(LEGACY_TOKEN, keep_alive=False)
+        self.seen: list[tuple[str, str | None]] = []
+
+    def dispatch(self, req: Request) -> object:
+        self.seen.append((req.target, req.headers.get("Authorization")))
+        return super().dispatch(req)
+
+
 @pytest.fixture
 def fake_ls():
-    """Serves the image at IMAGE_PATH to requests that carry the legacy token, like LS does."""
-    png = _png()
-    seen: list[tuple[str, str | None]] = []
-
-    def route(req: Request) -> Reply:
-        seen.append((req.target, req.headers.get("Authorization")))
-        if req.headers.get("Authorization") != f"Token {LEGACY_TOKEN}":
-            return Reply(401, {"detail": "Authentication credentials were not provided."})
-        if req.target != IMAGE_PATH:
-            return Reply(404, {"detail": "Not found."})
-        return Reply(200, png, "image/png")
-
-    server = RouteServer(route, keep_alive=False)
-    yield server.url, seen
-    server.close()
+    """Project 1 whose task 1 shows the image at IMAGE_PATH and holds the annotator's brush region
+    (annotation 1), behind the legacy token, like LS."""
+    ls = RecordingLS()
+    ls.add_project(PID, CONFIG_XML)
+    ls.add_task(PID, 1, IMAGE_PATH.rsplit("/", 1)[1], _png(),
+                annotations=[{**WEBHOOK_ANNOTATION_CREATED["annotation"], "result": [BRUSH_REGION]}])
+    yield ls.url, ls.seen
+    ls.close()
 
 
 @pytest.fixture

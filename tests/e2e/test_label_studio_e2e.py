@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from PIL import Image, ImageDraw
 
@@ -380,4 +381,99 @@ def test_basic_auth(label_studio: LabelStudio, start_backend: Callable[..., Back
     assert out["processed_items"] == len(project.tasks), out
     (pred,) = project.predictions("auth-c.png")
     check_prediction(pred, p["auth-c.png"], version)
+
+
+def finished_job(backend: Backend, job_id: str) -> dict:
+    """One backend job (GET /jobs?id=, result included) once it is done; it must have finished."""
+    def done() -> dict | None:
+        r = requests.get(f"{backend.url}/jobs", params={"id": job_id}, timeout=5)
+        r.raise_for_status()
+        return r.json() if is_done(r.json()) else None
+    job = wait_for(done, VERSION_TIMEOUT, f"backend job {job_id}", interval=0.5, alive=backend.check_alive)
+    assert job["status"] == "finished", job
+    return job
+
+
+def post_webhook(backend: Backend, payload: dict) -> dict:
+    """POST /webhook as anyone who reaches the backend can; returns the finished bank job."""
+    r = requests.post(f"{backend.url}/webhook", json=payload, timeout=5)
+    assert r.status_code == 201, (r.status_code, r.text)
+    return finished_job(backend, r.json()["job"])
+
+
+def test_webhooks_are_hints_and_refreshes_leave_one_current_prediction(
+        label_studio: LabelStudio, start_backend: Callable[..., Backend]) -> None:
+    """Predictions retrieved before the first annotation are refreshed like any other; after every
+    bank change (deletions included) each task we predicted holds exactly one prediction of ours,
+    of the current version, so "Retrieve predictions" adds none; forged webhooks change nothing;
+    deleted tasks are forgotten; LS's model versions list (GET /versions without a project) works."""
+    ls = label_studio
+    client = ls.client()
+    up = [make_picture(ls.work_dir / "upload", f"hint-{k}.png", 80, 60, 20 + k) for k in range(4)]
+    project = create_project(ls, client, up, [], [])
+    backend = start_backend(ls)
+    connect(project, backend)
+    p, names = project.pictures, sorted(project.tasks)
+
+    def ours_everywhere(version: str, tasks: list[str]) -> None:
+        for name in tasks:
+            assert [q["model_version"] for q in project.predictions(name)] == [version], name
+
+    # "Retrieve predictions" before any annotation: one empty prediction per task
+    v0 = project.ml_version()
+    project.dm_action("retrieve_tasks_predictions")
+    ours_everywhere(v0, names)
+
+    # a made-up annotation (LS never had it) on a real task changes nothing
+    task = client.call("GET", f"/api/tasks/{project.tasks[names[3]]}")
+    fake = {"id": 987654, "task": task["id"], "project": project.id, "was_cancelled": False,
+            "result": [rect_region(p[names[3]], p[names[3]].dog, "Dog", "f1")]}
+    job = post_webhook(backend, {"action": "ANNOTATION_CREATED", "annotation": fake,
+                                 "task": {"id": task["id"], "data": task["data"]},
+                                 "project": {"id": project.id, "label_config": CONFIG}})
+    assert job["result"]["status"] == "annotation not in Label Studio", job
+    assert project.ml_version() == v0
+
+    # the first reference: every task retrieved before it is brought to the new version
+    ann_a = project.annotate(names[0], [brush_region(p[names[0]], "Cat", "a1"),
+                                        rect_region(p[names[0]], p[names[0]].dog, "Dog", "a2")])
+    v1 = settled_version(project, backend, {v0})
+    ours_everywhere(v1, names)
+    project.dm_action("retrieve_tasks_predictions")
+    ours_everywhere(v1, names)
+
+    # a forged deletion of a real annotation removes nothing
+    job = post_webhook(backend, {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": ann_a}],
+                                 "project": {"id": project.id}})
+    assert job["result"]["removed"] == 0 and job["result"]["changed"] is False, job
+    assert project.ml_version() == v1
+
+    # a second reference, then its deletion: results that did not change get the version too
+    ann_b = project.annotate(names[1], [polygon_region(p[names[1]], p[names[1]].cat, "Cat", "b1")])
+    v2 = settled_version(project, backend, {v1})
+    ours_everywhere(v2, names)
+    client.call("DELETE", f"/api/annotations/{ann_b}")
+    v3 = settled_version(project, backend, {v2})
+    ours_everywhere(v3, names)
+    project.dm_action("retrieve_tasks_predictions")
+    ours_everywhere(v3, names)
+
+    # a deleted task is forgotten: the next refresh re-scores the others only
+    deleted = project.tasks[names[3]]
+    before = len([j for j in backend.jobs() if j["meta"].get("event") == "TASKS_DELETED"])
+    client.call("POST", "/api/dm/actions", params={"id": "delete_tasks", "project": project.id},
+                json={"selectedItems": {"all": False, "included": [deleted]}})
+    jobs = wait_for(lambda: [j for j in backend.jobs() if j["meta"].get("event") == "TASKS_DELETED"][before:],
+                    VERSION_TIMEOUT, "the TASKS_DELETED webhook", interval=0.5, alive=backend.check_alive)
+    assert finished_job(backend, jobs[0]["id"])["result"]["forgotten"] == 1
+    project.annotate(names[2], [rect_region(p[names[2]], p[names[2]].dog, "Dog", "c1")])
+    v4 = settled_version(project, backend, {v3})
+    ours_everywhere(v4, names[:3])
+    refreshes = [finished_job(backend, j["id"]) for j in backend.jobs()
+                 if j["func"] == "backend.jobs.refresh_project" and j["meta"].get("project") == project.id]
+    latest = max(refreshes, key=lambda j: j["ended_at"])["result"]
+    assert (latest["model_version"], latest["tasks"], latest["failed"]) == (v4, 3, 0), latest
+
+    # Settings -> Model -> versions: LS asks GET /versions without naming the project
+    assert v4 in client.call("GET", f"/api/ml/{project.ml_id}/versions")["versions"]
     assert_no_failed_jobs(backend)

@@ -270,7 +270,7 @@ def test_broken_regions_are_skipped_and_the_rest_is_learned(embedded, fake_ls, c
         "not a region", None, 7,
     ]
     payload = {"action": "ANNOTATION_CREATED", "project": {"id": PID, "label_config": CONFIG_XML},
-               "annotation": {"id": 21, "task": 1, "result": result},
+               "annotation": fake_ls.save_annotation({"id": 21, "task": 1, "result": result}),
                "task": {"id": 1, "data": fake_ls.tasks[1]["data"]}}
     with caplog.at_level(logging.WARNING):
         info = wait_job(client.post("/webhook", json=payload).json["job"])
@@ -289,8 +289,8 @@ def test_unknown_label_names_never_reach_predictions(embedded, fake_ls):
     for tid in (1, 2):
         fake_ls.add_task(tid)
     payload = {"action": "ANNOTATION_CREATED", "project": {"id": PID, "label_config": CONFIG_XML},
-               "annotation": {"id": 22, "task": 1, "result": [polygon_region("z", "Zebra", CAT),
-                                                              polygon_region("c", "cat", DOG)]},
+               "annotation": fake_ls.save_annotation({"id": 22, "task": 1, "result": [
+                   polygon_region("z", "Zebra", CAT), polygon_region("c", "cat", DOG)]}),
                "task": {"id": 1, "data": fake_ls.tasks[1]["data"]}}
     info = wait_job(client.post("/webhook", json=payload).json["job"])
     assert info.status == "finished", info.error
@@ -300,8 +300,8 @@ def test_unknown_label_names_never_reach_predictions(embedded, fake_ls):
     assert labels <= {"Cat", "Dog"}, item  # "Zebra" is never emitted (proposals it wins get no region)
     assert LabelInterface(CONFIG_XML).validate_prediction(item, return_errors=True) == []
     # with "cat" the only class every proposal is a cat: emitted under the config's "Cat"
-    payload = {**payload, "action": "ANNOTATION_UPDATED",
-               "annotation": {**payload["annotation"], "result": [polygon_region("c", "cat", DOG)]}}
+    payload = {**payload, "action": "ANNOTATION_UPDATED", "annotation": fake_ls.save_annotation(
+        {**payload["annotation"], "result": [polygon_region("c", "cat", DOG)]})}
     assert wait_job(client.post("/webhook", json=payload).json["job"]).status == "finished"
     item = client.post("/predict", json=body).json["results"][0]
     assert item["result"] and {lab for r in item["result"] for lab in r["value"][r["type"]]} == {"Cat"}, item

@@ -36,12 +36,17 @@ PID = 1
 
 
 def annotation_event(ls, action: str, aid: int, tid: int, region: dict) -> dict:
-    return {"action": action, "project": {"id": PID, "label_config": CONFIG_XML},
-            "annotation": {"id": aid, "task": tid, "project": PID, "result": [region], "was_cancelled": False},
+    """The annotation saved in the fake LS (the job reads it back there) and the webhook LS sends."""
+    annotation = ls.save_annotation({"id": aid, "task": tid, "project": PID, "result": [region],
+                                     "was_cancelled": False})
+    return {"action": action, "project": {"id": PID, "label_config": CONFIG_XML}, "annotation": annotation,
             "task": {k: v for k, v in ls.tasks[tid].items() if k not in ("annotations", "predictions")}}
 
 
-def deleted_event(*aids: int) -> dict:
+def deleted_event(ls, *aids: int) -> dict:
+    """The annotations deleted in the fake LS and the webhook LS sends."""
+    for aid in aids:
+        ls.delete_annotation(aid)
     return {"action": "ANNOTATIONS_DELETED", "project": {"id": PID, "label_config": CONFIG_XML},
             "annotations": [{"id": a} for a in aids]}
 
@@ -93,7 +98,7 @@ def test_redis_restart_with_web_and_worker_running(tmp_path, private_redis, fake
 
         spooled = [annotation_event(fake_ls, "ANNOTATION_CREATED", 12, 2, polygon_region("b", "Dog", DOG)),
                    annotation_event(fake_ls, "ANNOTATION_UPDATED", 11, 1, polygon_region("c", "Dog", DOG)),
-                   deleted_event(12)]
+                   deleted_event(fake_ls, 12)]
         for payload in spooled:
             resp, seconds = timed(lambda: client.post("/webhook", json=payload))
             assert (resp.status_code, resp.json) == (202, {"status": "spooled"}) and seconds < 1.0

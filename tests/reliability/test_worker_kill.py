@@ -30,8 +30,11 @@ REDIS_PASSWORD = "redis-pw-5f1c9a"
 
 
 def annotation_webhook(ls, aid: int, tid: int, region: dict) -> dict:
+    """The annotation saved in the fake LS (the job reads it back there) and the webhook LS sends."""
+    annotation = ls.save_annotation({"id": aid, "task": tid, "project": PID, "result": [region],
+                                     "was_cancelled": False})
     return {"action": "ANNOTATION_CREATED", "project": {"id": PID, "label_config": CONFIG_XML},
-            "annotation": {"id": aid, "task": tid, "project": PID, "result": [region], "was_cancelled": False},
+            "annotation": annotation,
             "task": {k: v for k, v in ls.tasks[tid].items() if k not in ("annotations", "predictions")}}
 
 
