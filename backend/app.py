@@ -376,7 +376,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         if action == "START_TRAINING":
             func, args, timeout = "backend.jobs.train_project", [pid], TRAIN_TIMEOUT_S
         else:
-            func, args, timeout = "backend.jobs.apply_webhook", [pid, action, body], None
+            func, args, timeout = "backend.jobs.apply_webhook", [pid, action, _webhook_hint(body)], None
         job_kwargs = {"timeout": timeout, "meta": {"project": pid, "event": action}}
         try:
             if replayer is not None and spool.pending():  # in order: none may overtake spooled events
@@ -448,6 +448,24 @@ def _as_item(result: Any, mv: str) -> dict:
     if isinstance(result, dict) and result.get("error"):
         return {"model_version": result.get("model_version", mv), "error": str(result["error"])}
     return {"model_version": mv, "error": "prediction job returned no result"}
+
+
+def _ids(items: Any) -> list[dict]:
+    """[{"id": ...}] of a webhook's list of objects, ids only (the rest is never queued)."""
+    return [{"id": item["id"]} for item in items if isinstance(item, dict)
+            and isinstance(item.get("id"), (int, str)) and not isinstance(item.get("id"), bool)] \
+        if isinstance(items, list) else []
+
+
+def _webhook_hint(body: dict) -> dict:
+    """What a bank job needs of a webhook: the ids it names. The job reads the annotation, its task
+    and the label config back from Label Studio, so nothing else of the (untrusted) payload is
+    queued: no regions, no config, nothing that is not plain JSON."""
+    hint: dict[str, Any] = {key: _ids(body.get(key)) for key in ("annotations", "tasks")}
+    annotation = _ids([body.get("annotation")])
+    if annotation:
+        hint["annotation"] = annotation[0]
+    return hint
 
 
 def _webhook_project(body: dict) -> int:

@@ -68,7 +68,7 @@ class FakeJobs:
         return item
 
     def apply_webhook(self, pid, event, payload):
-        self.calls.append(("apply_webhook", pid, event, payload.get("action")))
+        self.calls.append(("apply_webhook", pid, event, payload))
         if "hold" in self.holds:
             assert self.holds["hold"].wait(10)
         return {"event": event}
@@ -393,8 +393,17 @@ def test_webhook_known_events_queue_a_bank_job(client, jobs, payload, call):
     body = resp.get_json()
     assert body["status"] == "ok"
     info = wait_job(body["job"])
-    assert info.status == "finished" and jobs.calls == [call]
+    assert info.status == "finished" and [c[:3] for c in jobs.calls] == [call[:3]]
     assert info.meta["event"] == payload["action"] and info.meta["project"] == PID
+    if call[0] == "apply_webhook":  # only the ids the event names are queued: the job reads the rest from LS
+        queued = jobs.calls[0][3]
+        assert set(queued) <= {"annotation", "annotations", "tasks"}
+        objects = [queued.get("annotation", {"id": 0}), *queued["annotations"], *queued["tasks"]]
+        assert all(set(o) == {"id"} for o in objects), queued
+        if "annotation" in payload:
+            assert queued["annotation"] == {"id": payload["annotation"]["id"]}
+        assert [o["id"] for o in queued["annotations"]] == [a["id"] for a in payload.get("annotations", [])]
+        assert [o["id"] for o in queued["tasks"]] == [t["id"] for t in payload.get("tasks", [])]
 
 
 def test_webhook_unknown_and_invalid(client, jobs):
@@ -448,7 +457,8 @@ def test_webhook_is_spooled_while_redis_is_down(make_app, jobs):
     lines = (app.extensions["ntt"]["settings"].spool_dir / "jobs.jsonl").read_text().splitlines()
     record = json.loads(lines[0])
     assert len(lines) == 1 and record["func"] == "backend.jobs.apply_webhook"
-    assert record["args"] == [PID, "ANNOTATION_CREATED", WEBHOOK_ANNOTATION_CREATED]
+    assert record["args"] == [PID, "ANNOTATION_CREATED", {"annotations": [], "tasks": [],
+                                                       "annotation": {"id": WEBHOOK_ANNOTATION_CREATED["annotation"]["id"]}}]
     metrics = c.get("/metrics").get_json()
     assert metrics["webhooks_spooled"] == 1 and metrics["spooled_pending"] == 1
 
