@@ -260,8 +260,12 @@ def test_worker_survives_redis_going_away_at_random_moments(tmp_path, private_re
             assert killed.wait(30), f"round {r}: no {name} command #{nth} within 30 s ({moments})"
             assert not submit(f"spooled-{r}")  # Redis is away: spooled
             server.start()  # same port, same append-only file
-            wait_for(lambda: {f"queued-{r}", f"spooled-{r}"} <= applied(), 60,
-                     f"round {r} ({name}#{nth}) to be applied; seed {seed}")
+            try:
+                wait_for(lambda: {f"queued-{r}", f"spooled-{r}"} <= applied(), 120,
+                         f"round {r} ({name}#{nth}) to be applied; seed {seed}")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; applied {sorted(applied())}, spooled {len(spool)}; "
+                                     f"worker log:\n{worker.output()[-4000:]}") from None
             assert worker.proc.poll() is None, f"the worker quit at {moments[-1]}:\n{worker.output()[-3000:]}"
         wanted = {f"{kind}-{r}" for r in range(20) for kind in ("queued", "spooled")}
         assert applied() == wanted
