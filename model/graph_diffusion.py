@@ -12,23 +12,32 @@ decay as s · max(0, 1 - r) ** lam. Masks are compared at the DINOv2 feature res
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 DINO_PATCH = 14                     # DINOv2 patch side: the feature grid is dino_image_size // 14
-_CHUNK_PIXELS = 1 << 24             # low-res pixels resized per interpolate call (memory bound)
 
 
 def feature_masks(lowres: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Binary low-res masks [n, h, w] -> binary masks [n, *size] at the feature grid.
 
-    As the release resizes its binary masks to the feature map (bilinear, no antialias, > 0.5),
-    here the low-res SAM2 masks, which share the DINOv2 input's square frame.
+    As the release resizes its binary masks to the feature map (OpenCV bilinear, > 0.5), here the
+    low-res SAM2 masks, which share the DINOv2 input's square frame. Bilinear sampling without
+    antialias reads two rows and two columns per output pixel: only those are gathered and made
+    float (converting whole masks would cost more than the rest of the rescoring).
     """
-    n, h, w = lowres.shape
-    chunk = max(1, _CHUNK_PIXELS // max(1, h * w))
-    out = [F.interpolate(lowres[s:s + chunk, None].float(), size=size, mode="bilinear",
-                         align_corners=False)[:, 0] > 0.5 for s in range(0, n, chunk)]
-    return torch.cat(out) if out else torch.zeros(0, *size, dtype=torch.bool, device=lowres.device)
+    (y0, y1, wy), (x0, x1, wx) = (_taps(lowres.shape[1], size[0], lowres.device),
+                                  _taps(lowres.shape[2], size[1], lowres.device))
+    H, W = size
+    v = lowres.index_select(1, torch.cat([y0, y1])).index_select(2, torch.cat([x0, x1])).float()
+    top = (1 - wx) * v[:, :H, :W] + wx * v[:, :H, W:]
+    bottom = (1 - wx) * v[:, H:, :W] + wx * v[:, H:, W:]
+    return ((1 - wy)[:, None] * top + wy[:, None] * bottom) > 0.5
+
+
+def _taps(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices (i0, i1) and weight of i1 of a bilinear resize, align_corners=False."""
+    src = ((torch.arange(n_out, dtype=torch.float32, device=device) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    i0 = src.long().clamp(max=n_in - 1)
+    return i0, (i0 + 1).clamp(max=n_in - 1), (src - i0).clamp(0, 1)
 
 
 def graph_diffusion(masks: torch.Tensor, labels: torch.Tensor, alpha: float = 0.3, steps: int = 30,
