@@ -133,3 +133,13 @@ def test_graph_lazy_output_equals_eager(merge):
     assert s_lazy.upsampled < s_eager.upsampled == s_eager.candidates
     above = match(p, bank, opts, score_threshold=float(lazy.scores[2]), max_detections=5)
     assert np.array_equal(above.scores, lazy.scores[:3]) and above.labels == lazy.labels[:3]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("merge", ["graph", "graph-normalised"])
+def test_graph_merge_on_cuda_matches_cpu(merge):
+    p, bank = random_scene(31, size=(480, 640))
+    opts = replace(GRAPH, merge=merge, dino_image_size=518)
+    cpu = match(p, bank, opts, max_detections=5)
+    gpu = match(p.to("cuda"), bank, opts, max_detections=5)
+    assert gpu.labels == cpu.labels and np.allclose(gpu.scores, cpu.scores, atol=1e-5)
