@@ -452,7 +452,7 @@ class _GraphMerge:
                             opts.graph_steps, normalise=opts.merge == "graph-normalised")
         scores = diffusion_decay(torch.as_tensor(cand.scores), r.double().cpu(), opts.graph_lambda)
         self.decayed = scores.numpy().astype(np.float32)
-        self.lazy, self.stats = opts.lazy_topk, stats
+        self.lazy = opts.lazy_topk
         stats.evaluated = cand.n
 
     def output_crop(self, r: int) -> Crop:
