@@ -120,20 +120,25 @@ class Engine:
             return compute_proposals(self.sam, self.dino, image, self.options)
 
     def match(self, proposals: Proposals, bank: MemoryBank, score_threshold: float | None = None,
-              max_detections: int | None = None, *, masks: UpsampledMasks | None = None) -> Detections:
+              max_detections: int | None = None, *, masks: UpsampledMasks | None = None,
+              options: MethodOptions | None = None) -> Detections:
         """Label, de-duplicate and soft-merge proposals against the bank's class prototypes.
 
         Reads `proposals`, `bank` and the caller's mask cache `masks` and changes none of them;
         `max_detections` overrides the method's K (a deviation, see model.matching.match_full).
+        `options`: match with these instead of the engine's (variants side by side on the same
+        proposals and cache); their proposal options must be those the proposals were made with.
         """
-        return self.match_full(proposals, bank, score_threshold, max_detections, masks=masks).detections
+        return self.match_full(proposals, bank, score_threshold, max_detections, masks=masks,
+                               options=options).detections
 
     def match_full(self, proposals: Proposals, bank: MemoryBank, score_threshold: float | None = None,
-                   max_detections: int | None = None, *, masks: UpsampledMasks | None = None) -> MatchResult:
+                   max_detections: int | None = None, *, masks: UpsampledMasks | None = None,
+                   options: MethodOptions | None = None) -> MatchResult:
         """`match`, also returning the masks it upsampled that `masks` lacked (for the caller's cache)."""
         with torch.inference_mode():
-            return match_full(proposals.to(self.device), bank, self.options, score_threshold, max_detections,
-                              masks=masks)
+            return match_full(proposals.to(self.device), bank, options or self.options, score_threshold,
+                              max_detections, masks=masks)
 
     def predict(self, image: np.ndarray, bank: MemoryBank, score_threshold: float | None = None,
                 max_detections: int | None = None) -> Detections:

@@ -8,7 +8,11 @@ Deviations that have no switch are listed at the end of this file.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, get_args
+
+Merge = Literal["soft", "graph", "graph-normalised"]
+Negatives = Literal["off", "suppress", "suppress-nearest"]
+MERGES, NEGATIVES = get_args(Merge), get_args(Negatives)
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,17 @@ class MethodOptions:
     merge_max_side: int = 0             # >0: soft merge at reduced resolution (huge photos), 0 = full res
     bf16: bool = False                  # CUDA bf16 autocast for encoders + decoder (reference: fp32)
     compile_decoder: bool = False       # torch.compile the SAM2 mask decoder (fused kernels; not bit-exact)
+    # --- named variants of matching (docs/method.md, "Variants"); off by default ---
+    merge: Merge = "soft"               # step 4: soft merge or graph diffusion
+    graph_alpha: float = 0.3            # graph diffusion: weight of the walk against the personalisation
+    graph_steps: int = 30               # graph diffusion: most iterations
+    graph_lambda: float = 0.5           # graph diffusion: score *= max(0, 1 - r) ** lambda
+    negatives: Negatives = "off"        # drop a class where a negative of it is nearer (see docs)
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("merge", MERGES), ("negatives", NEGATIVES)):
+            if getattr(self, name) not in allowed:  # a misspelt variant must not run another one
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
