@@ -77,7 +77,7 @@ def engine():
     # iou_threshold 0: random weights predict IoUs anywhere in (0, 1)
     eng = Engine(EngineConfig(sam_model="sam2.1-t", dino_model="dinov2-s", random_weights=True, device="cpu",
                               options=MethodOptions(sam_image_size=256, dino_image_size=112, points_per_side=2,
-                                                    iou_threshold=0.0)))
+                                                    iou_threshold=0.0, compile_decoder=False)))
     eng.propose_calls = 0
     real = eng.propose
 
