@@ -242,3 +242,18 @@ def test_module_segment_needs_a_prompt(sam_t):
     state = encode_image(sam_t, to_sam_input(_image(20, 30), SAM_SIZE), orig_hw=(20, 30))
     with pytest.raises(ValueError):
         segment(sam_t, state)
+
+
+# ------------------------------------------------------------------ worker start
+def test_prepare_compiles_the_decoder_once_at_start(engine):
+    """Engine.prepare() (worker start) builds and runs the compiled decoder, so the first prediction
+    does not wait for the compile; with compile_decoder off it does nothing."""
+    from model.proposals import _COMPILED
+
+    assert engine.prepare() == 0.0
+    compiled = engine.with_options(compile_decoder=True, point_batch_size=4)
+    assert compiled.prepare() > 0
+    twin = _COMPILED[engine.sam]
+    assert twin is not engine.sam.sam_mask_decoder       # compiled and ran, no fallback
+    compiled.prepare()
+    assert _COMPILED[engine.sam] is twin                 # built once per model
