@@ -10,6 +10,11 @@ Steps, as the reference does them:
      max(0, f_i · f_j); score_i *= (1 - IoS(i)) ** merge_exponent.
   5. Sort by decayed score (stable, ties keep NMS order), top K, then the score threshold.
 
+Named variants (docs/method.md, "Variants"), off by default: opts.negatives removes a class from a
+proposal's step-1 scores where a stored negative of that class is nearer than the class itself
+(`_suppress_negatives`); opts.merge = "graph" / "graph-normalised" replaces step 4 by FSOD-VFM's
+graph diffusion on masks at the DINOv2 feature grid (model.graph_diffusion, `_GraphMerge`).
+
 A match is pure: it reads the proposals, the bank and the caller's mask cache (`masks`, a
 model.upsampled.UpsampledMasks of these proposals) and changes none of them; the masks it had to
 upsample come back in MatchResult.upsampled for the caller to keep. Detections do not depend on
@@ -42,6 +47,7 @@ import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
 from .bank import MemoryBank
+from .graph_diffusion import DINO_PATCH, diffusion_decay, feature_masks, graph_diffusion
 from .options import MethodOptions
 from .types import Detections, Proposals
 from .upsampled import Crop, UpsampledMasks
@@ -60,6 +66,7 @@ class MatchStats:
     evaluated: int = 0    # candidates whose decayed score was computed
     upsampled: int = 0    # masks upsampled (merge resolution plus output resolution if different)
     pairs: int = 0        # mask intersections counted
+    suppressed: int = 0   # proposals whose best class a negative removed (opts.negatives)
 
 
 def upsample_mask_crops(logits: torch.Tensor, size: tuple[int, int], within: np.ndarray | None = None,
@@ -170,12 +177,17 @@ def match_full(proposals: Proposals, bank: MemoryBank, opts: MethodOptions,
     threshold = opts.score_threshold if score_threshold is None else score_threshold
     if len(proposals) == 0 or len(bank) == 0 or k <= 0:
         return MatchResult(Detections.empty(proposals.image_size), stats, new)
-    names, cand = _candidates(proposals, bank, opts, k)
+    names, cand = _candidates(proposals, bank, opts, k, stats)
     stats.candidates = cand.n
     if cand.n == 0:
         return MatchResult(Detections.empty(proposals.image_size), stats, new)
-    merger = _Merger(proposals, cand, opts, stats, masks or UpsampledMasks(owner), new)
-    records = merger.run_lazy(k, threshold) if opts.lazy_topk else merger.run_all()
+    known = masks or UpsampledMasks(owner)
+    if opts.merge == "soft":
+        merger = _Merger(proposals, cand, opts, stats, known, new)
+        records = merger.run_lazy(k, threshold) if opts.lazy_topk else merger.run_all()
+    else:
+        merger = _GraphMerge(proposals, cand, opts, stats, known, new)
+        records = merger.run(k, threshold)
     records.sort(key=lambda t: (-t[0], t[1]))
     chosen = [(d, r) for d, r in records[:k] if d > 0 and (threshold <= 0 or d >= threshold)]
     out = [merger.output_crop(r) for _, r in chosen]
@@ -203,7 +215,7 @@ class _Candidates:
 
 
 def _candidates(proposals: Proposals, bank: MemoryBank, opts: MethodOptions,
-                k: int) -> tuple[list[str], _Candidates]:
+                k: int, stats: MatchStats) -> tuple[list[str], _Candidates]:
     """Scoring (step 1) and NMS + cap + score filter (step 2)."""
     desc = proposals.descriptors.float()
     names, protos = bank.prototypes(desc.device)
@@ -211,16 +223,52 @@ def _candidates(proposals: Proposals, bank: MemoryBank, opts: MethodOptions,
         raise ValueError(f"proposal descriptors have dimension {desc.shape[1]}, "
                          f"memory bank has {protos.shape[1]}: different DINOv2 models?")
     sims = (desc @ protos.T).clamp(min=0)                       # NaN stays NaN, dropped below
+    suppressed = None
+    if opts.negatives != "off":
+        sims, suppressed = _suppress_negatives(desc, sims, bank, names, opts.negatives, stats)
     labels = sims.argmax(1)
     scores = sims.gather(1, labels[:, None])[:, 0]
     boxes = proposals.lowres_boxes()
-    keep = batched_nms(boxes.float(), proposals.iou.float(), labels, opts.nms_threshold)
+    if suppressed is None:
+        keep = batched_nms(boxes.float(), proposals.iou.float(), labels, opts.nms_threshold)
+    else:  # a proposal that negatives left without a class takes no part in NMS
+        alive = torch.nonzero(~suppressed)[:, 0]
+        keep = alive[batched_nms(boxes[alive].float(), proposals.iou[alive].float(), labels[alive],
+                                 opts.nms_threshold)]
     keep = keep[:opts.pre_merge_factor * k]
     keep = keep[scores[keep] > 0]
     kept = desc[keep]
     return names, _Candidates(
         index=keep, labels=labels[keep].cpu().numpy(), scores=scores[keep].double().cpu().numpy(),
         boxes=boxes[keep].long().cpu().numpy(), sims=(kept @ kept.T).double().cpu().numpy())
+
+
+def _suppress_negatives(desc: torch.Tensor, sims: torch.Tensor, bank: MemoryBank, names: list[str],
+                        rule: str, stats: MatchStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step-1 scores with negatives (docs/method.md, "Negatives"): s[i, c] = 0 where a negative of
+    class c is more similar to f_i than c's prototype ("suppress") or than c's nearest reference
+    ("suppress-nearest"); the label is then the best class left. Also returns which proposals
+    this left with no class (those that had one before)."""
+    owner, negs = bank.unit_descriptors(names, negatives=True, device=desc.device)
+    if owner.numel() == 0:
+        return sims, torch.zeros(sims.shape[0], dtype=torch.bool, device=sims.device)
+    near = _classwise_max(desc @ negs.T, owner, len(names))
+    if rule == "suppress-nearest":
+        ref_owner, refs = bank.unit_descriptors(names, device=desc.device)
+        rival = _classwise_max(desc @ refs.T, ref_owner, len(names))
+    else:
+        rival = sims
+    beaten = near > rival
+    stats.suppressed = int(beaten.gather(1, sims.argmax(1, keepdim=True)).sum())
+    left = sims.masked_fill(beaten, 0.0)
+    return left, (sims.amax(1) > 0) & ~(left.amax(1) > 0)
+
+
+def _classwise_max(cos: torch.Tensor, owner: torch.Tensor, classes: int) -> torch.Tensor:
+    """[N, C] max(0, max over the columns of each class) of cosines [N, M] whose columns belong
+    to classes `owner` [M]."""
+    out = cos.new_zeros(cos.shape[0], classes)
+    return out.scatter_reduce(1, owner.expand(cos.shape[0], -1), cos, reduce="amax")
 
 
 def _reach_boxes(boxes: np.ndarray, low: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
@@ -382,4 +430,51 @@ class _Merger:
                     continue
                 records.append((d, r))
                 (heapq.heappush if len(best) < k else heapq.heappushpop)(best, d)
+        return records
+
+
+class _GraphMerge:
+    """Graph-diffusion rescoring (docs/method.md, "Graph diffusion") in place of step 4.
+
+    Every candidate takes part, in NMS order, with its mask at the DINOv2 feature grid (the low-res
+    mask resized there); full-resolution masks are computed only for the output, walking down the
+    decayed scores (which never exceed the undecayed ones) until K non-empty ones are found.
+    """
+
+    def __init__(self, proposals: Proposals, cand: _Candidates, opts: MethodOptions,
+                 stats: MatchStats, known: UpsampledMasks, new: UpsampledMasks) -> None:
+        size = tuple(proposals.image_size)
+        self.out = _MaskCache(proposals, cand.index, size,
+                              _reach_boxes(cand.boxes, proposals.lowres_shape, size), stats, known, new)
+        grid = opts.dino_image_size // DINO_PATCH
+        masks = feature_masks(proposals.lowres_masks(cand.index), (grid, grid))
+        r = graph_diffusion(masks, torch.as_tensor(cand.labels, device=masks.device), opts.graph_alpha,
+                            opts.graph_steps, normalise=opts.merge == "graph-normalised")
+        scores = diffusion_decay(torch.as_tensor(cand.scores), r.double().cpu(), opts.graph_lambda)
+        self.decayed = scores.numpy().astype(np.float32)
+        self.lazy = opts.lazy_topk
+        stats.evaluated = cand.n
+
+    def output_crop(self, r: int) -> Crop:
+        self.out.ensure([r])
+        return self.out.crops[r]
+
+    def run(self, k: int, threshold: float) -> list[tuple[float, int]]:
+        """(decayed score, rank) of the best K candidates whose full-resolution mask is not empty."""
+        order = sorted(range(len(self.decayed)), key=lambda r: (-self.decayed[r], r))
+        if not self.lazy:
+            self.out.ensure(order)
+        records: list[tuple[float, int]] = []
+        pos = 0
+        while pos < len(order) and len(records) < k:
+            batch = order[pos:pos + max(k - len(records), _MIN_ROUND)]
+            if self.decayed[batch[0]] <= 0 or self.decayed[batch[0]] < threshold:
+                break                                   # sorted: nobody left can be shown
+            self.out.ensure(batch)
+            for r in batch:
+                pos += 1
+                if self.out.areas[r] > 0:
+                    records.append((float(self.decayed[r]), r))
+                    if len(records) == k:
+                        break
         return records

@@ -8,7 +8,11 @@ Deviations that have no switch are listed at the end of this file.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, get_args
+
+Merge = Literal["soft", "graph", "graph-normalised"]
+Negatives = Literal["off", "suppress", "suppress-nearest"]
+MERGES, NEGATIVES = get_args(Merge), get_args(Negatives)
 
 
 @dataclass(frozen=True)
@@ -35,17 +39,30 @@ class MethodOptions:
     antialias: bool = False             # antialias the torch bicubic resizes (reference: no antialias)
     merge_max_side: int = 0             # >0: soft merge at reduced resolution (huge photos), 0 = full res
     bf16: bool = False                  # CUDA bf16 autocast for encoders + decoder (reference: fp32)
-    compile_decoder: bool = False       # torch.compile the SAM2 mask decoder (fused kernels; not bit-exact)
+    # --- performance: within float rounding of eager (docs/method.md, "Cold path") ---
+    compile_decoder: bool = True        # torch.compile the SAM2 mask decoder (falls back to eager on failure)
+    # --- named variants of matching (docs/method.md, "Variants"); off by default ---
+    merge: Merge = "soft"               # step 4: soft merge or graph diffusion
+    graph_alpha: float = 0.3            # graph diffusion: weight of the walk against the personalisation
+    graph_steps: int = 30               # graph diffusion: most iterations
+    graph_lambda: float = 0.5           # graph diffusion: score *= max(0, 1 - r) ** lambda
+    negatives: Negatives = "off"        # drop a class where a negative of it is nearer (see docs)
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("merge", MERGES), ("negatives", NEGATIVES)):
+            if getattr(self, name) not in allowed:  # a misspelt variant must not run another one
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def cache_key(self) -> str:
         """Options that change proposals (the per-image cache key part). Deviations at their
-        default add nothing, so caches written before they were named stay valid."""
+        default add nothing, so caches written before they were named stay valid. The compiled
+        decoder is not part of it: its logits are within the method's tolerance of eager
+        (tests/model/test_proposals.py), like another BLAS build's."""
         return (f"s{self.sam_image_size}-p{self.points_per_side}-i{self.iou_threshold}-"
                 f"d{self.dino_image_size}-g{self.grid}-a{int(self.antialias)}-b{int(self.bf16)}"
-                + ("-c1" if self.compile_decoder else "")
                 + (f"-q{self.point_batch_size}" if self.point_batch_size != 64 else "")
                 + ("" if self.drop_empty_masks else "-e0"))
 

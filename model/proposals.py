@@ -190,10 +190,10 @@ def build_proposals(lowres_logits: torch.Tensor, iou: torch.Tensor, dino_tokens:
 
 @torch.inference_mode()
 def compute_proposals(sam: nn.Module, dino: nn.Module, image: np.ndarray,
-                      opts: MethodOptions) -> Proposals:
+                      opts: MethodOptions, state: SamImageState | None = None) -> Proposals:
     """The proposal stage (docs/method.md, "Proposals") for one HxWx3 uint8 RGB image. Tensors stay
     on the models' device and are inference tensors (read freely; .clone() before modifying them
-    in place)."""
+    in place). `state`: this image's SAM2 features when already computed (model.embedding)."""
     size = opts.sam_image_size
     if int(sam.image_size) != size:
         raise ValueError(f"opts.sam_image_size={size} but the SAM2 model was built for {sam.image_size}")
@@ -204,7 +204,11 @@ def compute_proposals(sam: nn.Module, dino: nn.Module, image: np.ndarray,
     with encoder_autocast(dino_device, opts.bf16):
         tokens = dino_patch_tokens(dino, to_dino_input(x.to(dino_device), opts.dino_image_size,
                                                        antialias=opts.antialias))
-    state = encode_image(sam, x, orig_hw=image.shape[:2], bf16=opts.bf16)
+    if state is None:
+        state = encode_image(sam, x, orig_hw=image.shape[:2], bf16=opts.bf16)
+    elif state.input_size != size or state.orig_hw != tuple(image.shape[:2]):
+        raise ValueError(f"SAM2 features of a {state.orig_hw} image at {state.input_size} px do not fit "
+                         f"this {tuple(image.shape[:2])} image at {size} px")
     points = point_grid(opts.points_per_side, size, opts.grid)
     with encoder_autocast(device, opts.bf16):  # the decoder too: it is most of the cold-path time
         logits, iou = decode_points(sam, state, points, opts.point_batch_size, opts.compile_decoder)

@@ -137,6 +137,10 @@ class Proposals:
         """[n, h, w] float logits of the proposals at `index`, decoding only those."""
         return self._packed.take(index) if self._logits is None else self._logits[index]
 
+    def lowres_masks(self, index: torch.Tensor) -> torch.Tensor:
+        """[n, h, w] bool low-res masks (logit > 0) at `index`; packed ones need no decoding."""
+        return self._packed.signs[index] if self._logits is None else self._logits[index] > 0
+
     def to(self, device: torch.device | str) -> "Proposals":
         if self._logits is None:
             return Proposals(None, self.iou.to(device), self.descriptors.to(device), self.image_size,

@@ -1,7 +1,7 @@
 """Test-session environment, set before any backend module reads its settings.
 
 * no network: HF_HUB_OFFLINE=1; one CPU thread per test process (2-core CI box).
-* small random-weight models (SAM2.1-T at 256 px, DINOv2-S at 112 px, 2x2 point grid).
+* small random-weight models (SAM2.1-T at 256 px, DINOv2-S at 112 px, 2x2 point grid, eager decoder).
 * a fresh MODEL_DIR and a unique queue/key prefix per session, so concurrent sessions and a
   developer's real deployment on the same Redis never see each other's keys.
 * no Redis, Label Studio or basic-auth settings leak in from the shell: tests that need Redis
@@ -30,6 +30,7 @@ for _name, _value in {
     "NTT_RANDOM_WEIGHTS": "1", "NTT_DEVICE": "cpu",
     "NTT_SAM_MODEL": "sam2.1-t", "NTT_DINO_MODEL": "dinov2-s",
     "NTT_SAM_IMAGE_SIZE": "256", "NTT_DINO_IMAGE_SIZE": "112", "NTT_POINTS_PER_SIDE": "2",
+    "NTT_COMPILE_DECODER": "0",  # the eager decoder: no compile in every test process (tests/model checks it)
     "NTT_TEST_REDIS_URL": "redis://127.0.0.1:6379/0",
 }.items():
     os.environ.setdefault(_name, _value)

@@ -67,3 +67,18 @@ def test_bench_refresh_prints_its_table():
     assert re.search(r"peak memory, this process\s+\d+ MiB", out)
     assert re.search(r"peak memory, one worker\s+\d+ MiB", out)
     assert re.search(r"throughput, 1 RQ worker\(s\)\s+[\d.]+ img/s\s+1 predict jobs", out)
+
+
+def test_bench_variants_prints_every_variant():
+    """bench/bench_variants.py at tiny sizes: one row per (merge, negatives) variant, each with its
+    timings, the suppression counted only when negatives are used."""
+    cmd = [sys.executable, "bench/bench_variants.py", "--proposals", "30", "--low", "64", "--image-size", "60x80",
+           "--dim", "16", "--classes", "3", "--shots", "2", "--negatives", "6", "--repeat", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout
+    rows = re.findall(r"^(soft|graph|graph-normalised)\s+(off|suppress|suppress-nearest)\s+[\d.]+\s+[\d.]+\s+(\d+)"
+                      r"\s+(\d+)$", proc.stdout, re.M)
+    assert len(rows) == 9 and len({(m, n) for m, n, _, _ in rows}) == 9, proc.stdout
+    assert all(int(dets) > 0 for _, _, dets, _ in rows)
+    assert all((n == "off") == (s == "0") for _, n, _, s in rows), proc.stdout

@@ -32,9 +32,10 @@ def dino_s() -> torch.nn.Module:
 
 @pytest.fixture(scope="session")
 def small_opts() -> MethodOptions:
-    # iou_threshold 0: random weights predict IoUs anywhere in (0, 1)
+    # iou_threshold 0: random weights predict IoUs anywhere in (0, 1); the eager decoder (compiling
+    # costs ~15 s per process; tests/model/test_proposals.py checks the compiled one)
     return MethodOptions(sam_image_size=SAM_SIZE, points_per_side=2, dino_image_size=DINO_SIZE,
-                         iou_threshold=0.0)
+                         iou_threshold=0.0, compile_decoder=False)
 
 
 @pytest.fixture(scope="session")

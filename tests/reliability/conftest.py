@@ -368,7 +368,8 @@ def engine():
     torch.manual_seed(0)
     return Engine(EngineConfig(sam_model="sam2.1-t", dino_model="dinov2-s", random_weights=True, device="cpu",
                                options=MethodOptions(sam_image_size=256, dino_image_size=112,
-                                                     points_per_side=2, iou_threshold=0.0)))
+                                                     points_per_side=2, iou_threshold=0.0,
+                                                     compile_decoder=False)))
 
 
 @pytest.fixture
