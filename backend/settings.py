@@ -210,8 +210,8 @@ class Settings:
         "the fp32 reference).", _bool)
     compile_decoder: bool = _option(
         "compile_decoder", "NTT_COMPILE_DECODER", "torch.compile the SAM2 mask decoder (the cold path's "
-        "largest stage; first prediction waits for the compile; results differ from eager by float "
-        "rounding).", _bool)
+        "largest stage), within the method's tolerances of eager fp32; an RQ worker compiles it at start, "
+        "the embedded default on its first prediction; eager when compiling fails.", _bool)
     score_threshold: float = _var(
         "SCORE_THRESHOLD", 0.5, "Minimum region score in pre-annotations (the method itself has none); "
         "a control's `model_score_threshold` attribute overrides it.", _unit_float, default_doc="`0.5`")

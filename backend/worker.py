@@ -314,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("engine %s loaded on %s (checkpoints: %s; random weights: %s)", engine.name, engine.device,
              "none" if settings.random_weights else f"{settings.sam_checkpoint}, {settings.dino_checkpoint}",
              settings.random_weights)
+    compile_s = engine.prepare()  # the compiled decoder, before the first job rather than inside it
+    if compile_s:
+        log.info("SAM2 decoder compiled in %.1f s", compile_s)
 
     connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
     queues = [Queue(settings.queue_name(name), connection=connection, serializer=SERIALIZER) for name in args.queues]
