@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         _, truth = scenes[m]
         for j, ((label, _), desc) in enumerate(zip(truth, descriptors[m])):
             if desc is not None:   # a little noise: every task's references differ
-                bank.add(label, f"t{t}:{j}", desc + 0.05 * rng.standard_normal(desc.shape).astype(np.float32), f"ann{t}")
+                noisy = desc + 0.05 * rng.standard_normal(desc.shape).astype(np.float32)
+                bank.add(label, f"t{t}:{j}", noisy, f"ann{t}")
         tasks.append(AnnotatedTask(t, (h, w), tuple(TruthRegion(label, mask=mask) for label, mask in truth),
                                    frozenset({f"ann{t}"})))
 

@@ -166,6 +166,13 @@ class _Found:
                    [crop_rle(x0, y0, crop, size) for x0, y0, crop in det.masks])
 
 
+def _detect(match: Matcher, task: AnnotatedTask, bank: MemoryBank, options: Any) -> _Found:
+    """The task's detections by `bank`; an empty bank (a one-task project's fold) finds nothing
+    without asking the matcher."""
+    det = match(task.task_id, bank, options) if len(bank) else Detections.empty(task.image_size)
+    return _Found.of(det, task.image_size)
+
+
 # ------------------------------------------------------------------------------- ground truth
 class _Truth:
     """The tasks' ground truth as COCO datasets (built once, scored many times)."""
@@ -464,7 +471,7 @@ def _learning_curve(truth: _Truth, bank: MemoryBank, match: Matcher, options: An
             if len(held) > settings.curve_max_eval_tasks:
                 held = sorted(rng.sample(held, settings.curve_max_eval_tasks))
             sub = bank_subset(bank, keep={g for i in chosen for g in tasks[i].groups})
-            dets = list(map_fn(lambda i: _Found.of(match(tasks[i].task_id, sub, options), tasks[i].image_size), held))
+            dets = list(map_fn(lambda i: _detect(match, tasks[i], sub, options), held))
             matches += len(held)
             ap = truth.score(dict(zip(held, dets))).mean_ap()
             if ap is not None:
@@ -504,8 +511,7 @@ def evaluate_project(tasks: Sequence[AnnotatedTask], bank: MemoryBank, match: Ma
     def fold(i: int) -> dict[str, _Found]:
         task = truth.tasks[i]
         held_out = bank_subset(bank, drop=task.groups)   # never the task's own references
-        return {name: _Found.of(match(task.task_id, held_out, opts), task.image_size)
-                for name, opts in variants.items()}
+        return {name: _detect(match, task, held_out, opts) for name, opts in variants.items()}
 
     folds = list(map_fn(fold, range(len(truth.tasks))))
     scored = {name: truth.score({i: f[name] for i, f in enumerate(folds)}) for name in variants}

@@ -77,7 +77,8 @@ class _Plot:
         axes.append(f'<text x="10" y="{(self.T + self.H - self.B) / 2}" text-anchor="middle" '
                     f'transform="rotate(-90 10 {(self.T + self.H - self.B) / 2})">{_esc(y_label)}</text>')
         short = self.title if len(self.title) <= 40 else self.title[:39] + "…"
-        axes.append(f'<text x="{self.L}" y="14" font-weight="bold">{_esc(short)}<title>{_esc(self.title)}</title></text>')
+        axes.append(f'<text x="{self.L}" y="14" font-weight="bold">{_esc(short)}'
+                    f'<title>{_esc(self.title)}</title></text>')
         return (f'<svg class="chart" width="{self.W}" height="{self.H}" viewBox="0 0 {self.W} {self.H}" '
                 f'role="img" aria-label="{_esc(self.title)}" font-size="10">'
                 + "".join(axes + self.parts) + "</svg>")

@@ -85,7 +85,8 @@ def _errors(events: list[dict]) -> list[str]:
         if method == "Runtime.exceptionThrown":
             out.append(f"exception: {params.get('exceptionDetails', {}).get('text')}")
         elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-            out.append("console: " + " ".join(str(a.get("value", a.get("description"))) for a in params.get("args", [])))
+            args = params.get("args", [])
+            out.append("console: " + " ".join(str(a.get("value", a.get("description"))) for a in args))
         elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
             out.append(f"log: {params['entry'].get('text')}")
     return out

@@ -123,6 +123,13 @@ def test_ap_equals_cocoeval_on_the_same_detections(seed):
     json.dumps(result)      # JSON-able as it is
 
 
+def _tiny_bank(task: AnnotatedTask):
+    """The task's own references plus one of another annotation (its fold bank is not empty)."""
+    bank = project_bank([task])
+    bank.add("cat", "other:0", np.ones(bank.dim, np.float32), "other")
+    return bank
+
+
 def _tiny_task(labels=("cat", "cat")) -> tuple[AnnotatedTask, Detections]:
     """2 regions, 3 detections: 0.9 on region 1 (exact), 0.8 on nothing, 0.7 on region 2 (exact)."""
     a, b, c = rect_mask(2, 2, 12, 10), rect_mask(30, 20, 44, 34), rect_mask(20, 2, 28, 8)
@@ -137,26 +144,26 @@ def test_tiny_case_has_the_hand_computed_ap_and_threshold():
     # IoU threshold (the hits are exact): AP = AP50 = (51 + 50 * 2/3) / 101 = 253/303.
     task, det = _tiny_task()
     settings = EvaluationSettings(min_tasks_for_threshold=1)
-    result = evaluate_project([task], project_bank([task]), Recorder({7: det}), settings=settings)
+    result = evaluate_project([task], _tiny_bank(task), Recorder({7: det}), settings=settings)
     cat = result["classes"]["cat"]
     for key in ("ap", "ap50", "mask_ap", "mask_ap50"):
         assert cat[key] == pytest.approx(253 / 303, abs=1e-12), key
     # F1 at 0.9: 2/3, at 0.8: 1/2, at 0.7: 4/5 -> calibrated threshold 0.7 (P 2/3, R 1)
     assert cat["calibrated_threshold"] == pytest.approx(0.7) and cat["threshold_source"] == "calibrated"
     assert (cat["precision"], cat["recall"], cat["f1"]) == pytest.approx((2 / 3, 1.0, 0.8))
-    assert cat["instances"] == 2 and cat["tasks"] == 1 and cat["references"] == 2
+    assert cat["instances"] == 2 and cat["tasks"] == 1 and cat["references"] == 3
     assert result["thresholds"] == {"cat": pytest.approx(0.7)}
     hist = cat["histogram"]            # 20 bins of 0.05; float32 0.9 and 0.7 are a hair below
     assert len(hist["edges"]) == 21 and hist["tp"][17] == hist["tp"][13] == hist["fp"][16] == 1
     assert sum(hist["tp"]) == 2 and sum(hist["fp"]) == 1
     assert cat["pr"]["precision"][:51] == [1.0] * 51 and cat["pr"]["precision"][51:] == [0.6667] * 50
     # one task: no evidence for a threshold under the default rule (>= 3 tasks)
-    default = evaluate_project([task], project_bank([task]), Recorder({7: det}),
+    default = evaluate_project([task], _tiny_bank(task), Recorder({7: det}),
                                settings=EvaluationSettings(default_threshold=0.75))
     cat = default["classes"]["cat"]
     assert cat["calibrated_threshold"] is None and (cat["threshold"], cat["threshold_source"]) == (0.75, "default")
     assert (cat["precision"], cat["recall"]) == pytest.approx((1 / 2, 1 / 2))   # 0.9 and 0.8 kept
-    control = evaluate_project([task], project_bank([task]), Recorder({7: det}),
+    control = evaluate_project([task], _tiny_bank(task), Recorder({7: det}),
                                settings=EvaluationSettings(control_thresholds={"cat": 0.95}))
     cat = control["classes"]["cat"]
     assert (cat["threshold_source"], cat["precision"], cat["recall"], cat["f1"]) == ("control", None, 0.0, 0.0)
@@ -169,7 +176,7 @@ def test_confusion_and_worst_misses_at_the_thresholds_in_force():
     det = detections([("box", 0.9, a),        # labelled box on the cat: false, confused with cat
                       ("cat", 0.6, far),      # on nothing: false, background
                       ("cat", 0.3, a)])       # on the cat but below the threshold 0.5: cat missed
-    result = evaluate_project([task], project_bank([task]), Recorder({"t1": det}))
+    result = evaluate_project([task], _tiny_bank(task), Recorder({"t1": det}))
     conf = result["confusion"]
     assert conf["labels"] == ["box", "cat"]
     assert conf["matrix"] == [[0, 1], [0, 0]] and conf["background"] == [0, 1]
@@ -179,7 +186,7 @@ def test_confusion_and_worst_misses_at_the_thresholds_in_force():
         ("missed", "box", None, None), ("missed", "cat", pytest.approx(0.3), None)]    # larger region first
     assert misses[0]["task_id"] == "t1" and misses[0]["box"] == [2.0, 2.0, 12.0, 10.0]
     assert misses[2]["box"] == [30.0, 20.0, 44.0, 34.0] and misses[2]["image_size"] == list(SIZE)
-    small = evaluate_project([task], project_bank([task]), Recorder({"t1": det}),
+    small = evaluate_project([task], _tiny_bank(task), Recorder({"t1": det}),
                              settings=EvaluationSettings(gallery_size=2))
     assert [m["kind"] for m in small["misses"]] == ["false", "missed"]
 
@@ -232,9 +239,17 @@ def test_variants_are_scored_side_by_side_and_the_best_is_used_with_evidence():
     assert thin["variants"]["graph"]["mean_ap"] == pytest.approx(1.0)
 
 
+def test_an_empty_fold_bank_finds_nothing_without_asking_the_matcher():
+    task, det = _tiny_task()
+    rec = Recorder({7: det})
+    result = evaluate_project([task], project_bank([task]), rec)     # its only references are its own
+    assert rec.calls == [] and result["classes"]["cat"]["ap"] == 0.0 and result["classes"]["cat"]["recall"] == 0.0
+    assert result["curve"] == [] and [m["kind"] for m in result["misses"]] == ["missed", "missed"]
+
+
 def test_bad_input_gets_a_clear_error():
     task, det = _tiny_task()
-    bank = project_bank([task])
+    bank = _tiny_bank(task)
     with pytest.raises(ValueError, match="unique"):
         evaluate_project([task, task], bank, Recorder({7: det}))
     with pytest.raises(ValueError, match="faithful"):

@@ -26,7 +26,8 @@ def _project(n: int = 6) -> tuple[list[AnnotatedTask], dict]:
         for k, label in enumerate(LABELS):
             x0, y0 = 4 + 28 * k, int(rng.integers(2, 20))
             mask = rect_mask(x0, y0, x0 + 16, y0 + 12)
-            truth.append(TruthRegion(label, mask=mask) if k == 0 else TruthRegion(label, box=(x0, y0, x0 + 16, y0 + 12)))
+            box = (x0, y0, x0 + 16, y0 + 12)
+            truth.append(TruthRegion(label, mask=mask) if k == 0 else TruthRegion(label, box=box))
             if rng.random() < 0.7:
                 items.append((label, float(rng.uniform(0.4, 1.0)), np.roll(mask, int(rng.integers(-2, 3)), 1)))
         items.append((LABELS[t % 2], float(rng.uniform(0.3, 0.95)), rect_mask(20, 28, 30, 38)))
@@ -104,3 +105,13 @@ def test_the_browser_check_sees_console_errors_and_broken_images(tmp_path):
     page = load_page(path)
     assert page.errors == ["console: broken page"]
     assert page.images == [{"complete": True, "width": 0, "alt": "broken"}] and page.svgs == 1
+
+
+def test_the_browser_check_sees_a_blocked_external_load(tmp_path):
+    """Under the report's Content-Security-Policy an external image is refused, and reported."""
+    path = tmp_path / "external.html"
+    page = render_report({"status": "running"}).replace("</body>", '<img src="http://127.0.0.1:9/x.png"></body>')
+    path.write_text(page)
+    report = load_page(path)
+    assert len(report.errors) == 1 and "Content Security Policy" in report.errors[0]
+    assert report.images == [{"complete": True, "width": 0, "alt": ""}]
