@@ -73,15 +73,24 @@ def segment(sam: nn.Module, state: SamImageState, points: Sequence[Click] = (),
     coords, labels = prompt_points(state, points, box)
     if multimask is None:
         multimask = box is None and coords.shape[1] == 1
+    lowres, iou = decode_prompts(sam, state, coords, labels, bool(multimask))
+    best = int(iou[0].argmax())
+    full = F.interpolate(lowres[:, best:best + 1].float(), size=state.orig_hw, mode="bilinear",
+                         align_corners=False)
+    return Segmentation(mask=(full[0, 0] > 0).cpu().numpy(), score=float(iou[0, best]))
+
+
+def decode_prompts(sam: nn.Module, state: SamImageState, coords: torch.Tensor, labels: torch.Tensor,
+                   multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(low-res logits [1, M, 256, 256], predicted IoUs [1, M]) of one prompt set in the S-px frame,
+    as SAM2ImagePredictor decodes a single image: `no_mem_embed` added to the image embedding (the
+    model is trained that way for single images; only the proposal path omits it)."""
     sparse, dense = sam.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
     embed = state.image_embed
     if sam.directly_add_no_mem_embed:
         embed = embed + sam.no_mem_embed.reshape(1, -1, 1, 1)
     lowres, iou, _, _ = sam.sam_mask_decoder(
         image_embeddings=embed, image_pe=sam.sam_prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=bool(multimask),
+        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
         repeat_image=False, high_res_features=state.high_res_feats)
-    best = int(iou[0].argmax())
-    full = F.interpolate(lowres[:, best:best + 1].float(), size=state.orig_hw, mode="bilinear",
-                         align_corners=False)
-    return Segmentation(mask=(full[0, 0] > 0).cpu().numpy(), score=float(iou[0, best]))
+    return lowres, iou

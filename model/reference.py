@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.dino import dino_patch_tokens
+from model.interactive import decode_prompts
 from model.options import MethodOptions
 from model.preprocess import image_to_tensor, to_dino_input
 from model.proposals import SamImageState, encoder_autocast
@@ -105,13 +106,6 @@ def box_to_mask(sam: nn.Module, state: SamImageState, box_xyxy: tuple[float, flo
     box = torch.as_tensor(box_xyxy, dtype=torch.float32, device=device).reshape(1, 2, 2)
     box = box / torch.tensor([W, H], dtype=torch.float32, device=device) * state.input_size
     labels = torch.tensor([[2, 3]], dtype=torch.int32, device=device)
-    sparse, dense = sam.sam_prompt_encoder(points=(box, labels), boxes=None, masks=None)
-    embed = state.image_embed
-    if sam.directly_add_no_mem_embed:
-        embed = embed + sam.no_mem_embed.reshape(1, -1, 1, 1)
-    logits, _, _, _ = sam.sam_mask_decoder(
-        image_embeddings=embed, image_pe=sam.sam_prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
-        repeat_image=False, high_res_features=state.high_res_feats)
+    logits, _ = decode_prompts(sam, state, box, labels, multimask=False)
     full = F.interpolate(logits[:, :1].float(), size=(H, W), mode="bilinear", align_corners=False)
     return (full[0, 0] > 0).cpu().numpy()
