@@ -321,7 +321,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             key = f"delivery:{pid}:{uuid.uuid4().hex}"
             try:
                 job_id = queueing.enqueue("backend.jobs.predict_task", pid, tasks[i], xml, delivery_key=key,
-                                          warm=warm, queue="predict", retries=1,
+                                          queue="predict", retries=1, **({"warm": True} if warm else {}),
                                           meta={"project": pid, "task": tasks[i]["id"]})
             except queueing.QueueUnavailable as exc:  # one timeout, not one per remaining task
                 for j in todo[n:]:

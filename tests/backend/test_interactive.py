@@ -300,3 +300,13 @@ def test_train_serves_a_click_before_its_next_task(engine, tmp_path, monkeypatch
         clicked.set()
         fake.close()
         runtime.reset()
+
+
+def test_a_pre_annotated_image_is_warm_for_clicks(client, ls):
+    """The proposals of a prediction job and the clicks share the image's embedding: one key."""
+    web, spy = client
+    task = ls.add_task(PID, 1, "a.png", png_bytes(1, DISPLAYED))
+    jobs._proposals(runtime.get_fetcher(PID).fetch(task["data"]["image"], task_id=1))
+    assert spy.encodes == 1
+    click(web, task, keypoint(30.0, 40.0))
+    assert spy.encodes == 1
