@@ -1,13 +1,14 @@
 """One job-queue interface for both deployment modes.
 
 * With `REDIS_URL`: RQ queues `<prefix>-interactive`, `<prefix>-bank` and `<prefix>-predict`, served
-  by `python -m backend.worker` processes (see backend/worker.py), which take them in that order. Failed jobs are retried with
-  backoff (also when a worker dies mid-job: RQ requeues abandoned jobs that have retries left).
+  by `python -m backend.worker` processes (see backend/worker.py), which take them in that order.
+  Failed jobs are retried with backoff (also when a worker dies mid-job: RQ requeues abandoned jobs
+  that have retries left).
 * Webhooks that arrive while Redis is down are appended to a durable spool (`Spool`, jsonl +
   fsync under MODEL_DIR/spool) and enqueued in order by `SpoolReplayer` once Redis answers again.
-* Without `REDIS_URL` (the embedded default): ONE daemon thread in this process consumes a priority queue
-  (interactive jobs first, then bank jobs, then predict jobs) and calls the same functions by import path. It starts on the
-  first `enqueue`, so the web process never loads models at start; the first job does. Jobs are
+* Without `REDIS_URL` (the embedded default): ONE daemon thread in this process consumes a priority
+  queue (interactive jobs first, then bank jobs, then predict jobs) and calls the same functions by
+  import path. It starts on the first `enqueue`, so the web process never loads models at start; the first job does. Jobs are
   lost if the process dies (there is nothing to share them with) and timeouts are not enforced.
 
 Interactive jobs (a click in the editor, which an annotator waits for) never wait behind batch work:

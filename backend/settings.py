@@ -176,8 +176,8 @@ class Settings:
         "REDIS_URL", None, "Redis for the bank store and RQ queues; unset = embedded in-process worker "
         "thread (single process, nothing shared).", _redis_url, secret=True, default_doc="unset")
     queue_prefix: str = _var(
-        "NTT_QUEUE_PREFIX", "ntt", "Prefix of the RQ queue names (`<prefix>-interactive`, `<prefix>-bank`, `<prefix>-predict`); "
-        "lets several deployments share one Redis.", _queue_prefix, default_doc="`ntt`")
+        "NTT_QUEUE_PREFIX", "ntt", "Prefix of the RQ queue names (`<prefix>-interactive`, `<prefix>-bank`, "
+        "`<prefix>-predict`); lets several deployments share one Redis.", _queue_prefix, default_doc="`ntt`")
     sam_model: str = _var(
         "NTT_SAM_MODEL", "sam2-l", f"SAM2 model ({', '.join(SAM_MODELS)}).", _choice(SAM_MODELS),
         default_doc="`sam2-l`")

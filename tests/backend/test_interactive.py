@@ -165,7 +165,6 @@ def test_a_negative_click_reaches_the_decoder_as_label_zero(client, ls):
     task = ls.add_task(PID, 1, "a.png", png_bytes(1, DISPLAYED))
     click(web, task, keypoint(30.0, 40.0), keypoint(60.0, 70.0, positive=False))
     assert spy.labels == [[1, 0]]
-    w, h = DISPLAYED
     np.testing.assert_allclose(spy.coords[0], [[0.30 * 256, 0.40 * 256], [0.60 * 256, 0.70 * 256]], atol=1e-3)
 
 
@@ -288,8 +287,9 @@ def test_train_serves_a_click_before_its_next_task(engine, tmp_path, monkeypatch
         assert first_task.wait(120)
         xml = runtime.get_bank_store().label_config(PID)
         prompt = {"points": [[30.0, 40.0, True]], "box": None, "label": "Cat", "control": "poly"}
-        click_id = queueing.enqueue("backend.jobs.segment_task", PID, {"id": 2, "data": {"image": fake.tasks[2]["data"]["image"]}},
-                                    xml, prompt, queue="interactive", retries=0)
+        task = {"id": 2, "data": {"image": fake.tasks[2]["data"]["image"]}}
+        click_id = queueing.enqueue("backend.jobs.segment_task", PID, task, xml, prompt, queue="interactive",
+                                    retries=0)
         clicked.set()
         info = _wait_done(train, 300)
         assert info.status == "finished", info.error
