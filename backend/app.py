@@ -45,6 +45,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from backend import openapi, queueing, runtime
 from backend.bank_store import EMPTY_VERSION
 from backend.errors import BadRequest
+from backend.interactive import is_interactive, read_context
 from backend.label_config import parse_label_config
 from backend.settings import Settings
 from backend.tasks_registry import result_hash
@@ -56,6 +57,7 @@ WEBHOOK_EVENTS = frozenset(openapi.WEBHOOK_EVENTS)
 TRAIN_TIMEOUT_S = 24 * 3600          # START_TRAINING rebuilds the bank and pre-annotates the project
 HANDOVER_GRACE_S = 5.0               # the job claimed delivery to the web: its result is moments away
 POLL_START_S, POLL_MAX_S = 0.02, 0.25
+POLL_CLICK_S = 0.02                  # an annotator waits on a click: poll its job at this pace
 
 
 class Metrics:
@@ -246,19 +248,49 @@ def create_app(settings: Settings | None = None) -> Flask:
         xml = body.get("label_config")
         if isinstance(xml, str) and xml.strip():
             parse_label_config(xml)  # an unsupported config is the request's fault: 400
-        metrics.inc("tasks_predicted", len(tasks))
+        interactive = is_interactive(body.get("params"))
+        metrics.inc("clicks" if interactive else "tasks_predicted", 1 if interactive else len(tasks))
         try:
             if not isinstance(xml, str) or not xml.strip():
                 xml = runtime.get_bank_store().label_config(pid)
                 if xml is None:
                     raise BadRequest("missing 'label_config' and the project was never set up (/setup)")
-            results = _predict_tasks(pid, tasks, xml, parse_label_config(xml).value_key)
+            if interactive:
+                results = [_segment(pid, tasks, xml, body["params"]["context"])]
+            else:
+                results = _predict_tasks(pid, tasks, xml, parse_label_config(xml).value_key)
         except (redis.exceptions.RedisError, queueing.QueueUnavailable) as exc:
             # every task fails alone, without "result": LS keeps them unpredicted and asks again later
             log.warning("POST /predict: Redis unavailable (%s); %d task(s) answered with an error",
                         type(exc).__name__, len(tasks))
             results = [{"error": "Redis unavailable; try again later"} for _ in tasks]
         return jsonify({"results": results})
+
+    def _segment(pid: int, tasks: list, xml: str, context: dict) -> dict:
+        """An interactive /predict: one "interactive" job, waited for on a /predict waiting slot
+        until PREDICT_BUDGET_S; the item of its mask (or an error item: LS shows no suggestion)."""
+        config = parse_label_config(xml)
+        if len(tasks) != 1:
+            raise BadRequest(f"an interactive /predict holds one task, got {len(tasks)}")
+        reason = _task_error(tasks[0], config.value_key)
+        if reason:
+            raise BadRequest(reason)
+        prompt = read_context(context, config)  # BadRequest (400) for a context we cannot use
+        task = {"id": int(tasks[0]["id"]), "data": {config.value_key: tasks[0]["data"][config.value_key]}}
+        mv = runtime.model_version(pid)
+        expires_at = time.time() + settings.predict_budget_s
+        job_id = queueing.enqueue("backend.jobs.segment_task", pid, task, xml, prompt.to_json(), expires_at,
+                                  queue="interactive", retries=0, timeout=max(60, int(settings.predict_budget_s) + 30),
+                                  meta={"project": pid, "task": task["id"], "interactive": True})
+        metrics.inc("jobs_enqueued interactive")
+        items: list = [None]
+        pending = {0: (job_id, "")}
+        _wait(pending, items, mv, time.monotonic() + settings.predict_budget_s, max_pause=POLL_CLICK_S)
+        _collect(pending, items, mv)
+        if pending:
+            return {"model_version": mv, "error": "the click was not answered within PREDICT_BUDGET_S "
+                    "(workers busy, or every /predict waiting slot taken)"}
+        return items[0]
 
     def _predict_tasks(pid: int, tasks: list, xml: str, value_key: str) -> list[dict]:
         version = runtime.get_bank_store().version(pid)
@@ -269,7 +301,11 @@ def create_app(settings: Settings | None = None) -> Flask:
             if reason:
                 items[i] = {"model_version": mv, "error": reason}
         todo = [i for i in range(len(tasks)) if items[i] is None]
+        # one task: it was opened in the editor, where clicks may follow (a page of tasks is not)
+        warm = len(tasks) == 1 and bool(todo) and bool(parse_label_config(xml).prompts)
         if todo and version == EMPTY_VERSION:
+            if warm:
+                _warm(pid, tasks[todo[0]], xml, value_key)
             for i in todo:  # nothing to match against: a valid, empty prediction
                 items[i] = {"result": [], "score": 0.0, "model_version": mv}
             # registered like a predict job's tasks, so the first reference's refresh updates them
@@ -285,7 +321,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             key = f"delivery:{pid}:{uuid.uuid4().hex}"
             try:
                 job_id = queueing.enqueue("backend.jobs.predict_task", pid, tasks[i], xml, delivery_key=key,
-                                          queue="predict", retries=1,
+                                          queue="predict", retries=1, **({"warm": True} if warm else {}),
                                           meta={"project": pid, "task": tasks[i]["id"]})
             except queueing.QueueUnavailable as exc:  # one timeout, not one per remaining task
                 for j in todo[n:]:
@@ -300,7 +336,18 @@ def create_app(settings: Settings | None = None) -> Flask:
             _hand_over(pid, pending, items, mv)
         return items
 
-    def _wait(pending: dict[int, tuple[str, str]], items: list, mv: str, deadline: float) -> None:
+    def _warm(pid: int, task: dict, xml: str, value_key: str) -> None:
+        """Queue the SAM2 embedding of an opened task's image (no prediction job runs a model for
+        it: the bank is empty); best effort."""
+        task = {"id": int(task["id"]), "data": {value_key: task["data"][value_key]}}
+        try:
+            queueing.enqueue("backend.jobs.warm_task", pid, task, xml, queue="predict", retries=0,
+                             meta={"project": pid, "task": task["id"]})
+        except queueing.QueueUnavailable as exc:
+            log.info("project %s task %s: not warmed (%s)", pid, task["id"], exc)
+
+    def _wait(pending: dict[int, tuple[str, str]], items: list, mv: str, deadline: float,
+              max_pause: float = POLL_MAX_S) -> None:
         """Collect results until `deadline`, on one of the bounded waiting slots: with every slot
         taken the call does not wait (its jobs are handed over at once), so waiting /predict calls
         never take the web threads /health and /setup need."""
@@ -315,7 +362,7 @@ def create_app(settings: Settings | None = None) -> Flask:
                 _collect(pending, items, mv)
                 if pending:
                     time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-                    pause = min(pause * 1.5, POLL_MAX_S)
+                    pause = min(pause * 1.5, max_pause)
         finally:
             wait_slots.release()
 

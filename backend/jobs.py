@@ -4,7 +4,10 @@
                   update -> refresh_project queued
 * rebuild_bank    a fresh bank from every annotated task, read through the LS API
 * train_project   START_TRAINING: rebuild, then pre-annotate every unlabelled task via the LS API
-* predict_task    the unit of /predict work, with late delivery through the LS API
+* predict_task    the unit of /predict work, with late delivery through the LS API; warms the image's
+                  SAM2 embedding when a task is opened in a project with smart tools
+* segment_task    an interactive click/box (queue "interactive") -> one mask region, answered to the
+                  waiting /predict; warm_task: the SAM2 embedding of a task's image, computed ahead
 * refresh_project after a bank change: re-score every processed task from its cached proposals
                   (no SAM2/DINOv2 run) and bring each one's prediction to the new model_version
                   (a PATCH of the version alone where the result did not change), or for many
@@ -15,7 +18,9 @@ Label Studio through `_deliver`, which PATCHes our existing prediction instead o
 and skips a result our own earlier post already delivered, or through a bulk refresh, which records
 each import as it lands and never imports a version a re-posted task already holds (a worker killed
 between an import and its record write can leave one task with two predictions of the new version).
-Every job returns a small JSON-able dict.
+Every job returns a small JSON-able dict. Jobs that work through many tasks (rebuild, train,
+refresh) call `queueing.serve_interactive()` before each task, so a click waits for one task's work
+at most.
 """
 from __future__ import annotations
 
@@ -32,10 +37,11 @@ from backend.annotations import Reference, regions_to_references
 from backend.bank_store import bank_version
 from backend.errors import BadRequest, LabelStudioAPIError
 from backend.images import LoadedImage
+from backend.interactive import Prompt
 from backend.label_config import SUPPORTED_CONTROLS, LabelConfig, parse_label_config
 from backend.ls_client import LabelStudioClient
 from backend.proposal_cache import cache_key
-from backend.results import detections_to_regions, prediction_item
+from backend.results import detections_to_regions, mask_regions, prediction_item
 from backend.store import DELIVERY_TTL_S
 from backend.tasks_registry import TaskRecord, result_hash
 from model.bank import MemoryBank
@@ -105,7 +111,7 @@ def _proposals(image: LoadedImage) -> tuple[Proposals, str]:
     key = cache_key(image.sha256, engine.name, engine.fingerprint, engine.options)
     proposals = cache.get(key)
     if proposals is None:
-        proposals = engine.propose(image.array)
+        proposals = engine.propose(image.array, key=image.sha256)  # also keeps its SAM2 embedding for clicks
         try:
             cache.put(key, proposals)
         except OSError as exc:  # disk full, read-only: predict anyway, uncached
@@ -146,13 +152,19 @@ def _match_item(proposals: Proposals, key: str, bank: MemoryBank, config: LabelC
     return prediction_item(regions, mv)
 
 
-def _predict_one(pid: int, task_id: int, url: str, config: LabelConfig, bank: MemoryBank) -> tuple[dict, dict]:
-    """(prediction item, registry fields) of one task; an empty bank runs no model at all."""
+def _predict_one(pid: int, task_id: int, url: str, config: LabelConfig, bank: MemoryBank,
+                 warm: bool = False) -> tuple[dict, dict]:
+    """(prediction item, registry fields) of one task; an empty bank runs no model at all.
+    `warm`: keep the image's SAM2 embedding in memory for clicks (also when its proposals are cached)."""
     mv = runtime.model_version(pid, bank_version(bank))
     if len(bank) == 0:
+        if warm:
+            _warm(pid, task_id, url)
         return prediction_item([], mv), {"image_url": url}
     image = runtime.get_fetcher(pid).fetch(url, task_id=task_id)
     proposals, key = _proposals(image)
+    if warm:
+        runtime.get_engine().warm(image.array, key=image.sha256)  # a no-op when propose just did it
     return (_match_item(proposals, key, bank, config, mv),
             {"image_url": url, "image_sha256": image.sha256, "proposal_key": key})
 
@@ -504,6 +516,7 @@ def rebuild_bank(pid: int, refresh: bool = True) -> dict:
         anns = [a for a in task.get("annotations") or [] if "id" in a]
         if not anns:
             continue
+        queueing.serve_interactive()
         tasks += 1
         annotations += len(anns)
         try:
@@ -566,6 +579,7 @@ def train_project(pid: int) -> dict:
 
     with ThreadPoolExecutor(workers, thread_name_prefix="ls-post") as posting:
         for n, task in enumerate(todo, 1):
+            queueing.serve_interactive()
             task_id = int(task["id"])
             try:
                 item, fields = _predict_one(pid, task_id, _image_url(task, config), config, bank)
@@ -595,7 +609,43 @@ def train_project(pid: int) -> dict:
             "seconds": round(time.monotonic() - t0, 3)}
 
 
-def predict_task(pid: int, task: dict, label_config: str, delivery_key: str | None = None) -> dict:
+def _warm(pid: int, task_id: int | None, url: str) -> bool:
+    """Compute the SAM2 embedding of the task's image unless it is in memory (True if computed)."""
+    image = runtime.get_fetcher(pid).fetch(url, task_id=task_id)
+    return runtime.get_engine().warm(image.array, key=image.sha256)
+
+
+def warm_task(pid: int, task: dict, label_config: str) -> dict:
+    """A task was opened in the editor of a project with smart tools: its image's SAM2 embedding is
+    computed now, so the first click runs only SAM2's prompt encoder and mask decoder."""
+    config = parse_label_config(label_config)
+    return {"computed": _warm(pid, task.get("id"), _image_url(task, config))}
+
+
+def segment_task(pid: int, task: dict, label_config: str, prompt: dict, expires_at: float | None = None) -> dict:
+    """An interactive click/box (backend.interactive.Prompt as JSON) -> the prediction item of its
+    mask: regions of the prompt's brush or polygon control, labelled with the prompt's label.
+
+    The image is the task's, EXIF applied (the frame of LS's percents); its SAM2 embedding comes
+    from the engine's memory under the image file's sha256 (the key proposals and warm_task use),
+    so a click on an opened image runs only SAM2's prompt encoder and mask decoder.
+    `expires_at` (epoch s): the /predict that asked stopped waiting then; later, nothing is done.
+    """
+    if expires_at is not None and time.time() > expires_at:
+        return {"error": "the click waited longer than the /predict budget; nothing done"}
+    config = parse_label_config(label_config)
+    request = Prompt.from_json(prompt)
+    control = next(c for c in config.controls if c.name == request.control)
+    image = runtime.get_fetcher(pid).fetch(_image_url(task, config), task_id=task.get("id"))
+    points, box = request.in_pixels(image.width, image.height)
+    found = runtime.get_engine().segment(image.array, points, box, key=image.sha256)
+    regions = mask_regions(found.mask, control, request.label, found.score,
+                           runtime.get_settings().polygon_tolerance)
+    return prediction_item(regions, runtime.model_version(pid))
+
+
+def predict_task(pid: int, task: dict, label_config: str, delivery_key: str | None = None,
+                 warm: bool = False) -> dict:
     """Prediction item of one task; registers the task for later refreshes.
 
     Late delivery: the web process waits for this job within its /predict budget, then claims
@@ -605,7 +655,7 @@ def predict_task(pid: int, task: dict, label_config: str, delivery_key: str | No
     task_id = int(task["id"])
     config = parse_label_config(label_config)
     url = _image_url(task, config)
-    item, fields = _predict_one(pid, task_id, url, config, _current_bank(pid))
+    item, fields = _predict_one(pid, task_id, url, config, _current_bank(pid), warm=warm and bool(config.prompts))
     registry = runtime.get_registry()
     if delivery_key is None or runtime.get_store().claim(delivery_key, "web") == "web":
         # LS stores the item the web returns as a new prediction whose id we do not learn
@@ -640,6 +690,7 @@ def rescore_cached(pid: int, bank: MemoryBank, records: dict[int, TaskRecord] | 
     cache = runtime.get_proposal_cache()
 
     def rescore(task: tuple[int, TaskRecord]) -> tuple[int, dict, bool] | None:
+        queueing.serve_interactive()
         task_id, record = task
         if len(bank) == 0:
             item = prediction_item([], mv)

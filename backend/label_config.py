@@ -8,6 +8,11 @@ per-control attributes an admin can put in the config:
                      model_max_detections="20">
     <PolygonLabels name="poly" toName="image" model_polygon_tolerance="1.5">
 
+Smart tools (`<KeyPointLabels smart="true">`, `<RectangleLabels smart="true">`) are the prompts of
+interactive segmentation (a click or box in the editor -> SAM2 mask, backend.interactive):
+`LabelConfig.prompts` names them. KeyPointLabels are prompts only, never predicted nor read as
+references; a smart RectangleLabels stays an output control as well.
+
 A task has one image here, so all emitted controls must share it: `LabelConfig.value_key` is the
 task-data key of the Image that the first supported control points to (config order), and
 controls attached to another Image are left out with a warning.
@@ -28,6 +33,8 @@ log = logging.getLogger(__name__)
 # control tag (lower case) -> region type; the region type is the lower-cased tag name in LS.
 SUPPORTED_CONTROLS = {"rectanglelabels": "rectanglelabels", "polygonlabels": "polygonlabels",
                       "brushlabels": "brushlabels"}
+# smart tools whose regions LS sends as interactive prompts (the `context` of /predict)
+PROMPT_CONTROLS = ("keypointlabels", "rectanglelabels")
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,7 @@ class LabelConfig:
     controls: list[Control]
     value_key: str
     interface: LabelInterface = field(repr=False, compare=False)
+    prompts: dict[str, str] = field(default_factory=dict)  # smart tool name -> region type, same Image
 
 
 def _optional_attr(tag, attr: str, convert, check, expected: str):
@@ -152,4 +160,15 @@ def parse_label_config(xml: str) -> LabelConfig:
     if dropped:
         log.warning("controls %s are attached to another Image than '%s' and are ignored", dropped, primary)
     kept = [c for c in controls if c.to_name == primary]
-    return LabelConfig(controls=kept, value_key=kept[0].value_key, interface=li)
+    return LabelConfig(controls=kept, value_key=kept[0].value_key, interface=li, prompts=_prompts(li, primary))
+
+
+def _smart(tag) -> bool:
+    return str(tag.attr.get("smart", "")).strip().lower() in ("true", "1", "yes")
+
+
+def _prompts(li: LabelInterface, image_name: str) -> dict[str, str]:
+    """Smart KeyPointLabels / RectangleLabels on the Image `image_name`: name -> region type."""
+    return {tag.name: tag.tag.lower() for tag in li.controls or []
+            if tag.tag.lower() in PROMPT_CONTROLS and _smart(tag)
+            and any(o.name == image_name for o in tag.objects)}

@@ -85,6 +85,24 @@ _SCHEMAS: dict[str, Any] = {
             "detail": {"type": "string"},
         },
     },
+    "InteractiveContext": {
+        "type": "object", "nullable": True,
+        "description": "The regions an annotator just drew with a smart tool (Label Studio sends only those).",
+        "properties": {"result": {"type": "array", "items": {
+            "type": "object", "required": ["type", "value"],
+            "properties": {
+                "type": {"type": "string", "enum": ["keypointlabels", "rectanglelabels"]},
+                "from_name": {"type": "string"}, "to_name": {"type": "string"},
+                "original_width": {"type": "integer"}, "original_height": {"type": "integer"},
+                "is_positive": {"type": "boolean", "description": "false: a negative click (Alt); default true"},
+                "value": {"type": "object", "required": ["x", "y"], "properties": {
+                    "x": {"type": "number"}, "y": {"type": "number"},
+                    "width": {"type": "number"}, "height": {"type": "number"},
+                    "keypointlabels": {"type": "array", "items": {"type": "string"}},
+                    "rectanglelabels": {"type": "array", "items": {"type": "string"}},
+                    "labels": {"type": "array", "items": {"type": "string"}}}},
+            }}}},
+    },
     "Job": {
         "type": "object", "required": ["id", "status"],
         "properties": {"id": {"type": "string"}, "func": {"type": "string"}, "status": {"type": "string"},
@@ -136,11 +154,16 @@ _PATHS: dict[str, Any] = {
     "/predict": {"post": {
         "operationId": "predict",
         "summary": "One item per task, same order; per-task errors never fail the batch.",
+        "description": "With a non-empty `params.context.result` (an editor click forwarded by Label Studio's "
+                       "interactive pre-annotations) the call is interactive: one task, answered with the mask "
+                       "of the smart-tool prompts as one item (regions of the config's BrushLabels, else "
+                       "PolygonLabels control, with the prompt's label), computed ahead of any batch work.",
         "requestBody": {"required": True, "content": {"application/json": {"schema": {
             "type": "object", "required": ["tasks"],
             "properties": {"tasks": {"type": "array", "items": _ref("Task")}, "project": _PROJECT_UID,
                            "label_config": {"type": "string"},
-                           "params": {"type": "object", "nullable": True}}}}}},
+                           "params": {"type": "object", "nullable": True, "properties": {
+                               "context": _ref("InteractiveContext")}}}}}}},
         "responses": {"200": _json({"type": "object", "required": ["results"], "properties": {
             "results": {"type": "array", "items": _ref("PredictionItem")}}}, "Predictions."), **_ERRORS}}},
     "/webhook": {"post": {

@@ -1,14 +1,20 @@
 """One job-queue interface for both deployment modes.
 
-* With `REDIS_URL`: RQ queues `<prefix>-bank` and `<prefix>-predict`, served by
-  `python -m backend.worker` processes (see backend/worker.py). Failed jobs are retried with
-  backoff (also when a worker dies mid-job: RQ requeues abandoned jobs that have retries left).
+* With `REDIS_URL`: RQ queues `<prefix>-interactive`, `<prefix>-bank` and `<prefix>-predict`, served
+  by `python -m backend.worker` processes (see backend/worker.py), which take them in that order.
+  Failed jobs are retried with backoff (also when a worker dies mid-job: RQ requeues abandoned jobs
+  that have retries left).
 * Webhooks that arrive while Redis is down are appended to a durable spool (`Spool`, jsonl +
   fsync under MODEL_DIR/spool) and enqueued in order by `SpoolReplayer` once Redis answers again.
-* Without `REDIS_URL` (the embedded default): ONE daemon thread in this process consumes a priority queue
-  (bank jobs before predict jobs) and calls the same functions by import path. It starts on the
-  first `enqueue`, so the web process never loads models at start; the first job does. Jobs are
+* Without `REDIS_URL` (the embedded default): ONE daemon thread in this process consumes a priority
+  queue (interactive jobs first, then bank jobs, then predict jobs) and calls the same functions by
+  import path. It starts on the first `enqueue`, so the web process never loads models at start; the first job does. Jobs are
   lost if the process dies (there is nothing to share them with) and timeouts are not enforced.
+
+Interactive jobs (a click in the editor, which an annotator waits for) never wait behind batch work:
+workers take them first, and a job that runs many tasks calls `serve_interactive()` between two
+tasks, which runs the interactive jobs queued meanwhile inline, so a click waits for one task's
+work at most.
 
 Job functions are referenced by import path ("backend.jobs.predict_task") so the web process never
 imports torch. They must be idempotent: retries and replays may run a job twice.
@@ -22,6 +28,7 @@ of its arguments and keeps the JSON copy of its result, as RQ does. A job hash t
 from __future__ import annotations
 
 import fcntl
+import heapq
 import importlib
 import itertools
 import json
@@ -41,7 +48,7 @@ from typing import Any, Callable
 import redis
 from rq import Queue, Retry, get_current_job
 from rq.exceptions import DeserializationError, NoSuchJobError
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.registry import (DeferredJobRegistry, FailedJobRegistry, FinishedJobRegistry,
                          ScheduledJobRegistry, StartedJobRegistry)
 from rq.serializers import JSONSerializer
@@ -53,13 +60,14 @@ from backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
-QUEUES = ("bank", "predict")              # in priority order
+QUEUES = ("interactive", "bank", "predict")  # in priority order
 RETRY_BACKOFF_S = (5, 30, 120)            # delay before retry 1, 2, 3 (the last repeats)
 RESULT_TTL_S = 24 * 3600                  # finished jobs stay readable by /predict and /jobs
 FAILURE_TTL_S = 7 * 24 * 3600
 HEALTH_TIMEOUT_S = 0.2
 HEALTH_MAX_AGE_S = 2.0                    # /health reads a snapshot the spool thread refreshes each second
 EMBEDDED_HISTORY = 1000                   # jobs remembered by the embedded worker
+_INTERACTIVE = QUEUES.index("interactive")
 TERMINAL = frozenset({"finished", "failed", "stopped", "canceled"})
 SERIALIZER = JSONSerializer               # for every RQ Queue, Job and Worker: never pickle
 UNREADABLE = "job data in Redis is not JSON: refused (was it written by an older version or planted?)"
@@ -195,6 +203,22 @@ class RQBackend:
         except redis.exceptions.RedisError as exc:
             raise QueueUnavailable(f"Redis unavailable: {type(exc).__name__}") from exc
 
+    def serve_interactive(self) -> int:
+        """Pop the interactive jobs queued now (LPOP: each one reaches one worker) and run them
+        here, recording their outcome as a worker does (finished with its result, or failed)."""
+        queue = self.queues["interactive"]
+        served = 0
+        while (raw := self.redis.lpop(queue.key)) is not None:
+            try:
+                job = Job.fetch(raw.decode(), connection=self.redis, serializer=SERIALIZER)
+                job.func_name  # noqa: B018 - a job hash that is not JSON fails here, before it runs
+            except (NoSuchJobError, DeserializationError, ValueError) as exc:
+                log.warning("interactive job %r skipped: %s", raw[:80], type(exc).__name__)
+                continue
+            _perform_inline(job)
+            served += 1
+        return served
+
     def list_jobs(self, limit: int) -> list[JobInfo]:
         ids: set[str] = set()
         for q in self.queues.values():  # the newest `limit` of each place a job can be
@@ -239,6 +263,26 @@ class RQBackend:
         return {"mode": self.mode, "ok": True,
                 "queued": dict(zip(QUEUES, map(int, lengths))),
                 "workers": dict(zip(QUEUES, map(int, workers)))}
+
+
+def _perform_inline(job: Job) -> None:
+    """Run an RQ job in the calling job's worker and store its outcome as RQ's worker would."""
+    job.started_at = datetime.now(timezone.utc)
+    try:
+        job._result = json_data(job.perform(), "a job's result")
+        failure = None
+    except Exception:  # noqa: BLE001 - its failure is recorded; the job that served it carries on
+        failure = traceback.format_exc()
+        log.error("interactive job %s (%s) failed: %s", job.id, job.func_name, _error_line(failure))
+    job.ended_at = datetime.now(timezone.utc)
+    with job.connection.pipeline() as pipe:
+        if failure is None:
+            job._handle_success(RESULT_TTL_S, pipeline=pipe, worker_name="inline")
+        else:
+            job.set_status(JobStatus.FAILED, pipeline=pipe)
+            job.save(pipeline=pipe, include_meta=False, include_result=False)
+            job._handle_failure(failure, pipe, worker_name="inline")
+        pipe.execute()
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -294,35 +338,51 @@ class EmbeddedBackend:
     def _run(self) -> None:
         while True:
             prio, _, job_id = self._pending.get()
+            self._execute(prio, job_id)
+
+    def serve_interactive(self) -> int:
+        """Run the interactive jobs pending now, in the calling thread (a job of this worker)."""
+        served = 0
+        while True:
+            with self._pending.mutex:  # the job's own threads may call this at once: pop atomically
+                heap = self._pending.queue
+                if not heap or heap[0][0] != _INTERACTIVE:
+                    return served
+                prio, _, job_id = heapq.heappop(heap)
+            self._execute(prio, job_id)
+            served += 1
+
+    def _execute(self, prio: int, job_id: str) -> None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job.info.status != "queued":
+                return
+            job.info.status = "started"
+        outer = getattr(self._local, "job", None)  # the long job that serves an interactive one
+        self._local.job = job.info
+        try:
+            result = json_data(_import(job.info.func)(*job.args, **job.kwargs), "a job's result")
+        except Exception as exc:  # noqa: BLE001 - a job failure must not kill the worker thread
+            log.error("job %s (%s) failed: %s", job_id, job.info.func, exc,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
             with self._lock:
-                job = self._jobs.get(job_id)
-                if job is None or job.info.status != "queued":
-                    continue
-                job.info.status = "started"
-            self._local.job = job.info
-            try:
-                result = json_data(_import(job.info.func)(*job.args, **job.kwargs), "a job's result")
-            except Exception as exc:  # noqa: BLE001 - a job failure must not kill the worker thread
-                log.error("job %s (%s) failed: %s", job_id, job.info.func, exc,
-                          exc_info=log.isEnabledFor(logging.DEBUG))
-                with self._lock:
-                    if job.retries_left > 0:
-                        job.retries_left -= 1
-                        job.info.status = "queued"
-                        self._pending.put((prio, next(self._seq), job_id))
-                    else:
-                        job.info.status = "failed"
-                        job.info.error = _error_line("".join(traceback.format_exception_only(exc)))
-                        job.info.ended_at = datetime.now(timezone.utc)
-                        self._trim()
-            else:
-                with self._lock:
-                    job.info.result = result
-                    job.info.status = "finished"
+                if job.retries_left > 0:
+                    job.retries_left -= 1
+                    job.info.status = "queued"
+                    self._pending.put((prio, next(self._seq), job_id))
+                else:
+                    job.info.status = "failed"
+                    job.info.error = _error_line("".join(traceback.format_exception_only(exc)))
                     job.info.ended_at = datetime.now(timezone.utc)
                     self._trim()
-            finally:
-                self._local.job = None
+        else:
+            with self._lock:
+                job.info.result = result
+                job.info.status = "finished"
+                job.info.ended_at = datetime.now(timezone.utc)
+                self._trim()
+        finally:
+            self._local.job = outer
 
     def update_current_meta(self, fields: dict) -> None:
         """Merge into the meta of the job the calling thread runs (no-op outside the worker thread)."""
@@ -379,7 +439,7 @@ def backend() -> RQBackend | EmbeddedBackend:
 
 def enqueue(func_path: str, *args: Any, queue: str = "predict", job_id: str | None = None,
             meta: dict | None = None, retries: int = 2, timeout: int | None = None, **kwargs: Any) -> str:
-    """Queue `func_path(*args, **kwargs)` on "bank" or "predict"; returns the job id.
+    """Queue `func_path(*args, **kwargs)` on "interactive", "bank" or "predict"; returns the job id.
 
     `retries` failed attempts are retried (RQ: after 5 s, 30 s, 120 s). `timeout` (s) defaults to
     JOB_TIMEOUT_S. Raises QueueUnavailable when Redis cannot take the job, TypeError when the
@@ -390,6 +450,16 @@ def enqueue(func_path: str, *args: Any, queue: str = "predict", job_id: str | No
     args, kwargs = json_data(args, "job arguments"), json_data(kwargs, "job arguments")
     meta = json_data(meta, "job meta")
     return backend().enqueue(func_path, tuple(args), kwargs, queue, job_id, meta, retries, timeout)
+
+
+def serve_interactive() -> int:
+    """Run the interactive jobs queued now, here; returns how many. A job that works through many
+    tasks calls it between two of them, so a click never waits for more than one task's work."""
+    try:
+        return backend().serve_interactive()
+    except redis.exceptions.RedisError as exc:  # the long job carries on; the workers ride out outages
+        log.warning("interactive jobs not served now: Redis unavailable (%s)", type(exc).__name__)
+        return 0
 
 
 def fetch(job_id: str) -> JobInfo | None:

@@ -150,6 +150,23 @@ def detections_to_regions(det: Detections, config: LabelConfig, *, score_thresho
     return regions
 
 
+def mask_regions(mask: np.ndarray, control: Control, label: str, score: float,
+                 polygon_tolerance: float) -> list[dict]:
+    """Regions of one full-size HxW bool mask for a brush or polygon control (a click's answer):
+    one brush region, or one polygon region per outer outline; none for an empty mask."""
+    H, W = mask.shape
+    if not mask.any():
+        return []
+    if control.type == "brushlabels":
+        values = [_brush_value(mask)]
+    elif control.type == "polygonlabels":
+        tolerance = control.polygon_tolerance if control.polygon_tolerance is not None else polygon_tolerance
+        values = [_polygon_value(p, W, H) for p in polygon_parts(0, 0, mask, float(tolerance))]
+    else:
+        raise ValueError(f"control '{control.name}' ({control.type}) cannot hold a mask")
+    return [_region(control, label, v, score, W, H) for v in values]
+
+
 def prediction_item(regions: list[dict], model_version: str) -> dict:
     """One element of the /predict `results` list (and the body of POST /api/predictions)."""
     score = float(np.mean([r["score"] for r in regions])) if regions else 0.0

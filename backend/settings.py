@@ -176,8 +176,8 @@ class Settings:
         "REDIS_URL", None, "Redis for the bank store and RQ queues; unset = embedded in-process worker "
         "thread (single process, nothing shared).", _redis_url, secret=True, default_doc="unset")
     queue_prefix: str = _var(
-        "NTT_QUEUE_PREFIX", "ntt", "Prefix of the RQ queue names (`<prefix>-bank`, `<prefix>-predict`); "
-        "lets several deployments share one Redis.", _queue_prefix, default_doc="`ntt`")
+        "NTT_QUEUE_PREFIX", "ntt", "Prefix of the RQ queue names (`<prefix>-interactive`, `<prefix>-bank`, "
+        "`<prefix>-predict`); lets several deployments share one Redis.", _queue_prefix, default_doc="`ntt`")
     sam_model: str = _var(
         "NTT_SAM_MODEL", "sam2-l", f"SAM2 model ({', '.join(SAM_MODELS)}).", _choice(SAM_MODELS),
         default_doc="`sam2-l`")
@@ -330,7 +330,7 @@ class Settings:
         return bool(self.basic_auth_user is not None and self.basic_auth_pass is not None)
 
     def queue_name(self, queue: str) -> str:
-        """Full RQ queue name of a logical queue ("bank" or "predict")."""
+        """Full RQ queue name of a logical queue ("interactive", "bank" or "predict")."""
         return f"{self.queue_prefix}-{queue}"
 
     def method_options(self) -> MethodOptions:

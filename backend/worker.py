@@ -1,10 +1,11 @@
 """RQ worker that loads SAM2 + DINOv2 once and runs every job in its own process (no fork per job).
 
-    REDIS_URL=redis://redis:6379/0 python -m backend.worker                  # bank + predict
-    REDIS_URL=... python -m backend.worker --queues predict                  # an extra GPU for inference
+    REDIS_URL=redis://redis:6379/0 python -m backend.worker                  # interactive + bank + predict
+    REDIS_URL=... python -m backend.worker --queues interactive predict      # an extra GPU for inference
     REDIS_URL=... python -m backend.worker --burst                           # drain the queues, then exit
 
-Queues are listed in priority order (a bank update is taken before waiting predictions). One
+Queues are listed in priority order: a click in the editor (interactive) first, then a bank update,
+then waiting predictions. One
 worker per GPU; start more for throughput. rq's fork-per-job Worker would reload (or re-initialise
 CUDA for) the models on every job, so `NTTWorker` is rq's SimpleWorker: the job runs in the process
 that already holds the engine. The worker also runs rq's scheduler, which re-enqueues retries after
@@ -295,7 +296,7 @@ def _where(url: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backend.worker", description=__doc__.split("\n\n")[0])
     parser.add_argument("--queues", nargs="+", choices=QUEUES, default=list(QUEUES),
-                        help="logical queues to serve, in priority order (default: bank predict)")
+                        help="logical queues to serve, in priority order (default: interactive bank predict)")
     parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     args = parser.parse_args(argv)
 

@@ -96,7 +96,7 @@ def test_embedded_worker_starts_lazily_and_runs_by_import_path(embedded):
     assert (info.status, info.result, info.error, info.meta) == ("finished", 5, None, {"project": 7})
     assert info.func == f"{MOD}.add" and info.enqueued_at <= info.ended_at
     assert [m.result if m else None for m in queueing.fetch_many([job_id, "nope"])] == [5, None]
-    assert queueing.health() == {"mode": "embedded", "ok": True, "queued": {"bank": 0, "predict": 0},
+    assert queueing.health() == {"mode": "embedded", "ok": True, "queued": {"interactive": 0, "bank": 0, "predict": 0},
                                  "worker_started": True}
 
 
@@ -106,7 +106,7 @@ def test_embedded_bank_jobs_run_before_waiting_predict_jobs(embedded):
     p1 = queueing.enqueue(f"{MOD}.record", "p1", queue="predict")
     p2 = queueing.enqueue(f"{MOD}.record", "p2", queue="predict")
     b1 = queueing.enqueue(f"{MOD}.record", "b1", queue="bank")
-    assert queueing.health()["queued"] == {"bank": 1, "predict": 2}
+    assert queueing.health()["queued"] == {"interactive": 0, "bank": 1, "predict": 2}
     assert queueing.fetch(first).status == "started" and queueing.fetch(b1).status == "queued"
     GATE.set()
     for job in (first, p1, p2, b1):
@@ -173,7 +173,7 @@ def test_rq_enqueue_fetch_health_and_meta(rq_settings):
     bad = queueing.enqueue(f"{MOD}.boom", "no image", queue="bank", retries=0)
     prog = queueing.enqueue(f"{MOD}.progress", 3, queue="bank")
     health = queueing.health(max_age=0)
-    assert health["ok"] is True and health["queued"] == {"bank": 2, "predict": 1}
+    assert health["ok"] is True and health["queued"] == {"interactive": 0, "bank": 2, "predict": 1}
     assert queueing.fetch(ok).status == "queued"
 
     run_burst(rq_settings)
@@ -183,7 +183,7 @@ def test_rq_enqueue_fetch_health_and_meta(rq_settings):
     failed = queueing.fetch(bad)
     assert (failed.status, failed.error) == ("failed", "ValueError: no image")
     assert queueing.fetch(prog).meta == {"done": 3, "total": 3}
-    assert queueing.health(max_age=0)["queued"] == {"bank": 0, "predict": 0}
+    assert queueing.health(max_age=0)["queued"] == {"interactive": 0, "bank": 0, "predict": 0}
     assert {j.id for j in queueing.list_jobs(10)} == {ok, bad, prog}
     assert queueing.fetch("no-such-job") is None
     many = queueing.fetch_many([ok, "no-such-job", bad])
@@ -417,3 +417,61 @@ def test_non_json_data_fails_alike_in_both_modes(either_mode):
     assert (info.status, info.error) == ("failed", "TypeError: a job's result must be JSON data (ids, URLs, "
                                                    "hashes, lists and dicts of those): Object of type set "
                                                    "is not JSON serializable"), mode
+
+
+# ----------------------------------------------------------------------------- interactive jobs
+def long_batch(tasks: int) -> int:
+    """A job of many tasks that serves queued clicks before each, as backend.jobs' long jobs do;
+    task 1 holds until the test let it go (STARTED, GATE)."""
+    for n in range(1, tasks + 1):
+        queueing.serve_interactive()
+        record(f"task {n}")
+        if n == 1:
+            STARTED.set()
+            assert GATE.wait(30)
+    return tasks
+
+
+def test_a_click_queued_behind_a_long_job_runs_before_its_next_task(either_mode):
+    mode, run = either_mode
+    STARTED.clear()
+    GATE.clear()
+    ORDER.clear()
+    batch = queueing.enqueue(f"{MOD}.long_batch", 3, queue="bank", retries=0)
+    clicks: list[str] = []
+
+    def click_while_busy() -> None:  # beside the worker (RQ: it runs in this test's thread)
+        try:
+            assert STARTED.wait(30)
+            clicks.append(queueing.enqueue(f"{MOD}.record", "click", queue="interactive", retries=0))
+            clicks.append(queueing.enqueue(f"{MOD}.boom", "bad click", queue="interactive", retries=0))
+        finally:
+            GATE.set()
+
+    clicker = threading.Thread(target=click_while_busy)
+    clicker.start()
+    run()
+    clicker.join()
+    assert wait_done(batch).result == 3
+    assert ORDER == ["task 1", "click", "task 2", "task 3"], mode
+    ok, bad = (wait_done(c) for c in clicks)
+    assert (ok.status, ok.result) == ("finished", "click")
+    assert (bad.status, bad.error) == ("failed", "ValueError: bad click")  # and the batch carried on
+    assert queueing.serve_interactive() == 0
+
+
+def test_workers_take_interactive_jobs_first(rq_settings):
+    ORDER.clear()
+    for name, queue in (("predict", "predict"), ("bank", "bank"), ("click", "interactive")):
+        queueing.enqueue(f"{MOD}.record", name, queue=queue)
+    assert queueing.health(max_age=0)["queued"] == {"interactive": 1, "bank": 1, "predict": 1}
+    from backend.worker import main
+    with pytest.MonkeyPatch.context() as mp:  # the worker's default queue list, without loading models
+        seen = {}
+        mp.setattr(NTTWorker, "work", lambda self, **kw: seen.setdefault("queues", self.queue_names()))
+        mp.setattr(runtime, "get_engine", lambda: type("E", (), {"name": "e", "device": "cpu",
+                                                                   "prepare": lambda self: 0.0})())
+        assert main([]) == 0
+    assert seen["queues"] == [rq_settings.queue_name(q) for q in ("interactive", "bank", "predict")]
+    _worker().work(burst=True)
+    assert ORDER == ["click", "bank", "predict"]

@@ -156,10 +156,10 @@ class Project:
 
 
 def create_project(ls: LabelStudio, client: LSClient, uploaded: list[Picture], local: list[Picture],
-                   synced: list[Picture]) -> Project:
+                   synced: list[Picture], config: str = CONFIG) -> Project:
     """Images arrive three ways: multipart upload (/data/upload/...), JSON import of
     /data/local-files/?d=... URLs, and a local-files storage sync (absolute URLs)."""
-    pid = client.call("POST", "/api/projects", json={"title": "ntt-e2e", "label_config": CONFIG})["id"]
+    pid = client.call("POST", "/api/projects", json={"title": "ntt-e2e", "label_config": config})["id"]
     if uploaded:
         files = {f"file{i}": (p.name, (ls.work_dir / "upload" / p.name).read_bytes()) for i, p in enumerate(uploaded)}
         client.call("POST", f"/api/projects/{pid}/import", files=files)  # one field name per file
@@ -476,4 +476,69 @@ def test_webhooks_are_hints_and_refreshes_leave_one_current_prediction(
 
     # Settings -> Model -> versions: LS asks GET /versions without naming the project
     assert v4 in client.call("GET", f"/api/ml/{project.ml_id}/versions")["versions"]
+    assert_no_failed_jobs(backend)
+
+
+SMART_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <KeyPointLabels name="click" toName="image" smart="true"><Label value="Cat"/><Label value="Dog"/></KeyPointLabels>
+  <BrushLabels name="brush" toName="image"><Label value="Cat"/><Label value="Dog"/></BrushLabels>
+</View>"""
+
+
+def smart_keypoint(p: Picture, x: float, y: float, label: str, positive: bool = True) -> dict:
+    """A smart keypoint as the editor serialises it (KeyPointRegion.serialize of a dynamic region)."""
+    px, py = p.pct(x, y)
+    return {"id": f"kp{int(x)}-{int(y)}", "from_name": "click", "to_name": "image", "type": "keypointlabels",
+            "original_width": p.width, "original_height": p.height, "image_rotation": 0, "origin": "manual",
+            "is_positive": positive, "value": {"x": px, "y": py, "width": 0.6, "keypointlabels": [label],
+                                               "labels": [label]}}
+
+
+def test_click_to_segment_through_label_studio(label_studio: LabelStudio,
+                                               start_backend: Callable[..., Backend]) -> None:
+    """Interactive pre-annotations on: the editor's click, sent the way the editor sends it (POST
+    /api/ml/<id>/interactive-annotating {task, context: {result: [the new smart regions]}}), goes
+    through Label Studio to our /predict and comes back as a brush region of the displayed (EXIF)
+    image that Label Studio's strict validation accepts; submitted, it becomes a reference."""
+    ls = label_studio
+    client = ls.client()
+    pic = make_picture(ls.work_dir / "upload", "click-exif.jpg", 64, 80, 21, exif_orientation=6)
+    project = create_project(ls, client, [pic], [], [], config=SMART_CONFIG)
+    backend = start_backend(ls)
+    connect(project, backend)
+    client.call("PATCH", f"/api/ml/{project.ml_id}", json={**ml_connection(project, backend), "is_interactive": True})
+    v0 = project.ml_version()
+    task = project.tasks[pic.name]
+
+    def click(*regions: dict) -> dict:
+        answer = client.call("POST", f"/api/ml/{project.ml_id}/interactive-annotating",
+                             json={"task": task, "context": {"result": list(regions)}})
+        assert "errors" not in answer, answer
+        return answer["data"]
+
+    cx, cy = (pic.cat[0] + pic.cat[2]) / 2, (pic.cat[1] + pic.cat[3]) / 2
+    item = click(smart_keypoint(pic, cx, cy, "Cat"))
+    (region,) = item["result"]
+    assert (region["from_name"], region["to_name"], region["type"]) == ("brush", "image", "brushlabels")
+    assert region["value"]["brushlabels"] == ["Cat"] and item["model_version"] == v0
+    assert (region["original_width"], region["original_height"]) == (pic.width, pic.height)
+    flat = decode_rle(region["value"]["rle"])
+    assert flat.size == pic.width * pic.height * 4 and flat.max() > 0
+    item = click(smart_keypoint(pic, cx, cy, "Cat"), smart_keypoint(pic, pic.dog[0] + 2, pic.dog[1] + 2, "Cat",
+                                                                     positive=False))
+    assert [r["type"] for r in item["result"]] == ["brushlabels"]
+
+    # Label Studio's strict validation accepts the region, as a prediction and as the annotation
+    r = client.request("POST", "/api/predictions", json={"task": task, "result": [region],
+                                                         "model_version": item["model_version"]})
+    assert r.status_code == 201, (r.status_code, r.text)
+    bad = {**region, "value": {**region["value"], "brushlabels": ["Zebra"]}}
+    r = client.request("POST", "/api/predictions", json={"task": task, "result": [bad], "model_version": "x"})
+    assert r.status_code == 400, (r.status_code, r.text)  # validation is really on
+    project.annotate(pic.name, [region])
+    settled_version(project, backend, {v0})  # the accepted mask is a reference: a new bank version
+    clicks = [j for j in backend.jobs() if j["func"] == "backend.jobs.segment_task"]
+    assert len(clicks) == 2 and all(j["status"] == "finished" for j in clicks), clicks
+    assert backend.metrics()["clicks"] == 2
     assert_no_failed_jobs(backend)
