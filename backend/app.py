@@ -23,6 +23,9 @@ Routes (protocol: LS 1.23; timeouts LS applies: /health 1 s, /setup 3 s, /predic
                      background thread replays when Redis is back.
 * GET /versions      the project's model_version (JSON body or ?project=); without a project, the
                      versions of every project known (LS 1.23.2 names none).
+* GET /evaluation?project=<id>   the project's last evaluation (JSON; status running/done);
+  POST /evaluation?project=<id>  queues one (backend.evaluation_job).
+* GET /report?project=<id>       the last evaluation as one self-contained HTML page.
 * GET /metrics, /jobs (?id=<job id> for one, with its progress meta), /openapi.json.
 
 Every error is JSON {"error": "..."}; bad input gets a 4xx with a message, never a 500.
@@ -40,9 +43,9 @@ from typing import Any
 
 import redis
 from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
 
-from backend import openapi, queueing, runtime
+from backend import evaluation_job, openapi, queueing, runtime
 from backend.bank_store import EMPTY_VERSION
 from backend.errors import BadRequest
 from backend.interactive import is_interactive, read_context
@@ -458,6 +461,44 @@ def create_app(settings: Settings | None = None) -> Flask:
             known = runtime.get_bank_store().projects()
             return jsonify({"versions": sorted({runtime.model_version(pid) for pid in known})})
         return jsonify({"versions": [runtime.model_version(_project_id(project))]})
+
+    def _known_project() -> int:
+        """?project=<id> of a project this backend was set up for (else 400 / 404)."""
+        project = request.args.get("project")
+        if project is None:
+            raise BadRequest("missing '?project=<project id>'")
+        pid = _project_id(project)
+        if runtime.get_bank_store().label_config(pid) is None:
+            raise NotFound(f"project {pid} was never set up on this backend")
+        return pid
+
+    @app.get("/evaluation")
+    def get_evaluation() -> Response:
+        pid = _known_project()
+        result = evaluation_job.status(pid)
+        if result is None:
+            return error(404, f"project {pid} has no evaluation yet; POST /evaluation?project={pid} starts one")
+        return jsonify(result)
+
+    @app.post("/evaluation")
+    def post_evaluation() -> Response:
+        pid = _known_project()
+        job_id = evaluation_job.schedule(pid, runtime.get_bank_store().version(pid), on_demand=True)
+        metrics.inc("evaluations_requested")
+        resp = jsonify({"status": "queued" if job_id else "already queued", "job": job_id})
+        resp.status_code = 202
+        return resp
+
+    @app.get("/report")
+    def report() -> Response:
+        from backend.quality.report import render_report  # cv2, numpy: on first use only
+
+        pid = _known_project()
+        result = runtime.get_bank_store().evaluation(pid)
+        if result is None:
+            return error(404, f"project {pid} has no evaluation yet; POST /evaluation?project={pid} starts one")
+        page = render_report(result, evaluation_job.thumbnails(pid), title=f"Pre-annotation quality, project {pid}")
+        return Response(page, mimetype="text/html")
 
     @app.get("/openapi.json")
     def openapi_spec() -> Response:

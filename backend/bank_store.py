@@ -9,6 +9,8 @@ Keys (all under "bank:<pid>:", one persistence group in MemoryStore):
                 change of any is noticed
   label_config  the project's current label config XML (from /setup and webhooks)
   ls            JSON {"hostname", "access_token"} from /setup (never logged)
+  tuning        JSON {"variant", "thresholds"} the last evaluation chose (Tuning; part of model_version)
+  evaluation    JSON of the last evaluation (backend.evaluation_job), with "thumbnails" beside it
 and "bank:projects", the set of project ids that ever got a label config (GET /versions).
 
 `update` holds a per-project store lock, applies the caller's edit to a freshly loaded bank and
@@ -20,10 +22,12 @@ only where a bank is (de)serialised.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from backend.store import Store
@@ -34,6 +38,27 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EMPTY_VERSION = "empty"  # version of a project without references (readable in model_version)
+FAITHFUL_VARIANT = "ntt"
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """What an evaluation sets beside the bank: the matching variant in use and the calibrated
+    per-class thresholds (label -> score). Predictions depend on it, so it is part of model_version."""
+
+    variant: str = FAITHFUL_VARIANT
+    thresholds: Mapping[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"variant": self.variant, "thresholds": dict(sorted(self.thresholds.items()))}
+
+    @property
+    def version(self) -> str:
+        """'' for the method as configured (no calibrated threshold, faithful variant), so such
+        projects keep their model_version; else a short hash of the tuning."""
+        if self.variant == FAITHFUL_VARIANT and not self.thresholds:
+            return ""
+        return "t" + hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
 
 
 def bank_version(bank: "MemoryBank") -> str:
@@ -115,6 +140,40 @@ class BankStore:
                 return before
         log.info("project %s: bank %s -> %s (%d references)", pid, before, version, len(bank))
         return version
+
+    # ------------------------------------------------------------------ tuning (evaluation)
+    def tuning(self, pid: int) -> Tuning:
+        """The tuning the last evaluation stored (the faithful method and no thresholds before any)."""
+        raw = self.store.get(self._key(pid, "tuning"))
+        if not raw:
+            return Tuning()
+        doc = json.loads(raw)
+        return Tuning(str(doc.get("variant") or FAITHFUL_VARIANT),
+                      {str(k): float(v) for k, v in (doc.get("thresholds") or {}).items()})
+
+    def set_tuning(self, pid: int, tuning: Tuning) -> bool:
+        """Store the tuning; True when it changed (predictions must then be refreshed)."""
+        if tuning.to_dict() == self.tuning(pid).to_dict():
+            return False
+        self.store.set(self._key(pid, "tuning"), json.dumps(tuning.to_dict(), sort_keys=True))
+        log.info("project %s: tuning -> variant %s, %d calibrated thresholds", pid, tuning.variant,
+                 len(tuning.thresholds))
+        return True
+
+    def evaluation(self, pid: int) -> dict | None:
+        """The last evaluation's result (JSON), None before any."""
+        raw = self.store.get(self._key(pid, "evaluation"))
+        return json.loads(raw) if raw else None
+
+    def thumbnails(self, pid: int) -> dict[str, str]:
+        """{task id: base64 JPEG} of the last evaluation's gallery."""
+        raw = self.store.get(self._key(pid, "thumbnails"))
+        return json.loads(raw) if raw else {}
+
+    def set_evaluation(self, pid: int, result: dict, thumbnails: dict[str, str]) -> None:
+        """Store an evaluation's result with its gallery's thumbnails, together."""
+        self.store.set_many({self._key(pid, "evaluation"): json.dumps(result),
+                             self._key(pid, "thumbnails"): json.dumps(thumbnails)})
 
     # ------------------------------------------------------------------ project settings
     def set_label_config(self, pid: int, xml: str) -> None:

@@ -32,9 +32,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 import numpy as np
 
-from backend import bulk_delivery, queueing, runtime
+from backend import bulk_delivery, evaluation_job, queueing, runtime
 from backend.annotations import Reference, regions_to_references
-from backend.bank_store import bank_version
+from backend.bank_store import Tuning, bank_version
 from backend.errors import BadRequest, LabelStudioAPIError
 from backend.images import LoadedImage
 from backend.interactive import Prompt
@@ -43,10 +43,13 @@ from backend.ls_client import LabelStudioClient
 from backend.proposal_cache import cache_key
 from backend.results import detections_to_regions, mask_regions, prediction_item
 from backend.store import DELIVERY_TTL_S
+from backend.settings import VARIANTS
 from backend.tasks_registry import TaskRecord, result_hash
 from model.bank import MemoryBank
+from model.corrections import Region, find_negatives
 from model.engine import match_pool
-from model.types import Proposals
+from model.options import MethodOptions
+from model.types import Detections, Proposals
 
 log = logging.getLogger(__name__)
 
@@ -129,26 +132,43 @@ def _cached_key(record: TaskRecord) -> str | None:
     return record.proposal_key if record.proposal_key == current else None
 
 
-def _match_item(proposals: Proposals, key: str, bank: MemoryBank, config: LabelConfig, mv: str) -> dict:
-    """Prediction item of one image. The match keeps the method's K and the laxest control's
-    threshold; each control's max_detections cuts its regions afterwards. The masks it upsampled
-    join those stored with the cached proposals (`key`) for the next match."""
-    if len(bank) == 0:
-        return prediction_item([], mv)
-    s = runtime.get_settings()
-    threshold = min(s.score_threshold if c.score_threshold is None else c.score_threshold
-                    for c in config.controls)
+def match_cached(proposals: Proposals, key: str, bank: MemoryBank, threshold: float,
+                 options: MethodOptions | None = None) -> Detections:
+    """Detections of cached proposals (`key`) against `bank` (`options`: a variant, None: the
+    engine's). The masks the match upsampled join those stored with the proposals for the next one."""
     cache = runtime.get_proposal_cache()
     masks = cache.get_masks(key, proposals)
-    result = runtime.get_engine().match_full(proposals, bank, score_threshold=threshold, masks=masks)
+    result = runtime.get_engine().match_full(proposals, bank, score_threshold=threshold, masks=masks,
+                                             options=options)
     if len(result.upsampled):
         masks.update(result.upsampled)
         try:
             cache.put_masks(key, masks)
         except OSError as exc:  # disk full, read-only: the next match upsamples them again
             log.warning("proposal cache: cannot store upsampled masks of %s (%s)", key[:12], exc)
-    regions = detections_to_regions(result.detections, config, score_threshold=s.score_threshold,
-                                    polygon_tolerance=s.polygon_tolerance, max_detections=s.max_detections)
+    return result.detections
+
+
+def variant_options(name: str) -> MethodOptions | None:
+    """MethodOptions of a variant name (None: the engine's own, also for a name no longer known)."""
+    return runtime.get_settings().variant_options(name) if name in VARIANTS else None
+
+
+def _match_item(proposals: Proposals, key: str, bank: MemoryBank, config: LabelConfig, mv: str,
+                tuning: Tuning | None = None) -> dict:
+    """Prediction item of one image. The match keeps the method's K and the laxest threshold (of
+    the controls, the global one and the calibrated ones of `tuning`), with `tuning`'s variant;
+    each control's threshold and max_detections cut its regions afterwards."""
+    if len(bank) == 0:
+        return prediction_item([], mv)
+    s = runtime.get_settings()
+    tuning = tuning or Tuning()
+    threshold = min([s.score_threshold if c.score_threshold is None else c.score_threshold
+                     for c in config.controls] + list(tuning.thresholds.values()))
+    detections = match_cached(proposals, key, bank, threshold, variant_options(tuning.variant))
+    regions = detections_to_regions(detections, config, score_threshold=s.score_threshold,
+                                    polygon_tolerance=s.polygon_tolerance, max_detections=s.max_detections,
+                                    class_thresholds=tuning.thresholds)
     return prediction_item(regions, mv)
 
 
@@ -156,7 +176,8 @@ def _predict_one(pid: int, task_id: int, url: str, config: LabelConfig, bank: Me
                  warm: bool = False) -> tuple[dict, dict]:
     """(prediction item, registry fields) of one task; an empty bank runs no model at all.
     `warm`: keep the image's SAM2 embedding in memory for clicks (also when its proposals are cached)."""
-    mv = runtime.model_version(pid, bank_version(bank))
+    tuning = runtime.get_tuning(pid)
+    mv = runtime.model_version(pid, bank_version(bank), tuning)
     if len(bank) == 0:
         if warm:
             _warm(pid, task_id, url)
@@ -165,7 +186,7 @@ def _predict_one(pid: int, task_id: int, url: str, config: LabelConfig, bank: Me
     proposals, key = _proposals(image)
     if warm:
         runtime.get_engine().warm(image.array, key=image.sha256)  # a no-op when propose just did it
-    return (_match_item(proposals, key, bank, config, mv),
+    return (_match_item(proposals, key, bank, config, mv, tuning),
             {"image_url": url, "image_sha256": image.sha256, "proposal_key": key})
 
 
@@ -398,9 +419,48 @@ def _deleted_annotations(pid: int, client: LabelStudioClient, ids: list[int]) ->
     return gone
 
 
+def _our_prediction(client: LabelStudioClient, task_id: int) -> dict | None:
+    """Our newest prediction of a task as Label Studio holds it (None without one)."""
+    ours = [p for p in client.list_predictions(task_id) if isinstance(p, dict) and isinstance(p.get("id"), int)
+            and str(p.get("model_version") or "").startswith(OUR_VERSION_PREFIX)]
+    return max(ours, key=lambda p: p["id"]) if ours else None
+
+
+def _regions_of(refs: list[Reference]) -> list[Region]:
+    return [Region(r.label, mask=r.mask) if r.mask is not None else Region(r.label, box=r.box) for r in refs]
+
+
+def correction_negatives(pid: int, task: dict, annotation: dict, config: LabelConfig,
+                         client: LabelStudioClient) -> list[tuple[str, str, object]]:
+    """(class, neg_id, descriptor) of every region of our prediction on the task (read from Label
+    Studio) that the submitted annotation removed or relabelled (model.corrections.find_negatives):
+    the descriptor of the predicted region, as a reference's would be. [] for a skipped annotation
+    or a task without our prediction."""
+    if annotation.get("was_cancelled") or not isinstance(task.get("id"), int):
+        return []
+    prediction = _our_prediction(client, task["id"])
+    if prediction is None or not isinstance(prediction.get("result"), list) or not prediction["result"]:
+        return []
+    image = runtime.get_fetcher(pid).fetch(_image_url(task, config), task_id=task["id"])
+    size = (image.width, image.height)
+    predicted = annotation_references({"id": f"p{prediction['id']}", "result": prediction["result"]}, config, size)
+    annotated = annotation_references(annotation, config, size)
+    negatives = find_negatives(_regions_of(predicted), _regions_of(annotated), (image.height, image.width))
+    if not negatives:
+        return []
+    regions = [predicted[n.index] for n in negatives]
+    descriptors = runtime.get_engine().encode_references(
+        image.array, masks=[r.mask for r in regions], boxes=[r.box for r in regions])
+    group = str(annotation["id"])
+    log.info("project %s task %s: annotation %s corrected our prediction %s: %s", pid, task["id"], group,
+             prediction["id"], ", ".join(f"{n.reason} {n.label}" for n in negatives))
+    return [(n.label, f"{group}:neg:{r.ref_id}", d) for n, r, d in zip(negatives, regions, descriptors)
+            if d is not None]
+
+
 def _annotation_changed(pid: int, event: str, payload: dict, xml: str, client: LabelStudioClient) -> dict:
     """ANNOTATION_CREATED / _UPDATED: the annotation's references, as LS holds it, replace its
-    previous ones."""
+    previous ones; so do the negatives it makes of our prediction on its task (its corrections)."""
     annotation_id = _payload_ids([payload.get("annotation")])
     if not annotation_id:
         raise BadRequest(f"{event} without an annotation object with an id")
@@ -413,15 +473,20 @@ def _annotation_changed(pid: int, event: str, payload: dict, xml: str, client: L
     if stored is not None and stored != _basis(xml):  # config or models changed: start over
         return {"event": event, "rebuild": rebuild_bank(pid)}
     group = str(annotation["id"])
-    refs = _task_references(pid, task, [annotation], parse_label_config(xml))[group]
+    config = parse_label_config(xml)
+    refs = _task_references(pid, task, [annotation], config)[group]
+    negatives = correction_negatives(pid, task, annotation, config, client)
 
     def replace_annotation(bank: MemoryBank) -> None:
         bank.remove_group(group)
         for label, ref_id, descriptor in refs:
             bank.add(label, ref_id, descriptor, group=group)
+        for label, neg_id, descriptor in negatives:
+            bank.add_negative(label, neg_id, descriptor, group=group)
 
     version = banks.update(pid, replace_annotation, basis=_basis(xml))
-    return {"event": event, "annotation": annotation["id"], "references": len(refs), "version": version}
+    return {"event": event, "annotation": annotation["id"], "references": len(refs), "negatives": len(negatives),
+            "version": version}
 
 
 def _annotations_deleted(pid: int, event: str, payload: dict, client: LabelStudioClient) -> dict:
@@ -489,6 +554,7 @@ def apply_webhook(pid: int, event: str, payload: dict) -> dict:
     result.update(changed=version != before, seconds=round(time.monotonic() - t0, 3))
     if version != before:
         result["refresh_job"] = _schedule_refresh(pid, version)
+        result["evaluation_job"] = evaluation_job.schedule(pid, version)
     return result
 
 
@@ -545,6 +611,8 @@ def rebuild_bank(pid: int, refresh: bool = True) -> dict:
              pid, tasks, len(fresh), version, failed)
     if refresh and version != before:
         result["refresh_job"] = _schedule_refresh(pid, version)
+    if version != before:
+        result["evaluation_job"] = evaluation_job.schedule(pid, version)
     return result
 
 
@@ -670,14 +738,14 @@ def predict_task(pid: int, task: dict, label_config: str, delivery_key: str | No
 
 
 def rescore_cached(pid: int, bank: MemoryBank, records: dict[int, TaskRecord] | None = None,
-                   config: LabelConfig | None = None) -> list[tuple[int, dict, bool]]:
+                   config: LabelConfig | None = None, tuning: Tuning | None = None) -> list[tuple[int, dict, bool]]:
     """(task id, new item, changed) for every registered task whose proposals are cached, in
     `records` order.
 
     No model runs: cached proposals are re-matched against `bank`, REFRESH_THREADS tasks at once
     (model.engine.match_pool; cache reads, torch, numpy and OpenCV release the GIL). `changed`
     compares the result with the one last delivered. With an empty bank every task gets an empty
-    result.
+    result. `tuning`: the project's tuning in force unless given.
     """
     if config is None:
         xml = runtime.get_bank_store().label_config(pid)
@@ -686,7 +754,8 @@ def rescore_cached(pid: int, bank: MemoryBank, records: dict[int, TaskRecord] | 
         config = parse_label_config(xml)
     if records is None:
         records = runtime.get_registry().all(pid)
-    mv = runtime.model_version(pid, bank_version(bank))
+    tuning = tuning if tuning is not None else runtime.get_tuning(pid)
+    mv = runtime.model_version(pid, bank_version(bank), tuning)
     cache = runtime.get_proposal_cache()
 
     def rescore(task: tuple[int, TaskRecord]) -> tuple[int, dict, bool] | None:
@@ -699,7 +768,7 @@ def rescore_cached(pid: int, bank: MemoryBank, records: dict[int, TaskRecord] | 
             proposals = cache.get(key) if key else None
             if proposals is None:
                 return None
-            item = _match_item(proposals, key, bank, config, mv)
+            item = _match_item(proposals, key, bank, config, mv, tuning)
         return task_id, item, result_hash(item["result"]) != record.result_hash
 
     threads = min(len(records), runtime.get_settings().refresh_threads)
@@ -738,8 +807,8 @@ def refresh_project(pid: int) -> dict:
     cached proposals in batches and posted (PATCH per task; the version alone where the result did
     not change, or LS would treat the old version as stale and add a second prediction), or, for
     many tasks, all of them replaced in bulk (backend.bulk_delivery). Tasks without cached
-    proposals get a predict job. Stops early when the bank changes again (that change queued its
-    own refresh).
+    proposals get a predict job. Stops early when the bank or its tuning changes again (that change
+    queued its own refresh).
     """
     t0 = time.monotonic()
     xml = runtime.get_bank_store().label_config(pid)
@@ -748,7 +817,8 @@ def refresh_project(pid: int) -> dict:
     config = parse_label_config(xml)
     bank = _current_bank(pid)
     version = bank_version(bank)
-    mv = runtime.model_version(pid, version)
+    tuning = runtime.get_tuning(pid)
+    mv = runtime.model_version(pid, version, tuning)
     registered = runtime.get_registry().all(pid)
     stale = {tid: rec for tid, rec in sorted(registered.items()) if rec.model_version != mv}
     counts = {"tasks": len(registered), "current": len(registered) - len(stale), "rescored": 0, "changed": 0,
@@ -780,7 +850,7 @@ def refresh_project(pid: int) -> dict:
     superseded = False
     for start in range(0, len(ids), REFRESH_BATCH):
         batch = {tid: stale[tid] for tid in ids[start:start + REFRESH_BATCH]}
-        rescored = rescore_cached(pid, bank, records=batch, config=config)
+        rescored = rescore_cached(pid, bank, records=batch, config=config, tuning=tuning)
         counts["rescored"] += len(rescored)
         changed = {tid: item for tid, item, is_changed in rescored if is_changed}
         counts["changed"] += len(changed)
@@ -795,9 +865,10 @@ def refresh_project(pid: int) -> dict:
         else:
             post_each(items)
         missing = {tid: batch[tid] for tid in set(batch) - {tid for tid, _, _ in rescored}}
-        counts["enqueued"] += _enqueue_predictions(pid, missing, xml, config.value_key, version)
+        tuned = f"{version}-{tuning.version}" if tuning.version else version
+        counts["enqueued"] += _enqueue_predictions(pid, missing, xml, config.value_key, tuned)
         _progress(start + len(batch), len(ids), stage="refresh", model_version=mv, **counts)
-        if runtime.get_bank_store().version(pid) != version:
+        if runtime.get_bank_store().version(pid) != version or runtime.get_tuning(pid) != tuning:
             superseded = True
             break
     if bulk_ok:

@@ -128,6 +128,9 @@ _ERRORS = {
 }
 _UNAVAILABLE = {"503": _json(_ref("Error"), "Redis (the shared store) is unavailable; retry later.")}
 
+_PROJECT_QUERY = {"name": "project", "in": "query", "required": True, "schema": _PROJECT_UID}
+_NO_EVALUATION = _json(_ref("Error"), "Project never set up, or no evaluation yet.")
+
 _PATHS: dict[str, Any] = {
     "/": {"get": {"operationId": "root", "summary": "Same as /health.",
                   "responses": {"200": _json({"type": "object"}, "Status."), "401": _ERRORS["401"]}}},
@@ -197,6 +200,34 @@ _PATHS: dict[str, Any] = {
         "responses": {"200": _json({"type": "object", "properties": {
             "versions": {"type": "array", "items": {"type": "string"}}}}, "Versions."),
             **_ERRORS, **_UNAVAILABLE}}},
+    "/evaluation": {
+        "get": {
+            "operationId": "evaluation",
+            "summary": "The project's last evaluation on its own annotations (leave-one-task-out): status "
+                       "(running while one is queued or runs, else done), classes keyed by label (ap, ap50, "
+                       "mask_ap, precision, recall, f1, threshold, references, pr, histogram), the variant in "
+                       "use, the learning curve, confusion and worst misses.",
+            "parameters": [_PROJECT_QUERY],
+            "responses": {"200": _json({"type": "object", "required": ["status", "classes"], "properties": {
+                "status": {"type": "string", "enum": ["running", "done"]},
+                "classes": {"type": "object", "additionalProperties": {"type": "object"}},
+                "variant_in_use": {"type": "string"}, "curve": {"type": "array", "items": {"type": "object"}}}},
+                "The last result."), "404": _NO_EVALUATION, **_ERRORS, **_UNAVAILABLE}},
+        "post": {
+            "operationId": "evaluate",
+            "summary": "Queue an evaluation of the project (after every waiting prediction); one at a time.",
+            "parameters": [_PROJECT_QUERY],
+            "responses": {"202": _json({"type": "object", "properties": {
+                "status": {"type": "string", "enum": ["queued", "already queued"]},
+                "job": {"type": "string", "nullable": True}}}, "Queued (or one was queued already)."),
+                "404": _json(_ref("Error"), "Project never set up."), **_ERRORS, **_UNAVAILABLE}}},
+    "/report": {"get": {
+        "operationId": "report",
+        "summary": "The last evaluation as one self-contained HTML page (inline SVG charts, thumbnails as "
+                   "data: URIs, no script).",
+        "parameters": [_PROJECT_QUERY],
+        "responses": {"200": {"description": "HTML page.", "content": {"text/html": {"schema": {"type": "string"}}}},
+                      "404": _NO_EVALUATION, **_ERRORS, **_UNAVAILABLE}}},
     "/metrics": {"get": {"operationId": "metrics", "summary": "Process counters.",
                          "responses": {"200": _json({"type": "object"}, "Counters."), "401": _ERRORS["401"]}}},
     "/jobs": {"get": {

@@ -60,7 +60,7 @@ from backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
-QUEUES = ("interactive", "bank", "predict")  # in priority order
+QUEUES = ("interactive", "bank", "predict", "evaluate")  # in priority order (clicks first; evaluations never before a waiting prediction)
 RETRY_BACKOFF_S = (5, 30, 120)            # delay before retry 1, 2, 3 (the last repeats)
 RESULT_TTL_S = 24 * 3600                  # finished jobs stay readable by /predict and /jobs
 FAILURE_TTL_S = 7 * 24 * 3600
@@ -439,7 +439,7 @@ def backend() -> RQBackend | EmbeddedBackend:
 
 def enqueue(func_path: str, *args: Any, queue: str = "predict", job_id: str | None = None,
             meta: dict | None = None, retries: int = 2, timeout: int | None = None, **kwargs: Any) -> str:
-    """Queue `func_path(*args, **kwargs)` on "interactive", "bank" or "predict"; returns the job id.
+    """Queue `func_path(*args, **kwargs)` on one of QUEUES; returns the job id.
 
     `retries` failed attempts are retried (RQ: after 5 s, 30 s, 120 s). `timeout` (s) defaults to
     JOB_TIMEOUT_S. Raises QueueUnavailable when Redis cannot take the job, TypeError when the

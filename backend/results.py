@@ -14,6 +14,7 @@ Every number is a plain Python int/float so the result can go straight to JSON.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 
 import cv2
 import numpy as np
@@ -104,7 +105,8 @@ def _region(control: Control, label: str, value: dict, score: float, W: int, H: 
 
 
 def _control_regions(det: Detections, control: Control, threshold: float | None,
-                     tolerance: float, max_detections: int | None) -> list[dict]:
+                     tolerance: float, max_detections: int | None,
+                     class_thresholds: Mapping[str, float] | None = None) -> list[dict]:
     H, W = det.image_size
     order = sorted(range(len(det)), key=lambda i: -float(det.scores[i]))
     regions: list[dict] = []
@@ -114,7 +116,8 @@ def _control_regions(det: Detections, control: Control, threshold: float | None,
             break
         score = float(det.scores[i])
         label = control.output_label(det.labels[i])
-        if label is None or (threshold is not None and score < threshold):
+        floor = (class_thresholds or {}).get(det.labels[i], threshold)
+        if label is None or (floor is not None and score < floor):
             continue
         x0, y0, crop = det.masks[i]
         if not crop.any():
@@ -132,21 +135,25 @@ def _control_regions(det: Detections, control: Control, threshold: float | None,
 
 
 def detections_to_regions(det: Detections, config: LabelConfig, *, score_threshold: float | None,
-                          polygon_tolerance: float, max_detections: int | None = None) -> list[dict]:
+                          polygon_tolerance: float, max_detections: int | None = None,
+                          class_thresholds: Mapping[str, float] | None = None) -> list[dict]:
     """LS regions for every supported control of `config`.
 
     Per control: detections whose class maps to one of its labels (Control.output_label) and whose
     score reaches the threshold, best first, at most max_detections instances (a multi-part
-    polygon counts once). Control attributes (model_score_threshold, model_max_detections,
-    model_polygon_tolerance) override the arguments. polygon_tolerance is the approxPolyDP
-    epsilon in pixels (0 keeps every contour vertex).
+    polygon counts once). `class_thresholds` (class -> calibrated threshold) replace
+    score_threshold for their classes. Control attributes (model_score_threshold,
+    model_max_detections, model_polygon_tolerance) override the arguments, calibrated thresholds
+    included. polygon_tolerance is the approxPolyDP epsilon in pixels (0 keeps every contour vertex).
     """
     regions: list[dict] = []
     for control in config.controls:
-        threshold = control.score_threshold if control.score_threshold is not None else score_threshold
+        own = control.score_threshold is not None
+        threshold = control.score_threshold if own else score_threshold
         tolerance = control.polygon_tolerance if control.polygon_tolerance is not None else polygon_tolerance
         limit = control.max_detections if control.max_detections is not None else max_detections
-        regions += _control_regions(det, control, threshold, float(tolerance), limit)
+        regions += _control_regions(det, control, threshold, float(tolerance), limit,
+                                    None if own else class_thresholds)
     return regions
 
 

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from backend.bank_store import BankStore
+from backend.bank_store import BankStore, Tuning
 from backend.errors import LabelStudioAPIError
 from backend.settings import Settings
 from backend.store import MemoryStore, RedisStore, Store
@@ -108,16 +108,27 @@ def weights_fingerprint() -> str | None:
     return published.get("weights") if published.get("engine") == engine_name() else None
 
 
-def model_version(pid: int, bank_version: str | None = None) -> str:
-    """'ntt-<sam>+<dino>@<weights>-<bank version>'; changes whenever the project's bank or the
-    workers' weights change (without a published fingerprint: 'ntt-<sam>+<dino>-<bank version>').
+def get_tuning(pid: int) -> Tuning:
+    """The project's tuning in force: the variant and thresholds its last evaluation stored, the
+    variant pinned by NTT_VARIANT unless it is "auto"."""
+    stored = get_bank_store().tuning(pid)
+    pinned = get_settings().variant
+    return stored if pinned == "auto" else Tuning(pinned, stored.thresholds)
 
-    Pass `bank_version` when the caller already holds the bank it predicts with, so the version
-    stamped on a prediction is the one of the bank actually used.
+
+def model_version(pid: int, bank_version: str | None = None, tuning: Tuning | None = None) -> str:
+    """'ntt-<sam>+<dino>@<weights>-<bank version>[-t<tuning hash>]'; changes whenever the project's
+    bank, its tuning (calibrated thresholds, variant: backend.bank_store.Tuning) or the workers'
+    weights change (without a published fingerprint: 'ntt-<sam>+<dino>-<bank version>...').
+
+    Pass `bank_version` and `tuning` when the caller already holds those it predicts with, so the
+    version stamped on a prediction is the one actually used.
     """
     version = bank_version if bank_version is not None else get_bank_store().version(pid)
+    tuned = (tuning if tuning is not None else get_tuning(pid)).version
     weights = weights_fingerprint()
-    return f"ntt-{engine_name()}{f'@{weights[:WEIGHTS_IN_VERSION]}' if weights else ''}-{version}"
+    return (f"ntt-{engine_name()}{f'@{weights[:WEIGHTS_IN_VERSION]}' if weights else ''}-{version}"
+            f"{f'-{tuned}' if tuned else ''}")
 
 
 # ---------------------------------------------------------------------------------------- workers

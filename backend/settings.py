@@ -18,6 +18,9 @@ from model.catalog import DINO_MODELS, SAM_MODELS, checkpoint_filename
 from model.options import MethodOptions
 
 WEB_THREADS_FREE = 2  # web threads /predict never waits on: LS's /health (1 s timeout) and /setup (3 s)
+# Matching variants an evaluation scores side by side (docs/method.md, "Variants"): name -> the
+# MethodOptions fields it changes; "ntt" is the faithful method (the options as configured).
+VARIANTS: dict[str, dict[str, str]] = {"ntt": {}, "graph": {"merge": "graph"}, "negatives": {"negatives": "suppress"}}
 
 
 class SettingsError(ValueError):
@@ -212,6 +215,11 @@ class Settings:
         "compile_decoder", "NTT_COMPILE_DECODER", "torch.compile the SAM2 mask decoder (the cold path's "
         "largest stage), within the method's tolerances of eager fp32; an RQ worker compiles it at start, "
         "the embedded default on its first prediction; eager when compiling fails.", _bool)
+    variant: str = _var(
+        "NTT_VARIANT", "auto", "Matching variant: `auto` uses the one with the best mean AP in the project's "
+        f"last evaluation once it has enough evidence (else the faithful method), or pin one of "
+        f"{', '.join(VARIANTS)} (`ntt` = the faithful method).", _choice({"auto": None, **VARIANTS}),
+        default_doc="`auto`")
     score_threshold: float = _var(
         "SCORE_THRESHOLD", 0.5, "Minimum region score in pre-annotations (the method itself has none); "
         "a control's `model_score_threshold` attribute overrides it.", _unit_float, default_doc="`0.5`")
@@ -330,8 +338,13 @@ class Settings:
         return bool(self.basic_auth_user is not None and self.basic_auth_pass is not None)
 
     def queue_name(self, queue: str) -> str:
-        """Full RQ queue name of a logical queue ("interactive", "bank" or "predict")."""
+        """Full RQ queue name of a logical queue (one of backend.queueing.QUEUES)."""
         return f"{self.queue_prefix}-{queue}"
+
+    def variant_options(self, name: str) -> MethodOptions | None:
+        """The MethodOptions of a named variant (None for "ntt": the engine's own options)."""
+        changes = VARIANTS[name]
+        return replace(self.method_options(), **changes) if changes else None
 
     def method_options(self) -> MethodOptions:
         """MethodOptions with the NTT_* overrides (fields made by `_option`) applied."""

@@ -1,6 +1,6 @@
 """RQ worker that loads SAM2 + DINOv2 once and runs every job in its own process (no fork per job).
 
-    REDIS_URL=redis://redis:6379/0 python -m backend.worker                  # interactive + bank + predict
+    REDIS_URL=redis://redis:6379/0 python -m backend.worker                  # interactive + bank + predict + evaluate
     REDIS_URL=... python -m backend.worker --queues interactive predict      # an extra GPU for inference
     REDIS_URL=... python -m backend.worker --burst                           # drain the queues, then exit
 
@@ -296,7 +296,7 @@ def _where(url: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backend.worker", description=__doc__.split("\n\n")[0])
     parser.add_argument("--queues", nargs="+", choices=QUEUES, default=list(QUEUES),
-                        help="logical queues to serve, in priority order (default: interactive bank predict)")
+                        help="logical queues to serve, in priority order (default: interactive bank predict evaluate)")
     parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     args = parser.parse_args(argv)
 

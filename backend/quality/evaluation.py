@@ -122,15 +122,17 @@ def crop_rle(x0: int, y0: int, crop: np.ndarray, size: tuple[int, int]) -> dict:
 
 
 def bank_subset(bank: MemoryBank, *, drop: Iterable[str] = (), keep: Iterable[str] | None = None) -> MemoryBank:
-    """A new bank with the references of `bank` whose group is not in `drop` (and, given `keep`,
-    is in `keep`: ungrouped references are then left out too). `bank` is not changed."""
+    """A new bank with the references and negatives of `bank` whose group is not in `drop` (and,
+    given `keep`, is in `keep`: ungrouped entries are then left out too). `bank` is not changed."""
     drop, keep = set(drop), None if keep is None else set(keep)
     out = MemoryBank(bank.dim)
-    for name in bank.classes:
-        for ref in bank.refs(name):
-            if ref.group in drop or (keep is not None and ref.group not in keep):
-                continue
-            out.add(ref.class_name, ref.ref_id, ref.descriptor, ref.group)
+    def kept(entry) -> bool:  # noqa: ANN001 - a model.bank.Reference
+        return entry.group not in drop and (keep is None or entry.group in keep)
+
+    for ref in (r for name in bank.classes for r in bank.refs(name) if kept(r)):
+        out.add(ref.class_name, ref.ref_id, ref.descriptor, ref.group)
+    for neg in filter(kept, bank.negatives()):
+        out.add_negative(neg.class_name, neg.ref_id, neg.descriptor, neg.group)
     return out
 
 

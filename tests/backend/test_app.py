@@ -355,7 +355,7 @@ def test_setup_and_health_stay_fast_while_the_worker_is_busy(make_app, jobs):
     assert c.post("/webhook", json=WEBHOOK_ANNOTATION_CREATED).status_code == 201  # occupies the worker
     busy_predict = threading.Thread(target=lambda: app.test_client().post("/predict", json=PREDICT_BODY))
     busy_predict.start()  # a /predict waiting on the busy worker in another thread
-    wait_for(lambda: queueing.health()["queued"] == {"interactive": 0, "bank": 0, "predict": 2}, 10, "the busy /predict's jobs")
+    wait_for(lambda: queueing.health()["queued"] == {"interactive": 0, "bank": 0, "predict": 2, "evaluate": 0}, 10, "the busy /predict's jobs")
     c.post("/setup", json=SETUP_BODY)  # warm the label-config parse cache, as LS's first call does
     c.get("/health")
     timings = {"/setup": [], "/health": []}
@@ -367,7 +367,7 @@ def test_setup_and_health_stay_fast_while_the_worker_is_busy(make_app, jobs):
         assert c.get("/health").status_code == 200
         timings["/health"].append(time.perf_counter() - t0)
     assert busy_predict.is_alive() and not jobs.holds["hold"].is_set()
-    assert queueing.health()["queued"] == {"interactive": 0, "bank": 0, "predict": 2}
+    assert queueing.health()["queued"] == {"interactive": 0, "bank": 0, "predict": 2, "evaluate": 0}
     for route, seconds in timings.items():
         print(f"{route} while the worker is busy: median {sorted(seconds)[10] * 1000:.1f} ms, "
               f"max {max(seconds) * 1000:.1f} ms")

@@ -96,7 +96,7 @@ def test_embedded_worker_starts_lazily_and_runs_by_import_path(embedded):
     assert (info.status, info.result, info.error, info.meta) == ("finished", 5, None, {"project": 7})
     assert info.func == f"{MOD}.add" and info.enqueued_at <= info.ended_at
     assert [m.result if m else None for m in queueing.fetch_many([job_id, "nope"])] == [5, None]
-    assert queueing.health() == {"mode": "embedded", "ok": True, "queued": {"interactive": 0, "bank": 0, "predict": 0},
+    assert queueing.health() == {"mode": "embedded", "ok": True, "queued": {"interactive": 0, "bank": 0, "predict": 0, "evaluate": 0},
                                  "worker_started": True}
 
 
@@ -106,7 +106,7 @@ def test_embedded_bank_jobs_run_before_waiting_predict_jobs(embedded):
     p1 = queueing.enqueue(f"{MOD}.record", "p1", queue="predict")
     p2 = queueing.enqueue(f"{MOD}.record", "p2", queue="predict")
     b1 = queueing.enqueue(f"{MOD}.record", "b1", queue="bank")
-    assert queueing.health()["queued"] == {"interactive": 0, "bank": 1, "predict": 2}
+    assert queueing.health()["queued"] == {"interactive": 0, "bank": 1, "predict": 2, "evaluate": 0}
     assert queueing.fetch(first).status == "started" and queueing.fetch(b1).status == "queued"
     GATE.set()
     for job in (first, p1, p2, b1):
@@ -173,7 +173,7 @@ def test_rq_enqueue_fetch_health_and_meta(rq_settings):
     bad = queueing.enqueue(f"{MOD}.boom", "no image", queue="bank", retries=0)
     prog = queueing.enqueue(f"{MOD}.progress", 3, queue="bank")
     health = queueing.health(max_age=0)
-    assert health["ok"] is True and health["queued"] == {"interactive": 0, "bank": 2, "predict": 1}
+    assert health["ok"] is True and health["queued"] == {"interactive": 0, "bank": 2, "predict": 1, "evaluate": 0}
     assert queueing.fetch(ok).status == "queued"
 
     run_burst(rq_settings)
@@ -183,7 +183,7 @@ def test_rq_enqueue_fetch_health_and_meta(rq_settings):
     failed = queueing.fetch(bad)
     assert (failed.status, failed.error) == ("failed", "ValueError: no image")
     assert queueing.fetch(prog).meta == {"done": 3, "total": 3}
-    assert queueing.health(max_age=0)["queued"] == {"interactive": 0, "bank": 0, "predict": 0}
+    assert queueing.health(max_age=0)["queued"] == {"interactive": 0, "bank": 0, "predict": 0, "evaluate": 0}
     assert {j.id for j in queueing.list_jobs(10)} == {ok, bad, prog}
     assert queueing.fetch("no-such-job") is None
     many = queueing.fetch_many([ok, "no-such-job", bad])

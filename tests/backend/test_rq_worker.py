@@ -131,7 +131,7 @@ def test_webhook_to_worker_to_new_model_version(deployment, tmp_path):
         worker.stop()
     out = worker.output()
     assert "engine sam2.1-t+dinov2-s loaded on cpu" in out, out
-    assert f"serving queues {[settings.queue_name(q) for q in ('interactive', 'bank', 'predict')]}" in out
+    assert f"serving queues {[settings.queue_name(q) for q in ('interactive', 'bank', 'predict', 'evaluate')]}" in out
     assert LEGACY_TOKEN not in out
     print(f"webhook -> worker -> new model version -> predict: {time.monotonic() - t_start:.1f} s")
 

@@ -541,4 +541,58 @@ def test_click_to_segment_through_label_studio(label_studio: LabelStudio,
     clicks = [j for j in backend.jobs() if j["func"] == "backend.jobs.segment_task"]
     assert len(clicks) == 2 and all(j["status"] == "finished" for j in clicks), clicks
     assert backend.metrics()["clicks"] == 2
+
+
+def test_evaluation_report_and_negatives_from_a_correction(
+        label_studio: LabelStudio, start_backend: Callable[..., Backend], tmp_path: Path) -> None:
+    """Issue 13: after a few annotations GET /evaluation has per-class figures for the project's
+    labels, GET /report renders in headless chromium with no console error, and an annotation that
+    removes one detection of our prediction (all its regions) stores negatives in the bank."""
+    from tests.backend.quality.browser import load_page
+
+    ls = label_studio
+    client = ls.client()
+    up = [make_picture(ls.work_dir / "upload", f"eval-{k}.png", 80, 60, 40 + k) for k in range(4)]
+    project = create_project(ls, client, up, [], [])
+    backend = start_backend(ls)
+    connect(project, backend)
+    p, names = project.pictures, sorted(project.tasks)
+    version = project.ml_version()
+    for name in names[:3]:
+        project.annotate(name, [brush_region(p[name], "Cat", "c"), rect_region(p[name], p[name].dog, "Dog", "d")])
+        version = settled_version(project, backend, {version})
+
+    # our prediction on the last task, corrected: one detection (its region on every control) removed
+    project.dm_action("retrieve_tasks_predictions")
+    ours = [q for q in project.predictions(names[3]) if q["model_version"].startswith("ntt-")]
+    assert len(ours) == 1 and ours[0]["result"], ours
+    top = max(r["score"] for r in ours[0]["result"])
+    kept = [r for r in ours[0]["result"] if r["score"] != top]
+    annotation_id = project.annotate(names[3], kept)
+    version = settled_version(project, backend, {version})
+    applied = [j for j in backend.jobs() if j["meta"].get("event") == "ANNOTATION_CREATED"
+               and finished_job(backend, j["id"])["result"].get("annotation") == annotation_id]
+    assert len(applied) == 1 and finished_job(backend, applied[0]["id"])["result"]["negatives"] >= 1
+
+    r = requests.post(f"{backend.url}/evaluation", params={"project": project.id}, timeout=5)
+    assert r.status_code == 202, r.text
+
+    def evaluated() -> dict | None:
+        got = requests.get(f"{backend.url}/evaluation", params={"project": project.id}, timeout=5)
+        body = got.json() if got.status_code == 200 else {}
+        return body if body.get("status") == "done" and body.get("annotated_tasks") == 4 else None
+    result = wait_for(evaluated, VERSION_TIMEOUT, "an evaluation of the 4 annotated tasks", interval=0.5,
+                      alive=backend.check_alive)
+    assert set(result["classes"]) == LABELS
+    for row in result["classes"].values():
+        assert {"ap", "ap50", "precision", "recall", "f1", "threshold", "references"} <= set(row), row
+    assert result["curve"] and result["variant_in_use"] == "ntt"   # < 5 annotated tasks: the faithful method
+
+    page = requests.get(f"{backend.url}/report", params={"project": project.id}, timeout=10)
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    path = tmp_path / "report.html"
+    path.write_text(page.text, encoding="utf-8")
+    shown = load_page(path)
+    assert shown.errors == [] and shown.svgs >= 2 * len(LABELS) + 1
+    assert all(i["complete"] and i["width"] > 0 for i in shown.images)
     assert_no_failed_jobs(backend)

@@ -58,6 +58,17 @@ def test_bank_subset_drops_or_keeps_groups_without_touching_the_bank():
     assert bank.version == before
 
 
+def test_bank_subset_carries_negatives_by_group_too():
+    """A fold bank keeps the other tasks' negatives (the "negatives" variant needs them) and never
+    the held-out task's own."""
+    tasks, _ = random_project(3)
+    bank = project_bank(tasks)
+    for n in range(3):
+        bank.add_negative("a", f"ann{n}:neg:0", np.ones(bank.dim, np.float32), group=f"ann{n}")
+    assert [r.group for r in bank_subset(bank, drop={"ann1"}).negatives()] == ["ann0", "ann2"]
+    assert [r.group for r in bank_subset(bank, keep={"ann1"}).negatives()] == ["ann1"]
+
+
 def _direct_cocoeval(tasks, found) -> dict[tuple[str, str], tuple[float, float]]:
     """(label, iou type) -> (AP, AP50) from COCOeval on one category at a time, built here from the
     full masks (Detections.mask) rather than by the module under test."""
