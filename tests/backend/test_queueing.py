@@ -464,7 +464,7 @@ def test_workers_take_interactive_jobs_first(rq_settings):
     ORDER.clear()
     for name, queue in (("predict", "predict"), ("bank", "bank"), ("click", "interactive")):
         queueing.enqueue(f"{MOD}.record", name, queue=queue)
-    assert queueing.health(max_age=0)["queued"] == {"interactive": 1, "bank": 1, "predict": 1}
+    assert queueing.health(max_age=0)["queued"] == {"interactive": 1, "bank": 1, "predict": 1, "evaluate": 0}
     from backend.worker import main
     with pytest.MonkeyPatch.context() as mp:  # the worker's default queue list, without loading models
         seen = {}
@@ -472,6 +472,6 @@ def test_workers_take_interactive_jobs_first(rq_settings):
         mp.setattr(runtime, "get_engine", lambda: type("E", (), {"name": "e", "device": "cpu",
                                                                    "prepare": lambda self: 0.0})())
         assert main([]) == 0
-    assert seen["queues"] == [rq_settings.queue_name(q) for q in ("interactive", "bank", "predict")]
+    assert seen["queues"] == [rq_settings.queue_name(q) for q in ("interactive", "bank", "predict", "evaluate")]
     _worker().work(burst=True)
     assert ORDER == ["click", "bank", "predict"]
