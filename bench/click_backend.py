@@ -170,9 +170,13 @@ class Run:
         try:
             yield
         finally:
-            if worker is not None:
-                worker.send_signal(signal.SIGKILL)  # its jobs are this run's only; nothing to finish
-                worker.wait()
+            if worker is not None:  # its process group: the worker and RQ's scheduler process it forked
+                os.killpg(worker.pid, signal.SIGTERM)  # idle by now: a warm shutdown is immediate
+                try:
+                    worker.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(worker.pid, signal.SIGKILL)
+                    worker.wait()
             server.shutdown()
             self._cleanup()
 
@@ -185,13 +189,13 @@ class Run:
         proc = subprocess.Popen([sys.executable, "-m", "backend.worker"], cwd=ROOT,
                                 env={**os.environ, **env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": threads,
                                      "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"},
-                                stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+                                stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
         conn = redis.Redis.from_url(self.args.redis_url)
         key = WORKERS_BY_QUEUE_KEY % runtime.get_settings().queue_name("interactive")
         end = time.monotonic() + 600
         while conn.scard(key) < 1:  # a worker registers once its engine is loaded
             if time.monotonic() > end or proc.poll() is not None:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 raise RuntimeError(f"the RQ worker did not start; its log:\n{log_path.read_text()[-2000:]}")
             time.sleep(0.1)
         return proc
