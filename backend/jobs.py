@@ -562,7 +562,9 @@ def rebuild_bank(pid: int, refresh: bool = True) -> dict:
     """Replace the project's bank by one built from every annotated task (read through the LS API).
 
     A task whose image cannot be loaded keeps its annotations' previous references (logged), so a
-    transient error never loses references.
+    transient error never loses references. Negatives (corrections of our predictions) cannot be
+    recomputed from annotations alone: those of annotations LS still holds are kept while the
+    basis (config, models, weights) is unchanged, and dropped with it.
     """
     t0 = time.monotonic()
     banks = runtime.get_bank_store()
@@ -577,6 +579,7 @@ def rebuild_bank(pid: int, refresh: bool = True) -> dict:
     config = parse_label_config(xml)
     fresh = MemoryBank()
     kept: set[str] = set()
+    present: set[str] = set()  # every annotation LS holds
     tasks = annotations = failed = 0
     for task in client.iter_tasks(pid):
         anns = [a for a in task.get("annotations") or [] if "id" in a]
@@ -585,6 +588,7 @@ def rebuild_bank(pid: int, refresh: bool = True) -> dict:
         queueing.serve_interactive()
         tasks += 1
         annotations += len(anns)
+        present.update(str(a["id"]) for a in anns)
         try:
             for group, refs in _task_references(pid, task, anns, config).items():
                 for label, ref_id, descriptor in refs:
@@ -596,11 +600,16 @@ def rebuild_bank(pid: int, refresh: bool = True) -> dict:
                       pid, task.get("id"), exc)
         _progress(tasks, None, stage="rebuild", references=len(fresh))
 
+    same_basis = banks.basis(pid) == _basis(xml)
+
     def swap(old: MemoryBank) -> MemoryBank:
         for name in old.classes:
             for ref in old.refs(name):
                 if ref.group in kept and ref.ref_id not in fresh:
                     fresh.add(ref.class_name, ref.ref_id, ref.descriptor, ref.group)
+        for neg in old.negatives() if same_basis else []:
+            if neg.group in present:
+                fresh.add_negative(neg.class_name, neg.ref_id, neg.descriptor, neg.group)
         return fresh
 
     before = banks.version(pid)

@@ -167,6 +167,26 @@ def test_a_correction_makes_negatives_and_deleting_it_removes_them(env, ls, engi
     assert bank.negatives() == [] and len(bank.refs("Cat")) == 1
 
 
+def test_a_rebuild_keeps_the_negatives_of_annotations_label_studio_still_holds(env, ls, engine):
+    """Start training rebuilds the bank from annotations, which cannot recreate negatives: those of
+    annotations LS still holds are carried over (same version as before), the others dropped."""
+    _annotated_project(ls, 1)
+    task = ls.add_task(2, seed=2)
+    ls.predictions[900] = {"id": 900, "task": task["id"], "model_version": runtime.model_version(PID),
+                           "result": [polygon_region("p1", "Cat", CAT), polygon_region("p3", "Cat", ELSEWHERE)]}
+    webhook(ls, "ANNOTATION_CREATED", annotation(30, 2, [polygon_region("a", "Cat", CAT)]))
+    before = runtime.get_bank_store().get(PID)
+    assert [n.ref_id for n in before.negatives()] == ["30:neg:p900:p3"]
+
+    out = jobs.rebuild_bank(PID, refresh=False)
+    assert out["changed"] is False   # same references, same negatives: same version
+    assert [n.ref_id for n in runtime.get_bank_store().get(PID).negatives()] == ["30:neg:p900:p3"]
+
+    ls.delete_annotation(30)   # gone from LS (its webhook lost): the next rebuild drops its negatives
+    jobs.rebuild_bank(PID, refresh=False)
+    assert runtime.get_bank_store().get(PID).negatives() == []
+
+
 def test_no_prediction_of_ours_no_negatives(env, ls):
     _annotated_project(ls, 1)
     ls.add_task(2, seed=2)
