@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.quality.evaluation import AnnotatedTask, EvaluationSettings, TruthRegion, evaluate_project  # noqa: E402
 from bench_refresh import machine  # noqa: E402
+from cli_args import add_model_args  # noqa: E402
 from model.bank import MemoryBank  # noqa: E402
 from model.engine import Engine, EngineConfig  # noqa: E402
 from model.options import MethodOptions  # noqa: E402
@@ -55,12 +56,8 @@ def scene(h: int, w: int, seed: int, regions: int) -> tuple[np.ndarray, list[tup
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sam", default="sam2.1-t")
-    ap.add_argument("--dino", default="dinov2-s")
-    ap.add_argument("--sam-image-size", type=int, default=256)
-    ap.add_argument("--dino-image-size", type=int, default=224)
-    ap.add_argument("--points-per-side", type=int, default=4)
-    ap.add_argument("--image-size", default="240x320", help="HxW of the synthetic task images")
+    add_model_args(ap, sam="sam2.1-t", sam_image_size=256, dino_image_size=224, points_per_side=4,
+                   image_size="240x320")
     ap.add_argument("--device", default=None, help="cpu, cuda (default: CUDA when present)")
     ap.add_argument("--tasks", type=int, default=200, help="annotated tasks")
     ap.add_argument("--images", type=int, default=8, help="distinct images (proposed cold once, shared by tasks)")

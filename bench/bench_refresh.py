@@ -57,6 +57,7 @@ from backend.settings import Settings  # noqa: E402
 from backend.store import RedisStore  # noqa: E402
 from backend.tasks_registry import result_hash  # noqa: E402
 from bench_model import random_bank, synthetic_image  # noqa: E402
+from cli_args import add_model_args  # noqa: E402
 from fake_ls import FakeLabelStudio  # noqa: E402
 
 TOKEN = uuid.uuid4().hex + "0badcafe"   # a legacy-token-shaped key for the fake LS (40 hex)
@@ -494,12 +495,8 @@ def report(b: Bench, pred: dict, refreshes: list[dict], threads: dict | None, ba
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sam", default="sam2.1-t")
-    ap.add_argument("--dino", default="dinov2-s")
-    ap.add_argument("--sam-image-size", type=int, default=256)
-    ap.add_argument("--dino-image-size", type=int, default=224)
-    ap.add_argument("--points-per-side", type=int, default=4)
-    ap.add_argument("--image-size", default="240x320", help="HxW of the synthetic task images")
+    add_model_args(ap, sam="sam2.1-t", sam_image_size=256, dino_image_size=224, points_per_side=4,
+                   image_size="240x320")
     ap.add_argument("--device", default=None, help="cpu, cuda (default: CUDA when present)")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--controls", default="brush,polygon,rectangle",

@@ -60,6 +60,7 @@ from backend import queueing, runtime  # noqa: E402
 from backend.app import create_app  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from bench_model import synthetic_image  # noqa: E402
+from cli_args import add_model_args  # noqa: E402
 from bench_refresh import machine, png, reference_region  # noqa: E402
 from fake_ls import FakeLabelStudio, Reply  # noqa: E402 (the Reply class fake_ls checks for)
 
@@ -296,14 +297,10 @@ class Run:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sam", default="sam2-t")
-    ap.add_argument("--dino", default="dinov2-s")
-    ap.add_argument("--sam-image-size", type=int, default=1024)
-    ap.add_argument("--dino-image-size", type=int, default=518)
-    ap.add_argument("--points-per-side", type=int, default=8, help="the batch job's SAM2 grid (sets one batch "
-                    "task's time, hence a click's wait during the batch)")
+    add_model_args(ap, sam="sam2-t", sam_image_size=1024, dino_image_size=518, points_per_side=8,
+                   image_size="360x640", points_help="the batch job's SAM2 grid (sets one batch task's time, "
+                   "hence a click's wait during the batch)")
     ap.add_argument("--compile-decoder", action="store_true", help="NTT_COMPILE_DECODER=1 (default: eager)")
-    ap.add_argument("--image-size", default="360x640", help="HxW of the synthetic images")
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the process running the jobs (1: "
                     "OpenMP threads stall on a busy shared machine)")
