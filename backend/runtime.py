@@ -13,17 +13,17 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from backend.bank_store import BankStore, Tuning
+from backend.storage.bank_store import BankStore, Tuning
 from backend.errors import LabelStudioAPIError
 from backend.settings import Settings
-from backend.store import MemoryStore, RedisStore, Store
-from backend.tasks_registry import TaskRegistry
+from backend.storage.store import MemoryStore, RedisStore, Store
+from backend.storage.tasks_registry import TaskRegistry
 from model import catalog
 
 if TYPE_CHECKING:
-    from backend.images import ImageFetcher
-    from backend.ls_client import LabelStudioClient, LSAuth
-    from backend.proposal_cache import ProposalCache
+    from backend.ls.images import ImageFetcher
+    from backend.ls.ls_client import LabelStudioClient, LSAuth
+    from backend.storage.proposal_cache import ProposalCache
     from model.engine import Engine
 
 T = TypeVar("T")
@@ -118,7 +118,7 @@ def get_tuning(pid: int) -> Tuning:
 
 def model_version(pid: int, bank_version: str | None = None, tuning: Tuning | None = None) -> str:
     """'ntt-<sam>+<dino>@<weights>-<bank version>[-t<tuning hash>]'; changes whenever the project's
-    bank, its tuning (calibrated thresholds, variant: backend.bank_store.Tuning) or the workers'
+    bank, its tuning (calibrated thresholds, variant: backend.storage.bank_store.Tuning) or the workers'
     weights change (without a published fingerprint: 'ntt-<sam>+<dino>-<bank version>...').
 
     Pass `bank_version` and `tuning` when the caller already holds those it predicts with, so the
@@ -153,7 +153,7 @@ def get_engine() -> "Engine":
 
 def get_proposal_cache() -> "ProposalCache":
     def build() -> "ProposalCache":
-        from backend.proposal_cache import ProposalCache
+        from backend.storage.proposal_cache import ProposalCache
 
         s = get_settings()
         return ProposalCache(s.cache_dir / "proposals", s.proposal_cache_mb * 2**20)
@@ -166,7 +166,7 @@ def _connection(pid: int) -> tuple[str | None, "LSAuth | None"]:
     with it, so a /setup call can never make the backend send the operator's key to a host it names.
     LABEL_STUDIO_URL wins; without LABEL_STUDIO_API_KEY it uses /setup's token only when /setup's
     hostname is the same origin. One LSAuth per (URL, key), so a PAT's access token is shared."""
-    from backend.ls_client import LSAuth, origin
+    from backend.ls.ls_client import LSAuth, origin
 
     s = get_settings()
     url, key = s.label_studio_url, s.label_studio_api_key
@@ -184,7 +184,7 @@ def _connection(pid: int) -> tuple[str | None, "LSAuth | None"]:
 
 def get_ls_client(pid: int) -> "LabelStudioClient":
     """REST client for the project's Label Studio; LabelStudioAPIError when none is configured."""
-    from backend.ls_client import LabelStudioClient
+    from backend.ls.ls_client import LabelStudioClient
 
     url, auth = _connection(pid)
     if not url or auth is None:
@@ -197,7 +197,7 @@ def get_ls_client(pid: int) -> "LabelStudioClient":
 
 def get_fetcher(pid: int) -> "ImageFetcher":
     """Image loader for the project's Label Studio (auth headers go to its origin only)."""
-    from backend.images import ImageFetcher
+    from backend.ls.images import ImageFetcher
 
     url, auth = _connection(pid)
     s = get_settings()

@@ -244,7 +244,7 @@ class Settings:
         "20,000 predictions).", _bool,
         default_doc="`1`")
     web_threads: int = _var(
-        "WEB_THREADS", 8, "Threads of the gunicorn web process (backend/gunicorn_conf.py), one per request "
+        "WEB_THREADS", 8, "Threads of the gunicorn web process (backend/web/gunicorn_conf.py), one per request "
         "in progress. /predict calls wait for results on at most WEB_THREADS - 2 of them, so /health and "
         "/setup always find one free; further concurrent calls answer at once and the workers post their "
         "predictions to Label Studio.", _positive_int, default_doc="`8`")
@@ -324,7 +324,7 @@ class Settings:
     # ----------------------------------------------------------------------------------- derived
     @property
     def spool_dir(self) -> Path:
-        """Webhooks received while Redis was down wait here (see backend.app)."""
+        """Webhooks received while Redis was down wait here (see backend.web.app)."""
         return self.model_dir / "spool"
 
     @property

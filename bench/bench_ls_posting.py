@@ -3,7 +3,7 @@
 The refresh job's last stage PATCHes every changed prediction (backend.jobs._deliver). Against a real
 Label Studio each PATCH is a Django request with database writes, so this stage is mostly waiting.
 This script times exactly that code path, side by side for each LS_POST_CONCURRENCY, and the bulk
-path of large refreshes (backend.bulk_delivery: plan + imports of up to 1,000 predictions + deleting
+path of large refreshes (backend.delivery.bulk: plan + imports of up to 1,000 predictions + deleting
 the old model version), on one LS:
 
   python bench/bench_ls_posting.py --ls-url http://127.0.0.1:8080 --api-key TOKEN --tasks 200 --concurrency 1,4,8
@@ -29,10 +29,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend import bulk_delivery, jobs, runtime  # noqa: E402
-from backend.brush_rle import mask_to_ls_rle  # noqa: E402
+from backend import runtime  # noqa: E402
+from backend.delivery import bulk as bulk_delivery
+from backend import jobs
+from backend.regions.brush_rle import mask_to_ls_rle  # noqa: E402
 from backend.settings import Settings  # noqa: E402
-from backend.store import MemoryStore  # noqa: E402
+from backend.storage.store import MemoryStore  # noqa: E402
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>

@@ -4,7 +4,7 @@
   python bench/bench_refresh.py --tasks 100,300,1000 --workers 1,2 --jobs 8 --controls polygon,rectangle
 
 What runs is the product's own code: backend.jobs on a fake Label Studio (bench/fake_ls.py, real
-HTTP), the real Redis store, the embedded queue for the refresh and real `python -m backend.worker`
+HTTP), the real Redis store, the embedded queue for the refresh and real `python -m backend.queueing.worker`
 processes for the throughput. Models are built with random weights (timing does not depend on the
 weight values; what the predictions contain does, so only their counts are reported).
 
@@ -52,10 +52,13 @@ from rq.exceptions import NoSuchJobError  # noqa: E402
 from rq.job import Job  # noqa: E402
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY  # noqa: E402
 
-from backend import bulk_delivery, jobs, queueing, runtime  # noqa: E402
+from backend import runtime  # noqa: E402
+from backend.delivery import bulk as bulk_delivery
+from backend import jobs
+from backend import queueing
 from backend.settings import Settings  # noqa: E402
-from backend.store import RedisStore  # noqa: E402
-from backend.tasks_registry import result_hash  # noqa: E402
+from backend.storage.store import RedisStore  # noqa: E402
+from backend.storage.tasks_registry import result_hash  # noqa: E402
 from bench_model import random_bank, synthetic_image  # noqa: E402
 from cli_args import add_model_args  # noqa: E402
 from fake_ls import FakeLabelStudio  # noqa: E402
@@ -348,7 +351,7 @@ class Bench:
                "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
         log_paths = [self.tmp / f"worker-{count}-{i}.log" for i in range(count)]
         logs = [open(path, "w") for path in log_paths]
-        procs = [subprocess.Popen([sys.executable, "-m", "backend.worker"], cwd=ROOT, env=env,
+        procs = [subprocess.Popen([sys.executable, "-m", "backend.queueing.worker"], cwd=ROOT, env=env,
                                   stdout=log, stderr=subprocess.STDOUT) for log in logs]
         conn = redis.Redis.from_url(args.redis_url)
         try:

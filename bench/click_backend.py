@@ -8,7 +8,7 @@ job (Start training over many tasks) runs in the same worker.
 What runs is the product: the Flask app behind a real HTTP server (werkzeug, threaded) in this
 process, Label Studio played by bench/fake_ls.py (task images, the batch job's API calls), and
 the jobs run either by the web process's embedded worker thread (`embedded`, no Redis) or by one
-`python -m backend.worker` process on Redis (`rq`, --redis-url). Models have random weights.
+`python -m backend.queueing.worker` process on Redis (`rq`, --redis-url). Models have random weights.
 
 Each mode measures, in this order:
 
@@ -56,8 +56,9 @@ import torch  # noqa: E402
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY  # noqa: E402
 from werkzeug.serving import make_server  # noqa: E402
 
-from backend import queueing, runtime  # noqa: E402
-from backend.app import create_app  # noqa: E402
+from backend import runtime  # noqa: E402
+from backend import queueing
+from backend.web.app import create_app  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from bench_model import synthetic_image  # noqa: E402
 from cli_args import add_model_args  # noqa: E402
@@ -187,7 +188,7 @@ class Run:
     def _start_worker(self, env: dict[str, str]) -> subprocess.Popen:
         threads = str(self.args.threads)
         log_path = self.tmp / "worker.log"
-        proc = subprocess.Popen([sys.executable, "-m", "backend.worker"], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "backend.queueing.worker"], cwd=ROOT,
                                 env={**os.environ, **env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": threads,
                                      "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"},
                                 stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from backend.proposal_cache import ProposalCache  # noqa: E402
+from backend.storage.proposal_cache import ProposalCache  # noqa: E402
 from bench_model import random_bank  # noqa: E402
 from model.bank import MemoryBank  # noqa: E402
 from model.engine import match_pool  # noqa: E402

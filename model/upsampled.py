@@ -5,7 +5,7 @@ largest cost of re-matching cached proposals. The result of one mask at one size
 and a bank change mostly asks for the masks it asked for before. So a caller keeps an
 `UpsampledMasks` per proposals object and passes it to the match (`masks=`), which reads it and
 never changes it; the match returns the masks it had to compute as a new `UpsampledMasks`, and
-the caller merges them in (`update`) and may store them (backend.proposal_cache keeps them beside
+the caller merges them in (`update`) and may store them (backend.storage.proposal_cache keeps them beside
 the cached proposals). Each cache names the proposals it belongs to (`owner`, see
 Proposals.checksum) and a match refuses a cache of other proposals. Crops are the tight
 (x0, y0, read-only bool mask) boxes that model.matching computes; stored as packed bits.

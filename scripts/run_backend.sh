@@ -55,6 +55,6 @@ if [ -n "${FAILED[*]:-}" ]; then
 fi
 
 if [ "$ROLE" = worker ]; then
-  exec "$PY" -m backend.worker "${@:2}"
+  exec "$PY" -m backend.queueing.worker "${@:2}"
 fi
-exec "$VENV/bin/gunicorn" --bind "0.0.0.0:${PORT:-9090}" --config python:backend.gunicorn_conf _wsgi:app
+exec "$VENV/bin/gunicorn" --bind "0.0.0.0:${PORT:-9090}" --config python:backend.web.gunicorn_conf _wsgi:app

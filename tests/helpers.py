@@ -55,7 +55,7 @@ class WorkerProcess:
     def __init__(self, env: dict, log_path: Path, *args: str) -> None:
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "backend.worker", *args], cwd=ROOT, env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "backend.queueing.worker", *args], cwd=ROOT, env=env,
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def output(self) -> str:

@@ -25,7 +25,7 @@ from env_table import readme_table  # noqa: E402
 DOCKER = ROOT / "docker"
 DOCKERFILE = (DOCKER / "Dockerfile").read_text()
 README = (ROOT / "README.md").read_text()
-SERVER_ARGS = "--config python:backend.gunicorn_conf _wsgi:app"
+SERVER_ARGS = "--config python:backend.web.gunicorn_conf _wsgi:app"
 
 
 def lint_tool(name: str, env_var: str) -> str:
@@ -112,7 +112,7 @@ def test_backend_env_vars_exist_in_settings(compose: dict) -> None:
 
 def test_worker_is_a_scalable_gpu_rq_worker(compose: dict) -> None:
     worker = compose["services"]["worker"]
-    assert worker["command"] == ["python", "-m", "backend.worker"]
+    assert worker["command"] == ["python", "-m", "backend.queueing.worker"]
     assert "ports" not in worker and "container_name" not in worker  # --scale worker=N
     (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
@@ -217,7 +217,7 @@ def test_gunicorn_threads_are_web_threads() -> None:
     """The web process's thread count is WEB_THREADS, which /predict's bound on waiting calls is
     derived from; a contradicting --threads is refused at start."""
     env = {**os.environ, "WEB_THREADS": "5"}
-    gunicorn = [sys.executable, "-m", "gunicorn", "--config", "python:backend.gunicorn_conf"]
+    gunicorn = [sys.executable, "-m", "gunicorn", "--config", "python:backend.web.gunicorn_conf"]
     shown = subprocess.run([*gunicorn, "--print-config", "_wsgi:app"], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=120)
     assert re.search(r"^threads\s+= 5$", shown.stdout, re.M) and re.search(r"^workers\s+= 1$", shown.stdout, re.M)

@@ -4,9 +4,9 @@ import logging
 import numpy as np
 import pytest
 
-from backend.annotations import regions_to_references
-from backend.label_config import parse_label_config
-from backend.results import detections_to_regions
+from backend.regions.annotations import regions_to_references
+from backend.regions.label_config import parse_label_config
+from backend.regions.results import detections_to_regions
 from tests.backend.fixtures import (BRUSH_REGION, CONFIG_XML, POLY_REGION, RECT_REGION,
                                     WEBHOOK_ANNOTATION_UPDATED)
 from tests.backend.test_results import disk, make_detections

@@ -1,4 +1,4 @@
-"""backend.app over Flask's test client, with the exact payloads Label Studio 1.23 sends.
+"""backend.web.app over Flask's test client, with the exact payloads Label Studio 1.23 sends.
 
 The job functions are replaced by a fake `backend.jobs` module (the web layer only queues them by
 import path), so these tests need no model; the embedded worker thread runs the fakes.
@@ -21,12 +21,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from backend import app as app_module
-from backend import queueing, runtime
-from backend.app import create_app
+from backend.web import app as app_module
+from backend import runtime
+from backend import queueing
+from backend.web.app import create_app
 from backend.errors import ImageError
 from backend.settings import Settings
-from backend.tasks_registry import result_hash
+from backend.storage.tasks_registry import result_hash
 from tests.backend.fixtures import (CONFIG_XML, LEGACY_TOKEN, PREDICT_BODY, PROJECT_UID, RECT_REGION,
                                     SETUP_BODY, WEBHOOK_ANNOTATION_CREATED, WEBHOOK_ANNOTATION_UPDATED,
                                     WEBHOOK_ANNOTATIONS_DELETED, WEBHOOK_PROJECT_UPDATED,
@@ -136,7 +137,7 @@ def wait_job(job_id: str, timeout: float = 10.0) -> queueing.JobInfo:
 
 
 def budget_clock(monkeypatch, ready) -> None:
-    """backend.app's clock stands still until ready() is true: /predict's budget counts only from
+    """backend.web.app's clock stands still until ready() is true: /predict's budget counts only from
     then on, however slowly a busy machine runs the jobs before that point."""
     frozen = time.monotonic()
     shim = types.SimpleNamespace(perf_counter=time.perf_counter, sleep=time.sleep,
@@ -557,7 +558,7 @@ def test_unexpected_error_is_500_json_without_details(client, monkeypatch, caplo
     def broken(pid, bank_version=None):
         raise RuntimeError("internal detail xyz")
     monkeypatch.setattr(runtime, "model_version", broken)
-    with caplog.at_level(logging.ERROR, logger="backend.app"):
+    with caplog.at_level(logging.ERROR, logger="backend.web.app"):
         resp = client.post("/setup", json=SETUP_BODY)
     assert resp.status_code == 500
     assert resp.get_json() == {"error": "internal error; see the backend log"}

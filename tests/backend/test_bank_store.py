@@ -8,8 +8,8 @@ import uuid
 import numpy as np
 import pytest
 
-from backend.bank_store import EMPTY_VERSION, BankStore
-from backend.store import MemoryStore, RedisStore
+from backend.storage.bank_store import EMPTY_VERSION, BankStore
+from backend.storage.store import MemoryStore, RedisStore
 from model.bank import MemoryBank
 
 

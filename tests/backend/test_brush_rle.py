@@ -1,11 +1,11 @@
-"""backend.brush_rle must give exactly the SDK's brush RLE (mask2rle / encode_rle), only faster."""
+"""backend.regions.brush_rle must give exactly the SDK's brush RLE (mask2rle / encode_rle), only faster."""
 import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle, encode_rle, mask2rle
 
-from backend.brush_rle import encode_values, mask_to_ls_rle
-from backend.label_config import parse_label_config
-from backend.results import detections_to_regions
+from backend.regions.brush_rle import encode_values, mask_to_ls_rle
+from backend.regions.label_config import parse_label_config
+from backend.regions.results import detections_to_regions
 from model.types import Detections
 from tests.backend.fixtures import CONFIG_XML
 

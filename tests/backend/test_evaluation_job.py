@@ -11,11 +11,14 @@ from dataclasses import replace
 
 import pytest
 
-from backend import evaluation_job, jobs, queueing, runtime
-from backend.app import create_app
-from backend.bank_store import Tuning
-from backend.label_config import parse_label_config
-from backend.results import detections_to_regions
+from backend import runtime
+from backend.jobs import evaluation as evaluation_job
+from backend import jobs
+from backend import queueing
+from backend.web.app import create_app
+from backend.storage.bank_store import Tuning
+from backend.regions.label_config import parse_label_config
+from backend.regions.results import detections_to_regions
 from backend.settings import Settings
 from tests.backend.fixtures import CONFIG_WITH_ATTRS_XML
 from tests.backend.test_jobs import (CAT, DOG, LABEL_CONFIG, PID, annotation, engine, env, ls,  # noqa: F401
@@ -28,7 +31,7 @@ ELSEWHERE = [[60, 5], [95, 5], [95, 40], [60, 40]]   # top right: neither blob
 
 
 def _evaluations(enqueued) -> list[tuple]:
-    return [e for e in enqueued if e[0] == "backend.evaluation_job.evaluate_project"]
+    return [e for e in enqueued if e[0] == "backend.jobs.evaluation.evaluate_project"]
 
 
 def _annotated_project(ls, n: int = 3) -> None:

@@ -19,8 +19,10 @@ from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
-from backend import jobs, queueing, runtime
-from backend.app import create_app
+from backend import runtime
+from backend import jobs
+from backend import queueing
+from backend.web.app import create_app
 from backend.settings import Settings
 from bench.fake_ls import FakeLabelStudio
 from model.engine import Engine, EngineConfig

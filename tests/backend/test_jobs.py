@@ -19,12 +19,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from backend import bulk_delivery, jobs, queueing, runtime
+from backend import runtime
+from backend.delivery import bulk as bulk_delivery
+from backend import jobs
+from backend import queueing
 from backend.errors import LabelStudioAPIError
-from backend.label_config import parse_label_config
+from backend.regions.label_config import parse_label_config
 from backend.settings import Settings
-from backend.store import RedisStore
-from backend.tasks_registry import result_hash
+from backend.storage.store import RedisStore
+from backend.storage.tasks_registry import result_hash
 from bench.fake_http import Reply, Request, RouteServer
 from bench.fake_ls import FakeLabelStudio
 from tests.backend.fixtures import LEGACY_TOKEN as TOKEN
@@ -587,7 +590,7 @@ def test_bulk_needs_a_complete_listing_and_never_resends_an_import(env, ls, engi
             return Reply(200, json.loads(reply.data)[:-1])
         return reply
 
-    caplog.set_level(logging.INFO, logger="backend.bulk_delivery")
+    caplog.set_level(logging.INFO, logger="backend.delivery.bulk")
     monkeypatch.setattr(ls, "handle", short_listing)
     assert bulk_delivery.plan(PID, records, "ntt-new", "ntt-") is None and "25 counted" in caplog.text
     for k, tid in enumerate(range(100, 125)):   # every task holds the new version: retirable...

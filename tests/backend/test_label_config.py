@@ -3,7 +3,7 @@ import logging
 import pytest
 
 from backend.errors import BadRequest, UnsupportedConfig
-from backend.label_config import parse_label_config
+from backend.regions.label_config import parse_label_config
 from tests.backend.fixtures import CONFIG_WITH_ATTRS_XML, CONFIG_XML
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backend.proposal_cache import ProposalCache, cache_key
+from backend.storage.proposal_cache import ProposalCache, cache_key
 from model.bank import MemoryBank
 from model.matching import match, match_full
 from model.options import MethodOptions

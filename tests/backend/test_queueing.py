@@ -18,9 +18,10 @@ from rq import SimpleWorker
 from rq.job import Job
 from rq.utils import current_timestamp
 
-from backend import queueing, runtime
+from backend import runtime
+from backend import queueing
 from backend.settings import Settings
-from backend.worker import NTTWorker
+from backend.queueing.worker import NTTWorker
 from tests.backend.fixtures import purge_queues
 from tests.helpers import wait_for
 
@@ -465,7 +466,7 @@ def test_workers_take_interactive_jobs_first(rq_settings):
     for name, queue in (("predict", "predict"), ("bank", "bank"), ("click", "interactive")):
         queueing.enqueue(f"{MOD}.record", name, queue=queue)
     assert queueing.health(max_age=0)["queued"] == {"interactive": 1, "bank": 1, "predict": 1, "evaluate": 0}
-    from backend.worker import main
+    from backend.queueing.worker import main
     with pytest.MonkeyPatch.context() as mp:  # the worker's default queue list, without loading models
         seen = {}
         mp.setattr(NTTWorker, "work", lambda self, **kw: seen.setdefault("queues", self.queue_names()))

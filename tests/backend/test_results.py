@@ -7,8 +7,8 @@ from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 from pycocotools import mask as mask_utils
 
-from backend.label_config import parse_label_config
-from backend.results import detections_to_regions, prediction_item
+from backend.regions.label_config import parse_label_config
+from backend.regions.results import detections_to_regions, prediction_item
 from model.types import Detections
 from tests.backend.fixtures import CONFIG_WITH_ATTRS_XML, CONFIG_XML
 

@@ -1,4 +1,4 @@
-"""End to end over the real Redis on 127.0.0.1:6379 with a real `python -m backend.worker` process.
+"""End to end over the real Redis on 127.0.0.1:6379 with a real `python -m backend.queueing.worker` process.
 
 webhook (ANNOTATION_CREATED with a brush region) -> bank job on the worker -> bank version changes
 -> /setup returns the new model_version -> /predict runs on the worker with the new bank.
@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend import queueing, runtime
-from backend.app import create_app
+from backend import runtime
+from backend import queueing
+from backend.web.app import create_app
 from backend.settings import Settings
 from bench.fake_http import Request
 from bench.fake_ls import FakeLabelStudio
@@ -138,7 +139,7 @@ def test_webhook_to_worker_to_new_model_version(deployment, tmp_path):
 
 def test_worker_refuses_to_start_without_redis(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-    proc = subprocess.run([sys.executable, "-m", "backend.worker", "--burst"], cwd=ROOT, timeout=60,
+    proc = subprocess.run([sys.executable, "-m", "backend.queueing.worker", "--burst"], cwd=ROOT, timeout=60,
                           env={**env, "MODEL_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True)
     assert proc.returncode == 2
@@ -146,7 +147,7 @@ def test_worker_refuses_to_start_without_redis(tmp_path):
 
 
 def test_worker_reports_bad_settings_by_name(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "backend.worker", "--burst"], cwd=ROOT, timeout=60,
+    proc = subprocess.run([sys.executable, "-m", "backend.queueing.worker", "--burst"], cwd=ROOT, timeout=60,
                           env={**os.environ, "REDIS_URL": "redis://127.0.0.1:6379/0",
                                "NTT_POINTS_PER_SIDE": "lots", "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True)

@@ -7,7 +7,7 @@ import uuid
 import pytest
 import redis
 
-from backend.store import LockTimeout, MemoryStore, RedisStore
+from backend.storage.store import LockTimeout, MemoryStore, RedisStore
 
 
 @pytest.fixture

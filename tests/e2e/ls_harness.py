@@ -1,4 +1,4 @@
-"""Run a real Label Studio 1.23.2 and our backend (gunicorn web + `python -m backend.worker`) as
+"""Run a real Label Studio 1.23.2 and our backend (gunicorn web + `python -m backend.queueing.worker`) as
 subprocesses on 127.0.0.1, for the end-to-end tests.
 
 Why the odd settings: Label Studio 1.23 refuses ML backends and webhooks on private/loopback
@@ -351,9 +351,9 @@ class Backend:
         if basic_auth:
             env.update({"BASIC_AUTH_USER": basic_auth[0], "BASIC_AUTH_PASS": basic_auth[1]})
         logs = work_dir / "logs"
-        worker = ManagedProcess.spawn("rq-worker", [sys.executable, "-m", "backend.worker"], env,
+        worker = ManagedProcess.spawn("rq-worker", [sys.executable, "-m", "backend.queueing.worker"], env,
                                       logs / "backend-worker.log")
-        gunicorn = ["gunicorn", "--bind", f"127.0.0.1:{port}", "--config", "python:backend.gunicorn_conf",
+        gunicorn = ["gunicorn", "--bind", f"127.0.0.1:{port}", "--config", "python:backend.web.gunicorn_conf",
                     "--no-control-socket", "_wsgi:app"]  # the README's command
         web = ManagedProcess.spawn("web", [sys.executable, "-m", *gunicorn], env, logs / "backend-web.log")
         backend = cls(f"http://127.0.0.1:{port}", web, worker, redis_url, prefix, basic_auth)

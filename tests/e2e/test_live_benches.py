@@ -1,7 +1,7 @@
 """The posting and live-refresh benchmarks run against a real Label Studio (keeps them from breaking).
 
 The script itself checks after every round that each task holds exactly one prediction, of the last
-version posted (PATCH per task, and the bulk import + old-version delete of backend.bulk_delivery),
+version posted (PATCH per task, and the bulk import + old-version delete of backend.delivery.bulk),
 and deletes its project; here it runs on 20 tasks (the bulk minimum) and its table is read back.
 """
 from __future__ import annotations

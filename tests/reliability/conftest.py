@@ -24,8 +24,9 @@ import pytest
 import redis
 from werkzeug.serving import make_server
 
-from backend import queueing, runtime
-from backend.app import create_app
+from backend import runtime
+from backend import queueing
+from backend.web.app import create_app
 from backend.settings import Settings
 from bench import fake_ls as bench_ls
 from bench.fake_http import DROP, Reply, Request

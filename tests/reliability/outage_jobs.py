@@ -1,4 +1,4 @@
-"""A cheap job for the worker-outage test, run by a real `python -m backend.worker` by import path."""
+"""A cheap job for the worker-outage test, run by a real `python -m backend.queueing.worker` by import path."""
 from __future__ import annotations
 
 import os

@@ -1,6 +1,6 @@
 """Bad input, from the HTTP routes down to the jobs.
 
-1. Property-based fuzzing of every route of backend/openapi.py with hypothesis: bodies and query
+1. Property-based fuzzing of every route of backend/web/openapi.py with hypothesis: bodies and query
    strings drawn from the routes' schemas (mutated: keys dropped, values swapped for arbitrary
    JSON), from arbitrary JSON and from arbitrary bytes. Over 1,000 cases in all, each must get a
    documented status (never a 500), a JSON body that validates against the route's response
@@ -25,8 +25,10 @@ from label_studio_sdk.converter.brush import mask2rle
 from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
-from backend import jobs, openapi, runtime
-from backend.label_config import parse_label_config
+from backend import runtime
+from backend import jobs
+from backend.web import openapi
+from backend.regions.label_config import parse_label_config
 from tests.reliability.conftest import (CAT, CONFIG_XML, DOG, fill_bank, mark_bank_filled, png_bytes,
                                         polygon_region, wait_job)
 

@@ -1,5 +1,5 @@
 """Load on loopback, through the production server model: the web app in gunicorn started as
-scripts/run_backend.sh starts it (backend/gunicorn_conf.py: one process, WEB_THREADS threads), RQ
+scripts/run_backend.sh starts it (backend/web/gunicorn_conf.py: one process, WEB_THREADS threads), RQ
 on a private redis-server, and one RQ SimpleWorker (in a thread of this process) running fake jobs,
 so the figures are those of the web layer and the queue.
 
@@ -70,7 +70,7 @@ def gunicorn_web(redis_url: str, workdir: Path, **env: str):
     log_path = workdir / "gunicorn.log"
     environ = {**os.environ, "REDIS_URL": redis_url, "MODEL_DIR": str(workdir / "web"), "LOG_LEVEL": "WARNING",
                **env}
-    cmd = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--config", "python:backend.gunicorn_conf",
+    cmd = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--config", "python:backend.web.gunicorn_conf",
            "--no-control-socket", "_wsgi:app"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT)

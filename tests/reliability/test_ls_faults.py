@@ -14,10 +14,13 @@ import types
 import pytest
 import urllib3.util.retry
 
-from backend import images, jobs, queueing, runtime
+from backend import runtime
+from backend.ls import images
+from backend import jobs
+from backend import queueing
 from backend.errors import ImageError, LabelStudioAPIError
-from backend.images import ImageFetcher
-from backend.ls_client import LabelStudioClient, LSAuth
+from backend.ls.images import ImageFetcher
+from backend.ls.ls_client import LabelStudioClient, LSAuth
 from tests.reliability.conftest import (CAT, CONFIG_XML, LEGACY_TOKEN, PAT, FakeLabelStudio, assert_no_secrets,
                                         fill_bank, free_port, polygon_region, wait_for)
 
@@ -236,7 +239,7 @@ def test_predict_when_label_studio_is_down(embedded, sleeps):
 # ------------------------------------------------------------------------------------ the cache disk
 def test_a_full_cache_disk_costs_speed_not_predictions(embedded, fake_ls, monkeypatch, caplog):
     """ENOSPC on the image and proposal caches: predictions are still made and answered."""
-    from backend import proposal_cache
+    from backend.storage import proposal_cache
 
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -258,7 +261,7 @@ def test_a_full_cache_disk_costs_speed_not_predictions(embedded, fake_ls, monkey
 def test_a_full_disk_for_upsampled_masks_still_predicts(embedded, fake_ls, monkeypatch, caplog):
     """ENOSPC only when storing the upsampled masks beside a cached entry: the prediction is made,
     the proposals stay cached, and the failure is logged (the next match upsamples them again)."""
-    from backend import proposal_cache
+    from backend.storage import proposal_cache
 
     real = proposal_cache.atomic_write
 

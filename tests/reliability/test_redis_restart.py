@@ -26,8 +26,9 @@ import redis
 from rq import Queue
 from rq.job import Job
 
-from backend import queueing, runtime
-from backend.app import create_app
+from backend import runtime
+from backend import queueing
+from backend.web.app import create_app
 from backend.settings import Settings
 from tests.reliability.conftest import (CAT, CONFIG_XML, DOG, LEGACY_TOKEN, ROOT, free_port, mark_bank_filled,
                                         polygon_region, wait_for, wait_job)

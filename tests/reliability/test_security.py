@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from backend import openapi, queueing
+from backend.web import openapi
+from backend import queueing
 from backend.errors import ImageError
-from backend.images import ImageFetcher
-from backend.ls_client import LSAuth
+from backend.ls.images import ImageFetcher
+from backend.ls.ls_client import LSAuth
 from tests.reliability.conftest import (CAT, CONFIG_XML, LEGACY_TOKEN, PAT, FakeLabelStudio, assert_no_secrets,
                                         fill_bank, mark_bank_filled, png_bytes, polygon_region, serving, wait_job)
 

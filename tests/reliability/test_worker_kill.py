@@ -1,7 +1,7 @@
 """SIGKILL a real worker in the middle of a bank update and in the middle of a batch pre-annotation.
 
 Setup: a private redis-server (with a password), the web app in-process, the fake Label Studio, and
-`backend.worker` subprocesses with the small random-weight models. The job is made slow
+`backend.queueing.worker` subprocesses with the small random-weight models. The job is made slow
 deterministically without any test hook in the product: the fake LS holds the image download
 the job is waiting for, and the test kills the worker's whole process group (worker + scheduler)
 while it waits. Random-weight models come from a fixed seed, so every worker process computes the
@@ -19,8 +19,9 @@ from __future__ import annotations
 import os
 import time
 
-from backend import queueing, runtime
-from backend.app import create_app
+from backend import runtime
+from backend import queueing
+from backend.web.app import create_app
 from backend.settings import Settings
 from tests.reliability.conftest import (CAT, CONFIG_XML, DOG, LEGACY_TOKEN, ROOT, assert_no_secrets,
                                         polygon_region, wait_for, wait_job)

@@ -11,7 +11,7 @@
 * refresh_project after a bank change: re-score every processed task from its cached proposals
                   (no SAM2/DINOv2 run) and bring each one's prediction to the new model_version
                   (a PATCH of the version alone where the result did not change), or for many
-                  tasks replace them all in bulk (backend.bulk_delivery)
+                  tasks replace them all in bulk (backend.delivery.bulk)
 
 Jobs may run twice (retries, spool replays): each one is idempotent, and every prediction goes to
 Label Studio through `_deliver`, which PATCHes our existing prediction instead of adding another
@@ -32,19 +32,22 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 import numpy as np
 
-from backend import bulk_delivery, evaluation_job, queueing, runtime
-from backend.annotations import Reference, regions_to_references
-from backend.bank_store import Tuning, bank_version
+from backend import runtime
+from backend.delivery import bulk as bulk_delivery
+from backend.jobs import evaluation as evaluation_job
+from backend import queueing
+from backend.regions.annotations import Reference, regions_to_references
+from backend.storage.bank_store import Tuning, bank_version
 from backend.errors import BadRequest, LabelStudioAPIError
-from backend.images import LoadedImage
-from backend.interactive import Prompt
-from backend.label_config import SUPPORTED_CONTROLS, LabelConfig, parse_label_config
-from backend.ls_client import LabelStudioClient
-from backend.proposal_cache import cache_key
-from backend.results import detections_to_regions, mask_regions, prediction_item
-from backend.store import DELIVERY_TTL_S
+from backend.ls.images import LoadedImage
+from backend.regions.interactive import Prompt
+from backend.regions.label_config import SUPPORTED_CONTROLS, LabelConfig, parse_label_config
+from backend.ls.ls_client import LabelStudioClient
+from backend.storage.proposal_cache import cache_key
+from backend.regions.results import detections_to_regions, mask_regions, prediction_item
+from backend.storage.store import DELIVERY_TTL_S
 from backend.settings import VARIANTS
-from backend.tasks_registry import TaskRecord, result_hash
+from backend.storage.tasks_registry import TaskRecord, result_hash
 from model.bank import MemoryBank
 from model.corrections import Region, find_negatives
 from model.engine import match_pool
@@ -700,7 +703,7 @@ def warm_task(pid: int, task: dict, label_config: str) -> dict:
 
 
 def segment_task(pid: int, task: dict, label_config: str, prompt: dict, expires_at: float | None = None) -> dict:
-    """An interactive click/box (backend.interactive.Prompt as JSON) -> the prediction item of its
+    """An interactive click/box (backend.regions.interactive.Prompt as JSON) -> the prediction item of its
     mask: regions of the prompt's brush or polygon control, labelled with the prompt's label.
 
     The image is the task's, EXIF applied (the frame of LS's percents); its SAM2 embedding comes
@@ -815,7 +818,7 @@ def refresh_project(pid: int) -> dict:
     Tasks already delivered with the current model_version are skipped; the rest are re-scored from
     cached proposals in batches and posted (PATCH per task; the version alone where the result did
     not change, or LS would treat the old version as stale and add a second prediction), or, for
-    many tasks, all of them replaced in bulk (backend.bulk_delivery). Tasks without cached
+    many tasks, all of them replaced in bulk (backend.delivery.bulk). Tasks without cached
     proposals get a predict job. Stops early when the bank or its tuning changes again (that change
     queued its own refresh).
     """

@@ -7,7 +7,7 @@ Coordinates are percent of the image as the browser shows it, i.e. of the EXIF-t
 * polygon outlines follow pixel edges: OpenCV traces the centres of the boundary pixels
   (col + 0.5, row + 0.5), half a pixel inside the mask, and the simplified outline is pushed out by
   that half pixel, so a mask spanning columns x0..x1 gives a polygon from x0 to x1 + 1 as LS and
-  COCO (pixel-centre-inside rule, see backend.annotations) read it;
+  COCO (pixel-centre-inside rule, see backend.regions.annotations) read it;
 * brush masks are LS-RLE of the full H x W mask with values 0/255.
 Every number is a plain Python int/float so the result can go straight to JSON.
 """
@@ -19,8 +19,8 @@ from collections.abc import Mapping
 import cv2
 import numpy as np
 
-from backend.brush_rle import mask_to_ls_rle
-from backend.label_config import Control, LabelConfig
+from backend.regions.brush_rle import mask_to_ls_rle
+from backend.regions.label_config import Control, LabelConfig
 from model.types import Detections
 
 # Polygon parts smaller than this (px², between boundary-pixel centres) are dropped as specks.

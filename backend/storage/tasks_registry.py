@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, fields, replace
 
-from backend.store import Store
+from backend.storage.store import Store
 
 @dataclass(frozen=True)
 class TaskRecord:

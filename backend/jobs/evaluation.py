@@ -25,9 +25,10 @@ import uuid
 import cv2
 import numpy as np
 
-from backend import queueing, runtime
-from backend.bank_store import FAITHFUL_VARIANT, Tuning
-from backend.label_config import LabelConfig, parse_label_config
+from backend import runtime
+from backend import queueing
+from backend.storage.bank_store import FAITHFUL_VARIANT, Tuning
+from backend.regions.label_config import LabelConfig, parse_label_config
 from backend.settings import VARIANTS
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def schedule(pid: int, version: str, on_demand: bool = False) -> str | None:
     if not store.setnx(_pending(pid), job_id, PENDING_TTL_S):
         return None
     try:
-        return queueing.enqueue("backend.evaluation_job.evaluate_project", int(pid), queue=QUEUE, job_id=job_id,
+        return queueing.enqueue("backend.jobs.evaluation.evaluate_project", int(pid), queue=QUEUE, job_id=job_id,
                                 meta={"project": int(pid)})
     except Exception:
         store.delete(_pending(pid))  # not queued: the next change must be able to try again
@@ -106,7 +107,7 @@ def evaluate_project(pid: int) -> dict:
 
 def _evaluate(pid: int) -> dict:
     from backend import jobs  # the models: workers only
-    from backend.bank_store import bank_version
+    from backend.storage.bank_store import bank_version
     from backend.quality.evaluation import EvaluationSettings, evaluate_project
     from model.engine import match_pool
 

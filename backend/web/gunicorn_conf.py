@@ -1,8 +1,8 @@
 """gunicorn settings of the web process, so that its thread count and /predict's bound agree:
 
-    gunicorn --bind 0.0.0.0:9090 --config python:backend.gunicorn_conf _wsgi:app
+    gunicorn --bind 0.0.0.0:9090 --config python:backend.web.gunicorn_conf _wsgi:app
 
-One process (it owns nothing heavy: models live in the workers), WEB_THREADS threads: backend.app
+One process (it owns nothing heavy: models live in the workers), WEB_THREADS threads: backend.web.app
 lets at most WEB_THREADS - 2 /predict calls wait for results, so /health and /setup always find a
 free thread. A `--threads` on the command line that disagrees with WEB_THREADS is refused.
 """

@@ -9,7 +9,7 @@ per-control attributes an admin can put in the config:
     <PolygonLabels name="poly" toName="image" model_polygon_tolerance="1.5">
 
 Smart tools (`<KeyPointLabels smart="true">`, `<RectangleLabels smart="true">`) are the prompts of
-interactive segmentation (a click or box in the editor -> SAM2 mask, backend.interactive):
+interactive segmentation (a click or box in the editor -> SAM2 mask, backend.regions.interactive):
 `LabelConfig.prompts` names them. KeyPointLabels are prompts only, never predicted nor read as
 references; a smart RectangleLabels stays an output control as well.
 

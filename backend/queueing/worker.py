@@ -1,8 +1,8 @@
 """RQ worker that loads SAM2 + DINOv2 once and runs every job in its own process (no fork per job).
 
-    REDIS_URL=redis://redis:6379/0 python -m backend.worker                  # interactive + bank + predict + evaluate
-    REDIS_URL=... python -m backend.worker --queues interactive predict      # an extra GPU for inference
-    REDIS_URL=... python -m backend.worker --burst                           # drain the queues, then exit
+    REDIS_URL=redis://redis:6379/0 python -m backend.queueing.worker                  # interactive + bank + predict + evaluate
+    REDIS_URL=... python -m backend.queueing.worker --queues interactive predict      # an extra GPU for inference
+    REDIS_URL=... python -m backend.queueing.worker --burst                           # drain the queues, then exit
 
 Queues are listed in priority order: a click in the editor (interactive) first, then a bank update,
 then waiting predictions. One
@@ -54,7 +54,7 @@ from backend import runtime
 from backend.queueing import QUEUES, SERIALIZER, json_data
 from backend.settings import SettingsError
 
-log = logging.getLogger("backend.worker")
+log = logging.getLogger("backend.queueing.worker")
 
 MAX_ABANDONED = 3  # a job that took down its worker this often is left to RQ's retry/failure policy
 OUTAGE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
@@ -294,7 +294,7 @@ def _where(url: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m backend.worker", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m backend.queueing.worker", description=__doc__.split("\n\n")[0])
     parser.add_argument("--queues", nargs="+", choices=QUEUES, default=list(QUEUES),
                         help="logical queues to serve, in priority order (default: interactive bank predict evaluate)")
     parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")

@@ -21,7 +21,7 @@ import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
 from pycocotools import mask as mask_utils
 
-from backend.label_config import LabelConfig
+from backend.regions.label_config import LabelConfig
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import logging
 
 from backend import runtime
 from backend.errors import LabelStudioAPIError
-from backend.ls_client import LabelStudioClient
-from backend.tasks_registry import TaskRecord, result_hash
+from backend.ls.ls_client import LabelStudioClient
+from backend.storage.tasks_registry import TaskRecord, result_hash
 
 log = logging.getLogger(__name__)
 

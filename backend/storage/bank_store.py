@@ -10,7 +10,7 @@ Keys (all under "bank:<pid>:", one persistence group in MemoryStore):
   label_config  the project's current label config XML (from /setup and webhooks)
   ls            JSON {"hostname", "access_token"} from /setup (never logged)
   tuning        JSON {"variant", "thresholds"} the last evaluation chose (Tuning; part of model_version)
-  evaluation    JSON of the last evaluation (backend.evaluation_job), with "thumbnails" beside it
+  evaluation    JSON of the last evaluation (backend.jobs.evaluation), with "thumbnails" beside it
 and "bank:projects", the set of project ids that ever got a label config (GET /versions).
 
 `update` holds a per-project store lock, applies the caller's edit to a freshly loaded bank and
@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from backend.store import Store
+from backend.storage.store import Store
 
 if TYPE_CHECKING:
     from model.bank import MemoryBank

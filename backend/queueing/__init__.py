@@ -1,7 +1,7 @@
 """One job-queue interface for both deployment modes.
 
 * With `REDIS_URL`: RQ queues `<prefix>-interactive`, `<prefix>-bank` and `<prefix>-predict`, served
-  by `python -m backend.worker` processes (see backend/worker.py), which take them in that order.
+  by `python -m backend.queueing.worker` processes (see backend/queueing/worker.py), which take them in that order.
   Failed jobs are retried with backoff (also when a worker dies mid-job: RQ requeues abandoned jobs
   that have retries left).
 * Webhooks that arrive while Redis is down are appended to a durable spool (`Spool`, jsonl +
@@ -226,7 +226,7 @@ class RQBackend:
             for registry in (StartedJobRegistry, ScheduledJobRegistry, DeferredJobRegistry,
                              FinishedJobRegistry, FailedJobRegistry):
                 # cleanup=False: RQ's cleanup would fail (or spend a retry of) a job abandoned by a
-                # dead worker; the workers requeue those themselves (backend.worker)
+                # dead worker; the workers requeue those themselves (backend.queueing.worker)
                 ids.update(registry(queue=q).get_job_ids(0, limit - 1, desc=True, cleanup=False))
         jobs = [j for j in Job.fetch_many(list(ids), connection=self.redis, serializer=SERIALIZER) if j is not None]
         epoch = datetime.min.replace(tzinfo=timezone.utc)

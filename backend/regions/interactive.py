@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backend.errors import BadRequest
-from backend.label_config import PROMPT_CONTROLS, Control, LabelConfig
+from backend.regions.label_config import PROMPT_CONTROLS, Control, LabelConfig
 
 MASK_CONTROLS = ("brushlabels", "polygonlabels")  # preferred in this order: a brush is the exact mask
 

@@ -35,7 +35,7 @@ from PIL import Image, ImageOps
 
 from model.atomic import atomic_write, touch
 from backend.errors import ImageError, LabelStudioAPIError, redact_url
-from backend.ls_client import LSAuth, origin, retrying_session
+from backend.ls.ls_client import LSAuth, origin, retrying_session
 
 log = logging.getLogger(__name__)
 

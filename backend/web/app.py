@@ -2,7 +2,7 @@
 
 It never loads a model. Run it threaded, one process (no --preload needed, nothing heavy at import):
 
-    gunicorn --bind :9090 --config python:backend.gunicorn_conf _wsgi:app   (WEB_THREADS threads)
+    gunicorn --bind :9090 --config python:backend.web.gunicorn_conf _wsgi:app   (WEB_THREADS threads)
 
 Routes (protocol: LS 1.23; timeouts LS applies: /health 1 s, /setup 3 s, /predict 100 s, webhooks 1 s):
 
@@ -24,7 +24,7 @@ Routes (protocol: LS 1.23; timeouts LS applies: /health 1 s, /setup 3 s, /predic
 * GET /versions      the project's model_version (JSON body or ?project=); without a project, the
                      versions of every project known (LS 1.23.2 names none).
 * GET /evaluation?project=<id>   the project's last evaluation (JSON; status running/done);
-  POST /evaluation?project=<id>  queues one (backend.evaluation_job).
+  POST /evaluation?project=<id>  queues one (backend.jobs.evaluation).
 * GET /report?project=<id>       the last evaluation as one self-contained HTML page.
 * GET /metrics, /jobs (?id=<job id> for one, with its progress meta), /openapi.json.
 
@@ -45,13 +45,16 @@ import redis
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
 
-from backend import evaluation_job, openapi, queueing, runtime
-from backend.bank_store import EMPTY_VERSION
+from backend import runtime
+from backend.jobs import evaluation as evaluation_job
+from backend.web import openapi
+from backend import queueing
+from backend.storage.bank_store import EMPTY_VERSION
 from backend.errors import BadRequest
-from backend.interactive import is_interactive, read_context
-from backend.label_config import parse_label_config
+from backend.regions.interactive import is_interactive, read_context
+from backend.regions.label_config import parse_label_config
 from backend.settings import Settings
-from backend.tasks_registry import result_hash
+from backend.storage.tasks_registry import result_hash
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Getting predictions into Label Studio: per-task posts and bulk refreshes."""

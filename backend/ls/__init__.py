@@ -1,0 +1,1 @@
+"""Talking to Label Studio: the REST client and image fetching."""

@@ -1,0 +1,1 @@
+"""Label Studio regions <-> masks: label config, annotations, results, brush RLE, prompts."""

@@ -1,0 +1,1 @@
+"""State: key-value store, memory banks, task registry, on-disk caches."""

@@ -1,0 +1,1 @@
+"""The HTTP side: Flask app factory, routes, the /predict wait-and-hand-over, OpenAPI."""
