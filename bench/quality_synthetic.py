@@ -56,7 +56,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.quality.calibration import threshold_in_force  # noqa: E402
-from backend.quality.evaluation import AnnotatedTask, TruthRegion, crop_rle, evaluate_project  # noqa: E402
+from backend.quality.evaluation import AnnotatedTask, TruthRegion, evaluate_project  # noqa: E402
+from backend.quality.truth import crop_rle  # noqa: E402
 from model import proposals as proposals_module  # noqa: E402
 from model.bank import MemoryBank  # noqa: E402
 from model.corrections import Region, find_negatives  # noqa: E402
