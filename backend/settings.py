@@ -6,14 +6,13 @@ table comes from `env_table()`, i.e. from the `help` text of each field below.
 """
 from __future__ import annotations
 
-import logging
 import os
-import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
+from backend import env_parsers as env
 from model.catalog import DINO_MODELS, SAM_MODELS, checkpoint_filename
 from model.options import MethodOptions
 
@@ -27,113 +26,7 @@ class SettingsError(ValueError):
     """A bad environment variable; the message names it."""
 
 
-# ------------------------------------------------------------------------------------------ parsers
-def _str(raw: str) -> str:
-    return raw.strip()
-
-
-def _bool(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("expected a boolean (1/0, true/false, yes/no, on/off)")
-
-
-def _number(raw: str) -> float:
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError("expected a number") from None
-
-
-def _positive_int(raw: str) -> int:
-    value = _number(raw)  # accepts "40e6"
-    if not (value > 0 and value.is_integer()):
-        raise ValueError("expected a positive integer")
-    return int(value)
-
-
-def _nonneg_float(raw: str) -> float:
-    value = _number(raw)
-    if not value >= 0 or value == float("inf"):
-        raise ValueError("expected a finite number >= 0")
-    return value
-
-
-def _positive_float(raw: str) -> float:
-    value = _nonneg_float(raw)
-    if value == 0:
-        raise ValueError("expected a number > 0")
-    return value
-
-
-def _unit_float(raw: str) -> float:
-    value = _number(raw)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError("expected a number between 0 and 1")
-    return value
-
-
-def _path(raw: str) -> Path:
-    if not raw.strip():
-        raise ValueError("expected a path")
-    return Path(raw.strip()).expanduser()
-
-
-def _http_url(raw: str) -> str:
-    url = raw.strip().rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError("expected an http(s) URL such as http://label-studio:8080")
-    return url
-
-
-def _redis_url(raw: str) -> str:
-    url = raw.strip()
-    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-        raise ValueError("expected redis://host:port/db, rediss://… or unix://…")
-    return url
-
-
-def _queue_prefix(raw: str) -> str:
-    value = raw.strip()
-    if not re.fullmatch(r"[A-Za-z0-9_.:-]+", value):
-        raise ValueError("expected letters, digits, '_', '-', '.' or ':'")
-    return value
-
-
-def _choice(options: Mapping[str, Any]) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        value = raw.strip().lower()
-        if value not in options:
-            raise ValueError(f"expected one of {', '.join(options)}")
-        return value
-    return parse
-
-
-def _device(raw: str) -> str | None:
-    value = raw.strip().lower()
-    if value in ("", "auto"):
-        return None
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", value):
-        raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
-    return value
-
-
-def _hosts(raw: str) -> tuple[str, ...]:
-    return tuple(h.strip().lower() for h in raw.split(",") if h.strip())
-
-
-def _log_level(raw: str) -> str:
-    value = raw.strip().upper()
-    if not isinstance(logging.getLevelName(value), int):
-        raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
-    return value
-
-
-def _var(env: str, default: Any, help: str, parse: Callable[[str], Any] = _str, *,
+def _var(env: str, default: Any, help: str, parse: Callable[[str], Any] = env.text, *,
          aliases: tuple[str, ...] = (), secret: bool = False, default_doc: str | None = None) -> Any:
     """A dataclass field bound to an environment variable (and its aliases, tried in order)."""
     meta = {"env": env, "aliases": aliases, "help": help, "parse": parse, "secret": secret,
@@ -157,7 +50,7 @@ class Settings:
 
     label_studio_url: str | None = _var(
         "LABEL_STUDIO_URL", None, "Label Studio base URL reachable from this backend; used for image "
-        "downloads and posting predictions (else the `hostname` sent by /setup).", _http_url,
+        "downloads and posting predictions (else the `hostname` sent by /setup).", env.http_url,
         aliases=("LABEL_STUDIO_HOST",), default_doc="unset")
     label_studio_api_key: str | None = _var(
         "LABEL_STUDIO_API_KEY", None, "Label Studio legacy token or personal access token (PAT), "
@@ -171,123 +64,123 @@ class Settings:
         "BASIC_AUTH_PASS", None, "HTTP Basic auth password.", secret=True, default_doc="unset")
     model_dir: Path = _var(
         "MODEL_DIR", Path("./data"), "Backend state: checkpoints, webhook spool, embedded-mode store.",
-        _path, default_doc="`./data`")
+        env.path, default_doc="`./data`")
     cache_dir: Path | None = _var(
         "CACHE_DIR", None, "Image and proposal caches (local disk shared by the workers of one host).",
-        _path, default_doc="`$MODEL_DIR/cache`")
+        env.path, default_doc="`$MODEL_DIR/cache`")
     redis_url: str | None = _var(
         "REDIS_URL", None, "Redis for the bank store and RQ queues; unset = embedded in-process worker "
-        "thread (single process, nothing shared).", _redis_url, secret=True, default_doc="unset")
+        "thread (single process, nothing shared).", env.redis_url, secret=True, default_doc="unset")
     queue_prefix: str = _var(
         "NTT_QUEUE_PREFIX", "ntt", "Prefix of the RQ queue names (`<prefix>-interactive`, `<prefix>-bank`, "
-        "`<prefix>-predict`); lets several deployments share one Redis.", _queue_prefix, default_doc="`ntt`")
+        "`<prefix>-predict`); lets several deployments share one Redis.", env.queue_prefix, default_doc="`ntt`")
     sam_model: str = _var(
-        "NTT_SAM_MODEL", "sam2-l", f"SAM2 model ({', '.join(SAM_MODELS)}).", _choice(SAM_MODELS),
+        "NTT_SAM_MODEL", "sam2-l", f"SAM2 model ({', '.join(SAM_MODELS)}).", env.choice(SAM_MODELS),
         default_doc="`sam2-l`")
     dino_model: str = _var(
-        "NTT_DINO_MODEL", "dinov2-l", f"DINOv2 model ({', '.join(DINO_MODELS)}).", _choice(DINO_MODELS),
+        "NTT_DINO_MODEL", "dinov2-l", f"DINOv2 model ({', '.join(DINO_MODELS)}).", env.choice(DINO_MODELS),
         default_doc="`dinov2-l`")
     sam_checkpoint: Path | None = _var(
-        "NTT_SAM_CHECKPOINT", None, "SAM2 checkpoint file (official Meta .pt).", _path,
+        "NTT_SAM_CHECKPOINT", None, "SAM2 checkpoint file (official Meta .pt).", env.path,
         default_doc="`$MODEL_DIR/checkpoints/<official file name>`")
     dino_checkpoint: Path | None = _var(
-        "NTT_DINO_CHECKPOINT", None, "DINOv2 checkpoint file (official Meta .pth).", _path,
+        "NTT_DINO_CHECKPOINT", None, "DINOv2 checkpoint file (official Meta .pth).", env.path,
         default_doc="`$MODEL_DIR/checkpoints/<official file name>`")
     random_weights: bool = _var(
         "NTT_RANDOM_WEIGHTS", False, "Build the models with random weights (tests and benchmarks only; "
-        "predictions are meaningless).", _bool, default_doc="`0`")
+        "predictions are meaningless).", env.flag, default_doc="`0`")
     device: str | None = _var(
-        "NTT_DEVICE", None, "Torch device of the workers: auto, cpu, cuda, cuda:N, mps.", _device,
+        "NTT_DEVICE", None, "Torch device of the workers: auto, cpu, cuda, cuda:N, mps.", env.device,
         default_doc="`auto` (CUDA if present)")
     sam_image_size: int = _option(
-        "sam_image_size", "NTT_SAM_IMAGE_SIZE", "SAM2 input side (the method's value).", _positive_int)
+        "sam_image_size", "NTT_SAM_IMAGE_SIZE", "SAM2 input side (the method's value).", env.positive_int)
     dino_image_size: int = _option(
-        "dino_image_size", "NTT_DINO_IMAGE_SIZE", "DINOv2 input side (the method's value).", _positive_int)
+        "dino_image_size", "NTT_DINO_IMAGE_SIZE", "DINOv2 input side (the method's value).", env.positive_int)
     points_per_side: int = _option(
-        "points_per_side", "NTT_POINTS_PER_SIDE", "SAM2 point grid side (the method's value).", _positive_int)
+        "points_per_side", "NTT_POINTS_PER_SIDE", "SAM2 point grid side (the method's value).", env.positive_int)
     point_batch_size: int = _option(
         "point_batch_size", "NTT_POINT_BATCH", "Prompts per SAM2 decoder call (a named deviation: the "
-        "reference decodes 256 at a time; other sizes change results at float-rounding level).", _positive_int)
+        "reference decodes 256 at a time; other sizes change results at float-rounding level).", env.positive_int)
     bf16: bool = _option(
         "bf16", "NTT_BF16", "bf16 autocast of the encoders and the SAM2 decoder on CUDA (deviation from "
-        "the fp32 reference).", _bool)
+        "the fp32 reference).", env.flag)
     compile_decoder: bool = _option(
         "compile_decoder", "NTT_COMPILE_DECODER", "torch.compile the SAM2 mask decoder (the cold path's "
         "largest stage), within the method's tolerances of eager fp32; an RQ worker compiles it at start, "
-        "the embedded default on its first prediction; eager when compiling fails.", _bool)
+        "the embedded default on its first prediction; eager when compiling fails.", env.flag)
     variant: str = _var(
         "NTT_VARIANT", "auto", "Matching variant: `auto` uses the one with the best mean AP in the project's "
         f"last evaluation once it has enough evidence (else the faithful method), or pin one of "
-        f"{', '.join(VARIANTS)} (`ntt` = the faithful method).", _choice({"auto": None, **VARIANTS}),
+        f"{', '.join(VARIANTS)} (`ntt` = the faithful method).", env.choice({"auto": None, **VARIANTS}),
         default_doc="`auto`")
     score_threshold: float = _var(
         "SCORE_THRESHOLD", 0.5, "Minimum region score in pre-annotations (the method itself has none); "
-        "a control's `model_score_threshold` attribute overrides it.", _unit_float, default_doc="`0.5`")
+        "a control's `model_score_threshold` attribute overrides it.", env.unit_float, default_doc="`0.5`")
     max_detections: int = _var(
         "MAX_DETECTIONS", 100, "Maximum regions per task, cut from the method's top 100 detections "
         "(`model_max_detections` attribute overrides).",
-        _positive_int, default_doc="`100`")
+        env.positive_int, default_doc="`100`")
     polygon_tolerance: float = _var(
         "POLYGON_TOLERANCE", 1.5, "Polygon simplification tolerance in pixels "
-        "(`model_polygon_tolerance` attribute overrides).", _nonneg_float, default_doc="`1.5`")
+        "(`model_polygon_tolerance` attribute overrides).", env.nonneg_float, default_doc="`1.5`")
     ls_post_concurrency: int = _var(
         "LS_POST_CONCURRENCY", 4, "Predictions a job posts to Label Studio at once (a refresh of many "
-        "tasks is mostly waiting on LS's answers).", _positive_int, default_doc="`4`")
+        "tasks is mostly waiting on LS's answers).", env.positive_int, default_doc="`4`")
     refresh_threads: int = _var(
         "REFRESH_THREADS", min(8, os.cpu_count() or 1), "Cached tasks a refresh re-scores at once (threads of "
-        "the worker; re-scoring is CPU work: cache read, re-match, region conversion).", _positive_int,
+        "the worker; re-scoring is CPU work: cache read, re-match, region conversion).", env.positive_int,
         default_doc="CPU cores, at most 8")
     ls_bulk_refresh: bool = _var(
         "LS_BULK_REFRESH", True, "A refresh of 20+ cached tasks replaces our predictions in bulk (import "
         "requests of up to 1,000 predictions, then our old model versions deleted) instead of one PATCH "
         "per task, when every prediction of those versions belongs to a re-posted task (projects of up to "
-        "20,000 predictions).", _bool,
+        "20,000 predictions).", env.flag,
         default_doc="`1`")
     web_threads: int = _var(
         "WEB_THREADS", 8, "Threads of the gunicorn web process (backend/web/gunicorn_conf.py), one per request "
         "in progress. /predict calls wait for results on at most WEB_THREADS - 2 of them, so /health and "
         "/setup always find one free; further concurrent calls answer at once and the workers post their "
-        "predictions to Label Studio.", _positive_int, default_doc="`8`")
+        "predictions to Label Studio.", env.positive_int, default_doc="`8`")
     predict_budget_s: float = _var(
         "PREDICT_BUDGET_S", 80.0, "Time /predict waits for results; later ones are posted to Label "
-        "Studio by the workers. Keep it under LS's ML_TIMEOUT_PREDICT (100 s).", _positive_float,
+        "Studio by the workers. Keep it under LS's ML_TIMEOUT_PREDICT (100 s).", env.positive_float,
         default_doc="`80`")
     worker_heartbeat_s: float = _var(
         "WORKER_HEARTBEAT_S", 10.0, "RQ worker heartbeat while a job runs; a job whose worker died is "
-        "requeued by the next worker after ~3 missed beats.", _positive_float, default_doc="`10`")
+        "requeued by the next worker after ~3 missed beats.", env.positive_float, default_doc="`10`")
     job_timeout_s: int = _var(
         "JOB_TIMEOUT_S", 3600, "Hard limit of one queued job (START_TRAINING batch jobs get 24 h).",
-        _positive_int, default_doc="`3600`")
+        env.positive_int, default_doc="`3600`")
     image_cache_mb: int = _var(
-        "IMAGE_CACHE_MB", 2048, "Size bound of the on-disk image cache.", _positive_int,
+        "IMAGE_CACHE_MB", 2048, "Size bound of the on-disk image cache.", env.positive_int,
         default_doc="`2048`")
     proposal_cache_mb: int = _var(
         "PROPOSAL_CACHE_MB", 4096, "Size bound of the on-disk proposal cache (SAM2 masks + DINOv2 "
-        "descriptors per image, and the full-resolution masks matches upsampled from them).", _positive_int,
+        "descriptors per image, and the full-resolution masks matches upsampled from them).", env.positive_int,
         default_doc="`4096`")
     max_image_pixels: int = _var(
-        "MAX_IMAGE_PIXELS", 40_000_000, "Larger images are refused (per-task error).", _positive_int,
+        "MAX_IMAGE_PIXELS", 40_000_000, "Larger images are refused (per-task error).", env.positive_int,
         default_doc="`40000000`")
     max_image_bytes: int = _var(
         "MAX_IMAGE_BYTES", 64 * 2**20, "Larger image downloads are refused (per-task error).",
-        _positive_int, default_doc="`67108864`")
+        env.positive_int, default_doc="`67108864`")
     max_request_mb: float = _var(
-        "MAX_REQUEST_MB", 64.0, "Larger request bodies get 413.", _positive_float, default_doc="`64`")
+        "MAX_REQUEST_MB", 64.0, "Larger request bodies get 413.", env.positive_float, default_doc="`64`")
     local_files_document_root: Path | None = _var(
         "LOCAL_FILES_DOCUMENT_ROOT", None, "Read `/data/local-files/?d=…` images from this folder "
-        "directly (same as LS's); paths cannot escape it.", _path,
+        "directly (same as LS's); paths cannot escape it.", env.path,
         aliases=("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT",), default_doc="unset (download from LS)")
     allowed_image_hosts: tuple[str, ...] = _var(
         "ALLOWED_IMAGE_HOSTS", (), "Comma-separated extra hosts images may be downloaded from, `*` = "
-        "any (Label Studio's origin is always allowed; credentials are only sent to it).", _hosts,
+        "any (Label Studio's origin is always allowed; credentials are only sent to it).", env.hosts,
         default_doc="empty")
     allow_link_local_image_hosts: bool = _var(
         "ALLOW_LINK_LOCAL_IMAGE_HOSTS", False, "Allow image downloads from link-local and cloud metadata "
         "addresses (169.254.0.0/16 incl. 169.254.169.254, fe80::/10, fd00:ec2::254, 100.100.100.200, "
-        "metadata.google.internal), refused by default even with `ALLOWED_IMAGE_HOSTS=*`.", _bool,
+        "metadata.google.internal), refused by default even with `ALLOWED_IMAGE_HOSTS=*`.", env.flag,
         default_doc="`0`")
     log_level: str = _var(
-        "LOG_LEVEL", "INFO", "Python log level.", _log_level, default_doc="`INFO`")
+        "LOG_LEVEL", "INFO", "Python log level.", env.log_level, default_doc="`INFO`")
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
