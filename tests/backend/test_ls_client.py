@@ -7,7 +7,8 @@ import jwt
 import pytest
 
 from backend.errors import LabelStudioAPIError
-from backend.ls.ls_client import LabelStudioClient, LSAuth, origin
+from backend.ls.auth import LSAuth, origin
+from backend.ls.ls_client import LabelStudioClient
 from tests.backend.fixtures import LEGACY_TOKEN, FakeHTTPServer
 
 JWT_KEY = "test-signing-key-with-at-least-32-bytes!!"

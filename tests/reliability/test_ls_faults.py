@@ -20,7 +20,8 @@ from backend import jobs
 from backend import queueing
 from backend.errors import ImageError, LabelStudioAPIError
 from backend.ls.images import ImageFetcher
-from backend.ls.ls_client import LabelStudioClient, LSAuth
+from backend.ls.auth import LSAuth
+from backend.ls.ls_client import LabelStudioClient
 from tests.reliability.conftest import (CAT, CONFIG_XML, LEGACY_TOKEN, PAT, FakeLabelStudio, assert_no_secrets,
                                         fill_bank, free_port, polygon_region, wait_for)
 
@@ -30,7 +31,7 @@ PID = 1
 @pytest.fixture
 def sleeps(monkeypatch):
     """Waits between tries of the image fetcher and the LS client (their retry policy is urllib3's
-    Retry, ls_client.LSRetry): recorded, not slept."""
+    Retry, backend.ls.session.LSRetry): recorded, not slept."""
     recorded: list[float] = []
     shim = types.SimpleNamespace(time=time.time, monotonic=time.monotonic, sleep=recorded.append)
     monkeypatch.setattr(urllib3.util.retry, "time", shim)

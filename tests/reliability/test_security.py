@@ -18,7 +18,7 @@ from backend.web import openapi
 from backend import queueing
 from backend.errors import ImageError
 from backend.ls.images import ImageFetcher
-from backend.ls.ls_client import LSAuth
+from backend.ls.auth import LSAuth
 from tests.reliability.conftest import (CAT, CONFIG_XML, LEGACY_TOKEN, PAT, FakeLabelStudio, assert_no_secrets,
                                         fill_bank, mark_bank_filled, png_bytes, polygon_region, serving, wait_job)
 
