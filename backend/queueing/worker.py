@@ -51,7 +51,8 @@ from rq.utils import current_timestamp, parse_composite_key
 from rq.worker import WorkerStatus
 
 from backend import runtime
-from backend.queueing import QUEUES, SERIALIZER, json_data
+from backend.queueing.execution import JSONJob
+from backend.queueing.jobinfo import QUEUES, SERIALIZER
 from backend.settings import SettingsError
 
 log = logging.getLogger("backend.queueing.worker")
@@ -74,13 +75,6 @@ def wait_for_redis(connection: redis.Redis, stop: Callable[[], bool] = lambda: F
             return time.monotonic() - t0
         except OUTAGE:
             delay = min(2 * delay, RECONNECT_BACKOFF_S[1])
-
-
-class JSONJob(Job):
-    """A job whose result must be JSON data (rq would store a placeholder instead of refusing it)."""
-
-    def perform(self) -> Any:
-        return json_data(super().perform(), "a job's result")
 
 
 def requeue_orphans(connection: redis.Redis, queues: list[Queue]) -> int:
