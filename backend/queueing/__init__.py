@@ -37,11 +37,15 @@ from rq import get_current_job
 
 from backend import runtime
 from backend.queueing.embedded import EmbeddedBackend
-from backend.queueing.jobinfo import (EMBEDDED_HISTORY, FAILURE_TTL_S, HEALTH_MAX_AGE_S, QUEUES,  # noqa: F401
-                                      RESULT_TTL_S, RETRY_BACKOFF_S, SERIALIZER, TERMINAL, UNREADABLE, JobInfo,
-                                      QueueUnavailable, json_data)
+from backend.queueing.jobinfo import (FAILURE_TTL_S, HEALTH_MAX_AGE_S, QUEUES, RESULT_TTL_S, RETRY_BACKOFF_S,
+                                      SERIALIZER, UNREADABLE, JobInfo, QueueUnavailable, json_data)
 from backend.queueing.rq_backend import RQBackend
 from backend.settings import Settings
+
+__all__ = ["FAILURE_TTL_S", "HEALTH_MAX_AGE_S", "QUEUES", "RESULT_TTL_S", "RETRY_BACKOFF_S", "SERIALIZER",
+           "UNREADABLE", "EmbeddedBackend", "JobInfo", "QueueUnavailable", "RQBackend", "Spool", "SpoolReplayer",
+           "backend", "enqueue", "fetch", "fetch_many", "health", "json_data", "list_jobs", "serve_interactive",
+           "submit_spooled", "update_meta"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,8 @@ def backend() -> RQBackend | EmbeddedBackend:
     settings = runtime.get_settings()
     with _backend_lock:
         if _backend is None or _backend_settings is not settings:
+            if isinstance(_backend, EmbeddedBackend):
+                _backend.close()  # its thread would go on running jobs (and retries) beside the new one
             _backend = RQBackend(settings) if settings.redis_url else EmbeddedBackend(
                 settings.model_dir / "state" / "queue.sqlite3", job_timeout_s=settings.job_timeout_s)
             _backend_settings = settings
@@ -124,4 +130,4 @@ def update_meta(**fields: Any) -> None:
         _backend.update_current_meta(fields)
 
 
-from backend.queueing.spool import Spool, SpoolReplayer, submit_spooled  # noqa: E402,F401 - uses the API above
+from backend.queueing.spool import Spool, SpoolReplayer, submit_spooled  # noqa: E402 - it uses the API above

@@ -34,6 +34,7 @@ class EmbeddedBackend:
         self._clock = clock
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._closed = False
         self._local = threading.local()
         for job_id in self.db.requeue_started():
             log.warning("job %s was running when its process stopped; requeued", job_id)
@@ -55,8 +56,17 @@ class EmbeddedBackend:
             self.db.promote_due(self._clock())
             self._wake.notify_all()
 
+    def close(self) -> None:
+        """Stop taking jobs (the one running ends first): this process now queues elsewhere; what
+        is left in the file waits for the next backend on it."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+
     def _start(self) -> None:
         with self._wake:
+            if self._closed:
+                return
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="ntt-embedded-worker", daemon=True)
                 self._thread.start()
@@ -65,6 +75,8 @@ class EmbeddedBackend:
     def _run(self) -> None:
         while True:
             with self._wake:
+                if self._closed:
+                    return
                 due = self.db.promote_due(self._clock())
                 job = self.db.claim()
                 if job is None:
