@@ -256,3 +256,16 @@ def test_embedded_jobs_survive_a_restart_and_a_running_one_is_requeued(tmp_path,
         assert ORDER == ["first", "second"]
     finally:
         runtime.reset()
+
+
+def test_a_closed_embedded_backend_leaves_its_jobs_to_the_next_one(tmp_path):
+    """Settings replaced in one process (runtime.configure): the old backend's thread must not go on
+    running jobs (or their retries) beside the new one; its file's jobs wait for the next backend."""
+    ORDER.clear()
+    old = queueing.EmbeddedBackend(tmp_path / "queue.sqlite3")
+    old.close()
+    job_id = old.enqueue(f"{MOD}.record", ("later",), {}, "predict", None, None, 0, None)
+    assert old.fetch(job_id).status == "queued" and old.health()["worker_started"] is False
+    new = queueing.EmbeddedBackend(tmp_path / "queue.sqlite3")
+    info = wait_for(lambda: (i := new.fetch(job_id)) and i.done and i, 30, "the job to run")
+    assert (info.status, info.result, ORDER) == ("finished", "later", ["later"])
