@@ -157,6 +157,15 @@ class SQLiteStore(Store):
         rows = self._read("SELECT value FROM hashes WHERE name = ? AND field = ?", name, field)
         return bytes(rows[0][0]) if rows else None
 
+    def hmget(self, name: str, fields: list[str]) -> list[bytes | None]:
+        found: dict[str, bytes] = {}
+        for start in range(0, len(fields), 500):  # under SQLite's bound on query parameters
+            chunk = fields[start:start + 500]
+            found.update((f, bytes(v)) for f, v in self._read(
+                f"SELECT field, value FROM hashes WHERE name = ? AND field IN ({','.join('?' * len(chunk))})",
+                name, *chunk))
+        return [found.get(f) for f in fields]
+
     def hset(self, name: str, mapping: dict[str, Value]) -> None:
         if not mapping:
             return

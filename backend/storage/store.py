@@ -53,6 +53,10 @@ class Store(ABC):
     def hget(self, name: str, field: str) -> bytes | None: ...
 
     @abstractmethod
+    def hmget(self, name: str, fields: list[str]) -> list[bytes | None]:
+        """The values of `fields` (None where absent), in their order: one round trip."""
+
+    @abstractmethod
     def hset(self, name: str, mapping: dict[str, Value]) -> None: ...
 
     @abstractmethod
@@ -119,6 +123,9 @@ class RedisStore(Store):
 
     def hget(self, name: str, field: str) -> bytes | None:
         return self.redis.hget(self._k(name), field)
+
+    def hmget(self, name: str, fields: list[str]) -> list[bytes | None]:
+        return list(self.redis.hmget(self._k(name), fields)) if fields else []
 
     def hset(self, name: str, mapping: dict[str, Value]) -> None:
         if mapping:

@@ -10,6 +10,7 @@ import redis
 
 from backend.storage.sqlite_store import SQLiteStore
 from backend.storage.store import LockTimeout, RedisStore
+from backend.storage.tasks_registry import TaskRecord, TaskRegistry
 
 
 @pytest.fixture
@@ -94,10 +95,22 @@ def test_hashes(store):
     store.hset("h", {"b": "3"})
     assert store.hget("h", "b") == b"3"
     assert store.hget("h", "zz") is None
+    assert store.hmget("h", ["b", "zz", "a"]) == [b"3", None, b"1"]
+    assert store.hmget("nothing", ["a"]) == [None] and store.hmget("h", []) == []
     assert store.hgetall("h") == {"a": b"1", "b": b"3"}
     assert store.hdel("h", "a", "zz") == 1
     assert store.hgetall("h") == {"b": b"3"}
     assert store.hgetall("nothing") == {}
+
+
+def test_registry_reads_and_merges_only_the_records_named(store):
+    registry = TaskRegistry(store)
+    registry.update(5, {t: {"image_url": f"/x/{t}.png"} for t in range(1, 1200)})  # > one SQL chunk
+    merged = registry.update(5, {3: {"prediction_id": 9}, 2000: {"image_url": "/x/new.png"}})
+    assert merged[3] == TaskRecord(3, "/x/3.png", prediction_id=9) and merged[2000].image_url == "/x/new.png"
+    many = registry.get_many(5, [3, 7, 4000, *range(100, 1100)])
+    assert many[3].prediction_id == 9 and many[7] == registry.get(5, 7) and 4000 not in many
+    assert len(many) == 1002 and len(registry.all(5)) == 1200
 
 
 def test_sets(store):
