@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from backend.storage.bank_store import BankStore, Tuning
 from backend.errors import LabelStudioAPIError
 from backend.settings import Settings
-from backend.storage.store import MemoryStore, RedisStore, Store
+from backend.storage.legacy_state import import_json_state
+from backend.storage.sqlite_store import SQLiteStore
+from backend.storage.store import RedisStore, Store
 from backend.storage.tasks_registry import TaskRegistry
 from model import catalog
 
@@ -31,9 +33,6 @@ T = TypeVar("T")
 # Store key of the engine the workers loaded: JSON {"engine": name, "weights": fingerprint}.
 ENGINE_KEY = "engine"
 WEIGHTS_IN_VERSION = 8  # hex characters of the weights fingerprint in model_version
-
-# MemoryStore keys that survive a restart of the embedded process (banks, task registry, engine).
-PERSISTED_PREFIXES = ("bank:", "tasks:", ENGINE_KEY)
 
 _objects: dict[Any, Any] = {}
 _locks: dict[Any, threading.Lock] = {}
@@ -72,13 +71,15 @@ def get_settings() -> Settings:
 
 
 def get_store() -> Store:
-    """Redis (shared with the workers) when REDIS_URL is set, else the embedded MemoryStore that
-    keeps banks and the task registry under MODEL_DIR/state."""
+    """Redis (shared with the workers) when REDIS_URL is set, else the embedded SQLiteStore in
+    MODEL_DIR/state/store.sqlite3 (which imports the state files of the store before it, once)."""
     def build() -> Store:
         s = get_settings()
         if s.redis_url:
             return RedisStore(s.redis_url, prefix=f"{s.queue_prefix}:")
-        return MemoryStore(s.model_dir / "state", persist_prefixes=PERSISTED_PREFIXES)
+        store = SQLiteStore(s.model_dir / "state" / "store.sqlite3")
+        import_json_state(store, s.model_dir / "state")
+        return store
     return _single("store", build)
 
 

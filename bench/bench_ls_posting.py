@@ -11,7 +11,7 @@ the old model version), on one LS:
 It creates a throw-away project (deleted at the end) with N tasks and one prediction each (as an
 earlier refresh would have left them), then, per concurrency level, gives every task a new brush +
 polygon result of realistic size under a new model_version and times `_deliver`. The registry is the
-embedded MemoryStore, so nothing but LS is involved. Every round is checked afterwards: each task
+embedded SQLiteStore, so nothing but LS is involved. Every round is checked afterwards: each task
 holds exactly one prediction, of the last model_version posted.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from backend.delivery import bulk as bulk_delivery
 from backend import jobs
 from backend.regions.brush_rle import mask_to_ls_rle  # noqa: E402
 from backend.settings import Settings  # noqa: E402
-from backend.storage.store import MemoryStore  # noqa: E402
+from backend.storage.sqlite_store import SQLiteStore  # noqa: E402
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -72,7 +72,7 @@ def main() -> None:
     settings = Settings.from_env({"LABEL_STUDIO_URL": args.ls_url, "LABEL_STUDIO_API_KEY": args.api_key,
                                   "MODEL_DIR": tempfile.mkdtemp(prefix="ntt-bench-ls-")})
     runtime.reset()
-    runtime.configure(settings=settings, store=MemoryStore())
+    runtime.configure(settings=settings, store=SQLiteStore())
     client = runtime.get_ls_client(0)
     project = client._request("POST", "api/projects/", json={"title": "ntt posting bench", "label_config": CONFIG})
     pid = int(project["id"])

@@ -185,7 +185,7 @@ class Bench:
         settings = Settings.from_env(settings_env(args, tmp / "main", self.ls.url, self.prefix, None))
         runtime.reset()
         # no REDIS_URL in the settings: the refresh runs on the embedded queue thread; the store is
-        # Redis (as with workers) or, with --redis-url '', the embedded deployment's MemoryStore
+        # Redis (as with workers) or, with --redis-url '', the embedded deployment's SQLiteStore
         self.store = RedisStore(args.redis_url, prefix=f"{self.prefix}:") if args.redis_url else None
         if self.store is not None:
             self.store.redis.ping()
@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="REFRESH_THREADS of the refreshes (default: the product's, CPU cores up to 8); "
                          "> 1 also times re-scoring with 1 thread, side by side")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0",
-                    help="Redis for the store and the workers ('': embedded MemoryStore, no workers)")
+                    help="Redis for the store and the workers ('': embedded SQLiteStore, no workers)")
     args = ap.parse_args(argv)
     unknown = {c.strip() for c in args.controls.split(",")} - set(CONTROLS)
     if unknown:

@@ -24,7 +24,6 @@ import io
 import ipaddress
 import logging
 import socket
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urljoin, urlsplit
@@ -33,9 +32,9 @@ import numpy as np
 import requests
 from PIL import Image, ImageOps
 
-from model.atomic import atomic_write, touch
 from backend.errors import ImageError, LabelStudioAPIError, redact_url
 from backend.ls.ls_client import LSAuth, origin, retrying_session
+from backend.storage.disk_lru import DiskLRU
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +92,8 @@ def _metadata_or_link_local(url: str) -> str | None:
 
 
 class ImageFetcher:
-    """Thread-safe image loader. The cache (`cache_dir/<sha256(url)>.img`, LRU by total bytes,
-    atomic writes) may be shared by several processes; max_cache_bytes <= 0 disables it."""
+    """Thread-safe image loader. The cache (`cache_dir/<sha256(url)>.img`, a DiskLRU: LRU by total
+    bytes, atomic writes) may be shared by several processes; max_cache_bytes <= 0 disables it."""
 
     def __init__(self, ls_url: str | None, auth: LSAuth | None, cache_dir: Path, max_cache_bytes: int,
                  local_files_root: Path | None, allowed_hosts: set[str], max_pixels: int, max_bytes: int,
@@ -112,9 +111,7 @@ class ImageFetcher:
         self.allow_link_local = allow_link_local
         self._ls_origin = origin(self.ls_url)
         self._session = retrying_session(retries, backoff)  # the LS client's policy (GETs: idempotent)
-        self._evict_lock = threading.Lock()
-        if max_cache_bytes > 0:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._cache = DiskLRU(self.cache_dir, max_cache_bytes, patterns=("*.img",)) if max_cache_bytes > 0 else None
 
     # ------------------------------------------------------------------ public
     def fetch(self, url: str, task_id: int | None = None) -> LoadedImage:
@@ -285,41 +282,12 @@ class ImageFetcher:
 
     # ------------------------------------------------------------------ cache
     def _read_cache(self, path: Path) -> bytes | None:
-        if self.max_cache_bytes <= 0:
-            return None
-        try:
-            data = path.read_bytes()
-            touch(path)  # recency for LRU eviction
-        except FileNotFoundError:
-            return None
-        return data
+        return self._cache.read(path) if self._cache else None
 
     def _store(self, path: Path, data: bytes) -> None:
-        if len(data) > self.max_cache_bytes:
+        if self._cache is None or len(data) > self.max_cache_bytes:
             return
         try:  # a full or read-only disk costs the cache, never the image
-            atomic_write(path, data, fsync=False)
-            touch(path)
+            self._cache.write(path, data)
         except OSError as e:
             log.warning("cannot write image cache %s: %s", path, e)
-            return
-        self._evict(keep=path)
-
-    def _evict(self, keep: Path) -> None:
-        """Delete least recently used files (never `keep`, the one just stored) until the cache
-        fits max_cache_bytes."""
-        with self._evict_lock:
-            entries = []
-            for p in self.cache_dir.glob("*.img"):
-                try:
-                    st = p.stat()
-                except FileNotFoundError:
-                    continue
-                entries.append((st.st_mtime_ns, st.st_size, p))
-            total = sum(size for _, size, _ in entries)
-            for _, size, p in sorted(entries, key=lambda e: e[0]):
-                if total <= self.max_cache_bytes:
-                    break
-                if p != keep:
-                    p.unlink(missing_ok=True)
-                    total -= size

@@ -180,11 +180,3 @@ class LabelStudioClient:
         body = {k: v for k, v in (("result", result), ("score", score), ("model_version", model_version),
                                   ("task", task_id)) if v is not None}
         return self._request("PATCH", f"api/predictions/{int(prediction_id)}/", json=body)
-
-    def delete_prediction(self, prediction_id: int) -> None:
-        """Delete; an already missing prediction counts as deleted (a retried DELETE sees 404)."""
-        try:
-            self._request("DELETE", f"api/predictions/{int(prediction_id)}/")
-        except LabelStudioAPIError as e:
-            if e.status != 404:
-                raise

@@ -1,6 +1,6 @@
 """Per-project memory banks in the shared Store, changed only by atomic read-modify-write.
 
-Keys (all under "bank:<pid>:", one persistence group in MemoryStore):
+Keys (all under "bank:<pid>:", all of them in one transaction where written together):
   data          MemoryBank.to_bytes()
   version       the bank's content hash ("empty" without references), readable without
                 deserialising (model_version, /setup)

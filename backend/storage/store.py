@@ -1,33 +1,24 @@
 """A tiny key-value store shared by the web process and the workers.
 
 `RedisStore` is the production store (web and workers on different machines share it).
-`MemoryStore` is the embedded no-Redis mode (one process, in-process worker thread); it writes the
-keys under chosen prefixes (banks, task registry) to a folder so a restart keeps them.
+`backend.storage.sqlite_store.SQLiteStore` is the embedded no-Redis mode's (one process, in-process
+worker thread): a SQLite file under MODEL_DIR/state, so a restart keeps every key.
 
 Keys, hash fields and set members are strings; values are bytes (str is accepted on write and
-stored as UTF-8). Every key gets the store's prefix, so tests and deployments can share a Redis.
+stored as UTF-8). RedisStore prefixes every key, so tests and deployments can share a Redis.
 """
 from __future__ import annotations
 
-import base64
-import json
-import os
-import threading
-import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from urllib.parse import quote
 
 import redis
-
-from model.atomic import atomic_write
 
 Value = bytes | str
 
 
-def _b(value: Value) -> bytes:
+def as_bytes(value: Value) -> bytes:
+    """The stored form of a value (str as UTF-8)."""
     return value if isinstance(value, bytes) else str(value).encode()
 
 
@@ -62,6 +53,10 @@ class Store(ABC):
     def hget(self, name: str, field: str) -> bytes | None: ...
 
     @abstractmethod
+    def hmget(self, name: str, fields: list[str]) -> list[bytes | None]:
+        """The values of `fields` (None where absent), in their order: one round trip."""
+
+    @abstractmethod
     def hset(self, name: str, mapping: dict[str, Value]) -> None: ...
 
     @abstractmethod
@@ -74,22 +69,12 @@ class Store(ABC):
     def sadd(self, name: str, *members: str) -> int: ...
 
     @abstractmethod
-    def srem(self, name: str, *members: str) -> int: ...
-
-    @abstractmethod
     def smembers(self, name: str) -> set[str]: ...
-
-    @abstractmethod
-    def incr(self, key: str) -> int: ...
 
     @abstractmethod
     def lock(self, name: str, timeout: float = 60.0, blocking_timeout: float | None = 120.0):
         """Context manager holding a named lock; it expires after `timeout` s if the holder dies.
         Raises LockTimeout when not acquired within `blocking_timeout` s (None = wait forever)."""
-
-    @abstractmethod
-    def ping(self) -> bool:
-        """True when the store answers (never raises)."""
 
     def claim(self, key: str, who: str, ttl: float = DELIVERY_TTL_S) -> str:
         """First caller wins: set key to `who` if absent and return whoever holds it now.
@@ -121,27 +106,30 @@ class RedisStore(Store):
         return self.redis.get(self._k(key))
 
     def set(self, key: str, value: Value, ttl: float | None = None) -> None:
-        self.redis.set(self._k(key), _b(value), px=None if ttl is None else int(ttl * 1000))
+        self.redis.set(self._k(key), as_bytes(value), px=None if ttl is None else int(ttl * 1000))
 
     def set_many(self, mapping: dict[str, Value]) -> None:
         with self.redis.pipeline(transaction=True) as pipe:  # MULTI ... EXEC
             for key, value in mapping.items():
-                pipe.set(self._k(key), _b(value))
+                pipe.set(self._k(key), as_bytes(value))
             pipe.execute()
 
     def delete(self, *keys: str) -> int:
         return int(self.redis.delete(*map(self._k, keys))) if keys else 0
 
     def setnx(self, key: str, value: Value, ttl: float | None = None) -> bool:
-        return bool(self.redis.set(self._k(key), _b(value), nx=True,
+        return bool(self.redis.set(self._k(key), as_bytes(value), nx=True,
                                    px=None if ttl is None else int(ttl * 1000)))
 
     def hget(self, name: str, field: str) -> bytes | None:
         return self.redis.hget(self._k(name), field)
 
+    def hmget(self, name: str, fields: list[str]) -> list[bytes | None]:
+        return list(self.redis.hmget(self._k(name), fields)) if fields else []
+
     def hset(self, name: str, mapping: dict[str, Value]) -> None:
         if mapping:
-            self.redis.hset(self._k(name), mapping={f: _b(v) for f, v in mapping.items()})
+            self.redis.hset(self._k(name), mapping={f: as_bytes(v) for f, v in mapping.items()})
 
     def hgetall(self, name: str) -> dict[str, bytes]:
         return {f.decode(): v for f, v in self.redis.hgetall(self._k(name)).items()}
@@ -152,14 +140,8 @@ class RedisStore(Store):
     def sadd(self, name: str, *members: str) -> int:
         return int(self.redis.sadd(self._k(name), *members)) if members else 0
 
-    def srem(self, name: str, *members: str) -> int:
-        return int(self.redis.srem(self._k(name), *members)) if members else 0
-
     def smembers(self, name: str) -> set[str]:
         return {m.decode() for m in self.redis.smembers(self._k(name))}
-
-    def incr(self, key: str) -> int:
-        return int(self.redis.incr(self._k(key)))
 
     @contextmanager
     def lock(self, name: str, timeout: float = 60.0, blocking_timeout: float | None = 120.0):
@@ -173,203 +155,3 @@ class RedisStore(Store):
                 lk.release()
             except redis.exceptions.LockError:  # expired while held: someone else may own it now
                 pass
-
-    def ping(self) -> bool:
-        try:
-            return bool(self.redis.ping())
-        except redis.exceptions.RedisError:
-            return False
-
-
-# ---------------------------------------------------------------------------------------- memory
-class MemoryStore(Store):
-    """Dict + lock store for the embedded mode.
-
-    Keys starting with one of `persist_prefixes` are also written to `persist_dir`, one file per
-    group (the first two ':'-separated parts of the key, e.g. "bank:7"), atomically (temp file +
-    os.replace), so a multi-key `set_many` within one group survives a crash all or nothing.
-    TTLs run on `clock` (seconds; tests pass a fake one to expire keys without sleeping).
-    """
-
-    def __init__(self, persist_dir: str | os.PathLike | None = None,
-                 persist_prefixes: tuple[str, ...] = (), clock: Callable[[], float] = time.monotonic) -> None:
-        self._data: dict[str, object] = {}        # bytes | dict[str, bytes] | set[str]
-        self._expiry: dict[str, float] = {}
-        self._clock = clock
-        self._mutex = threading.RLock()
-        self._locks: dict[str, threading.Lock] = {}
-        self._dir = Path(persist_dir) if persist_dir else None
-        self._prefixes = tuple(persist_prefixes) if self._dir else ()
-        if self._dir:
-            self._dir.mkdir(parents=True, exist_ok=True)
-            self._load()
-
-    # ---- persistence
-    @staticmethod
-    def _group(key: str) -> str:
-        return ":".join(key.split(":")[:2])
-
-    def _persisted(self, key: str) -> bool:
-        return key.startswith(self._prefixes) if self._prefixes else False
-
-    def _file(self, group: str) -> Path:
-        return self._dir / (quote(group, safe="") + ".json")
-
-    def _flush(self, keys) -> None:
-        for group in {self._group(k) for k in keys if self._persisted(k)}:
-            doc = {}
-            for key, val in self._data.items():
-                if self._group(key) != group or not self._persisted(key):
-                    continue
-                if isinstance(val, bytes):
-                    doc[key] = {"t": "s", "v": base64.b64encode(val).decode()}
-                elif isinstance(val, dict):
-                    doc[key] = {"t": "h", "v": {f: base64.b64encode(v).decode() for f, v in val.items()}}
-                else:
-                    doc[key] = {"t": "z", "v": sorted(val)}
-            path = self._file(group)
-            if not doc:
-                path.unlink(missing_ok=True)
-                continue
-            atomic_write(path, json.dumps(doc))
-
-    def _load(self) -> None:
-        for path in self._dir.glob("*.json"):
-            for key, item in json.loads(path.read_text()).items():
-                if item["t"] == "s":
-                    self._data[key] = base64.b64decode(item["v"])
-                elif item["t"] == "h":
-                    self._data[key] = {f: base64.b64decode(v) for f, v in item["v"].items()}
-                else:
-                    self._data[key] = set(item["v"])
-
-    # ---- helpers
-    def _live(self, key: str):
-        exp = self._expiry.get(key)
-        if exp is not None and exp <= self._clock():
-            self._data.pop(key, None)
-            self._expiry.pop(key, None)
-        return self._data.get(key)
-
-    def _typed(self, key: str, kind: type, create: bool = False):
-        val = self._live(key)
-        if val is None:
-            if not create:
-                return None
-            val = self._data[key] = kind()
-        if not isinstance(val, kind):
-            raise TypeError(f"key {key!r} holds a {type(val).__name__}, not a {kind.__name__}")
-        return val
-
-    def _put(self, key: str, value: Value, ttl: float | None) -> None:
-        self._data[key] = _b(value)
-        if ttl is None:
-            self._expiry.pop(key, None)
-        else:
-            self._expiry[key] = self._clock() + ttl
-
-    # ---- API
-    def get(self, key: str) -> bytes | None:
-        with self._mutex:
-            return self._typed(key, bytes)
-
-    def set(self, key: str, value: Value, ttl: float | None = None) -> None:
-        with self._mutex:
-            self._put(key, value, ttl)
-            self._flush([key])
-
-    def set_many(self, mapping: dict[str, Value]) -> None:
-        with self._mutex:
-            for key, value in mapping.items():
-                self._put(key, value, None)
-            self._flush(mapping)
-
-    def delete(self, *keys: str) -> int:
-        with self._mutex:
-            n = sum(self._live(k) is not None for k in keys)
-            for k in keys:
-                self._data.pop(k, None)
-                self._expiry.pop(k, None)
-            self._flush(keys)
-            return n
-
-    def setnx(self, key: str, value: Value, ttl: float | None = None) -> bool:
-        with self._mutex:
-            if self._live(key) is not None:
-                return False
-            self._put(key, value, ttl)
-            self._flush([key])
-            return True
-
-    def hget(self, name: str, field: str) -> bytes | None:
-        with self._mutex:
-            return (self._typed(name, dict) or {}).get(field)
-
-    def hset(self, name: str, mapping: dict[str, Value]) -> None:
-        if not mapping:
-            return
-        with self._mutex:
-            self._typed(name, dict, create=True).update({f: _b(v) for f, v in mapping.items()})
-            self._flush([name])
-
-    def hgetall(self, name: str) -> dict[str, bytes]:
-        with self._mutex:
-            return dict(self._typed(name, dict) or {})
-
-    def hdel(self, name: str, *fields: str) -> int:
-        with self._mutex:
-            h = self._typed(name, dict)
-            if not h:
-                return 0
-            n = sum(h.pop(f, None) is not None for f in fields)
-            if not h:
-                del self._data[name]
-            self._flush([name])
-            return n
-
-    def sadd(self, name: str, *members: str) -> int:
-        with self._mutex:
-            s = self._typed(name, set, create=True)
-            before = len(s)
-            s.update(members)
-            self._flush([name])
-            return len(s) - before
-
-    def srem(self, name: str, *members: str) -> int:
-        with self._mutex:
-            s = self._typed(name, set)
-            if not s:
-                return 0
-            before = len(s)
-            s.difference_update(members)
-            if not s:
-                del self._data[name]
-            self._flush([name])
-            return before - len(s)
-
-    def smembers(self, name: str) -> set[str]:
-        with self._mutex:
-            return set(self._typed(name, set) or ())
-
-    def incr(self, key: str) -> int:
-        with self._mutex:
-            value = int(self._typed(key, bytes) or b"0") + 1
-            self._data[key] = str(value).encode()
-            self._flush([key])
-            return value
-
-    @contextmanager
-    def lock(self, name: str, timeout: float = 60.0, blocking_timeout: float | None = 120.0) -> Iterator[None]:
-        # `timeout` (expiry when the holder dies) has no meaning in one process: a dead thread
-        # cannot hold a lock here. Locks are never dropped from the dict (names are few).
-        with self._mutex:
-            lk = self._locks.setdefault(name, threading.Lock())
-        if not lk.acquire(timeout=-1 if blocking_timeout is None else blocking_timeout):
-            raise LockTimeout(f"lock {name!r} not acquired within {blocking_timeout} s")
-        try:
-            yield
-        finally:
-            lk.release()
-
-    def ping(self) -> bool:
-        return True

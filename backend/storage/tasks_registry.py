@@ -50,20 +50,28 @@ class TaskRegistry:
         raw = self.store.hget(self._key(pid), str(int(task_id)))
         return self._decode(raw) if raw else None
 
+    def get_many(self, pid: int, task_ids: list[int]) -> dict[int, TaskRecord]:
+        """The registered ones of these tasks, by task id, read in one store round trip."""
+        ids = [int(t) for t in task_ids]
+        raws = self.store.hmget(self._key(pid), [str(t) for t in ids])
+        return {tid: self._decode(raw) for tid, raw in zip(ids, raws) if raw}
+
     def all(self, pid: int) -> dict[int, TaskRecord]:
         """Every registered task of the project, by task id."""
         return {int(tid): self._decode(raw) for tid, raw in self.store.hgetall(self._key(pid)).items()}
 
     def update(self, pid: int, changes: dict[int, dict]) -> dict[int, TaskRecord]:
         """Merge field changes into several records at once (creating missing ones, which then
-        need `image_url`); returns the merged records."""
+        need `image_url`); returns the merged records. Costs O(len(changes)): the changed
+        records are read and written, never the rest of the project."""
         unknown = {k for ch in changes.values() for k in ch} - _FIELDS
         if unknown:
             raise ValueError(f"unknown task record fields {sorted(unknown)}")
         out: dict[int, TaskRecord] = {}
         with self.store.lock(f"tasks:{int(pid)}", timeout=30, blocking_timeout=60):
+            current_records = self.get_many(pid, list(changes))
             for tid, change in changes.items():
-                current = self.get(pid, tid)
+                current = current_records.get(int(tid))
                 out[int(tid)] = (replace(current, **change) if current
                                  else TaskRecord(**{**change, "task_id": int(tid)}))
             self.store.hset(self._key(pid), {str(tid): json.dumps(asdict(rec)) for tid, rec in out.items()})

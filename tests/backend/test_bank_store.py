@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 
 from backend.storage.bank_store import EMPTY_VERSION, BankStore
-from backend.storage.store import MemoryStore, RedisStore
+from backend.storage.sqlite_store import SQLiteStore
+from backend.storage.store import RedisStore
 from model.bank import MemoryBank
 
 
-@pytest.fixture(params=["redis", "memory"])
+@pytest.fixture(params=["redis", "sqlite"])
 def store(request, tmp_path):
-    if request.param == "memory":
-        yield MemoryStore(tmp_path / "state", persist_prefixes=("bank:",))
+    if request.param == "sqlite":
+        yield SQLiteStore(tmp_path / "state" / "store.sqlite3")
         return
     prefix = f"ntt-test-{uuid.uuid4().hex[:10]}:"
     s = RedisStore("redis://127.0.0.1:6379/0", prefix=prefix)
@@ -129,11 +130,12 @@ def test_project_settings(store):
     assert banks.label_config(5) is None
 
 
-def test_memory_store_bank_survives_restart(tmp_path):
-    store = MemoryStore(tmp_path, persist_prefixes=("bank:",))
+def test_sqlite_store_bank_survives_restart(tmp_path):
+    store = SQLiteStore(tmp_path / "store.sqlite3")
     v = BankStore(store).update(7, lambda b: b.add("cat", "r1", vec(1)))
     BankStore(store).set_label_config(7, "<View/>")
-    again = BankStore(MemoryStore(tmp_path, persist_prefixes=("bank:",)))
+    store.close()
+    again = BankStore(SQLiteStore(tmp_path / "store.sqlite3"))
     assert again.version(7) == v
     assert again.get(7).version == v
     assert again.label_config(7) == "<View/>"

@@ -136,9 +136,7 @@ def test_project_task_and_predictions_calls(server):
     server.route("/api/predictions/?task=2", (200, {}, [{"id": 9, "model_version": "v1"}]))
     server.route("/api/predictions/?task=3", (200, {}, {"results": [{"id": 10}]}))
     server.route("/api/predictions/", (201, {}, {"id": 11, "task": 2}))
-    server.route("/api/predictions/11/", lambda req: {"PATCH": (200, {}, {"id": 11}),
-                                                      "DELETE": (204, {}, b"")}[req["method"]])
-    server.route("/api/predictions/12/", (404, {}, {"detail": "Not found."}))
+    server.route("/api/predictions/11/", (200, {}, {"id": 11}))
     c = client(server)
     assert c.get_project(1)["label_config"] == "<View/>"
     assert c.get_task(2)["id"] == 2
@@ -152,8 +150,6 @@ def test_project_task_and_predictions_calls(server):
     assert c.update_prediction(11, result=[], model_version="m/refs-2") == {"id": 11}
     patches = [r["body"] for r in server.hits("/api/predictions/11/") if r["method"] == "PATCH"]
     assert patches == [{"score": 0.7}, {"result": [], "model_version": "m/refs-2"}]
-    assert c.delete_prediction(11) is None
-    assert c.delete_prediction(12) is None  # already gone
 
 
 def test_get_retries_5xx_and_429(server):

@@ -15,7 +15,6 @@ import pytest
 import urllib3.util.retry
 
 from backend import runtime
-from backend.ls import images
 from backend import jobs
 from backend import queueing
 from backend.errors import ImageError, LabelStudioAPIError
@@ -240,13 +239,12 @@ def test_predict_when_label_studio_is_down(embedded, sleeps):
 # ------------------------------------------------------------------------------------ the cache disk
 def test_a_full_cache_disk_costs_speed_not_predictions(embedded, fake_ls, monkeypatch, caplog):
     """ENOSPC on the image and proposal caches: predictions are still made and answered."""
-    from backend.storage import proposal_cache
+    from backend.storage import disk_lru
 
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(images, "atomic_write", no_space)          # the image cache's writes
-    monkeypatch.setattr(proposal_cache, "atomic_write", no_space)  # the proposal cache's writes
+    monkeypatch.setattr(disk_lru, "atomic_write", no_space)  # the writes of both caches
     client = embedded()
     fill_bank(PID)
     fake_ls.add_task(1)
@@ -262,16 +260,16 @@ def test_a_full_cache_disk_costs_speed_not_predictions(embedded, fake_ls, monkey
 def test_a_full_disk_for_upsampled_masks_still_predicts(embedded, fake_ls, monkeypatch, caplog):
     """ENOSPC only when storing the upsampled masks beside a cached entry: the prediction is made,
     the proposals stay cached, and the failure is logged (the next match upsamples them again)."""
-    from backend.storage import proposal_cache
+    from backend.storage import disk_lru
 
-    real = proposal_cache.atomic_write
+    real = disk_lru.atomic_write
 
     def no_space_for_masks(path, data, **kwargs):
         if str(path).endswith(".ntm"):
             raise OSError(28, "No space left on device")
         return real(path, data, **kwargs)
 
-    monkeypatch.setattr(proposal_cache, "atomic_write", no_space_for_masks)
+    monkeypatch.setattr(disk_lru, "atomic_write", no_space_for_masks)
     client = embedded()
     fill_bank(PID)
     fake_ls.add_task(1)
