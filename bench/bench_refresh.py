@@ -60,6 +60,7 @@ from backend.jobs.predict import predict_task
 from backend.jobs.webhook import apply_webhook
 from backend import queueing
 from backend.settings import Settings  # noqa: E402
+from backend.storage import label_configs  # noqa: E402
 from backend.storage.store import RedisStore  # noqa: E402
 from backend.storage.tasks_registry import result_hash  # noqa: E402
 from bench_model import random_bank, synthetic_image  # noqa: E402
@@ -210,7 +211,7 @@ class Bench:
             if name not in vars(obj):
                 setattr(obj, name, self.sw.wrap(label, getattr(obj, name)))
 
-    def predict(self, pid: int, task: dict) -> dict:
+    def predict_one(self, pid: int, task: dict) -> dict:
         """predict_task of a fake-LS task, queued as the web queues it (id, image URL, config hash)."""
         return predict_task(pid, task["id"], task["data"]["image"], label_configs.put(runtime.get_store(), self.config))
 
@@ -247,7 +248,7 @@ class Bench:
         out, _, _ = self.reference(pid, annotation_id=1, seed=REF_SEED, label="Cat")
         wait_jobs([out["refresh_job"]], 60)
         self._instrument()
-        self.predict(pid, self.task(pid, seed=9_999))  # warm-up, not counted
+        self.predict_one(pid, self.task(pid, seed=9_999))  # warm-up, not counted
         tasks = [self.task(pid, seed=i) for i in range(n)]
         rows = {}
         for phase in ("cold", "hit"):
@@ -255,7 +256,7 @@ class Bench:
             for task in tasks:
                 self.sw.reset()
                 t0 = time.perf_counter()
-                items.append(self.predict(pid, task))
+                items.append(self.predict_one(pid, task))
                 times.append(time.perf_counter() - t0)
                 parts.append(dict(self.sw.seconds))
             rows[phase] = (times, parts, items)
