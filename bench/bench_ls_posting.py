@@ -1,6 +1,6 @@
 """Posting refreshed predictions to a REAL Label Studio: 1 vs several PATCHes in flight, and bulk.
 
-The refresh job's last stage PATCHes every changed prediction (backend.jobs._deliver). Against a real
+The refresh job's last stage PATCHes every changed prediction (backend.delivery.post.deliver). Against a real
 Label Studio each PATCH is a Django request with database writes, so this stage is mostly waiting.
 This script times exactly that code path, side by side for each LS_POST_CONCURRENCY, and the bulk
 path of large refreshes (backend.delivery.bulk: plan + imports of up to 1,000 predictions + deleting
@@ -31,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend import runtime  # noqa: E402
 from backend.delivery import bulk as bulk_delivery
-from backend import jobs
+from backend.delivery.post import deliver  # noqa: E402
+from backend.jobs.context import JobContext  # noqa: E402
+from backend.jobs.refresh import REFRESH_BATCH  # noqa: E402
 from backend.regions.brush_rle import mask_to_ls_rle  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from backend.storage.sqlite_store import SQLiteStore  # noqa: E402
@@ -88,7 +90,7 @@ def main() -> None:
         # the state an earlier refresh leaves: one prediction of ours per task, known to the registry
         first = {tid: {"result": results[tid], "score": 0.8, "model_version": "bench-0"} for tid in tasks}
         registry.update(pid, {tid: {"image_url": f"/x/{tid}.png"} for tid in tasks})
-        created = jobs._deliver(pid, first)
+        created = deliver(JobContext.for_project(pid), first)
         assert created["posted"] == len(tasks), created
         print(f"Label Studio {args.ls_url}: project {pid}, {len(tasks)} tasks, result {size_kb:.0f} KiB "
               f"per task (brush RLE + polygon)")
@@ -110,17 +112,18 @@ def main() -> None:
                 version += 1
                 mv = f"bench-{version}"
                 items = {tid: {"result": results[tid], "score": 0.8, "model_version": mv} for tid in tasks}
+                ctx = JobContext.for_project(pid)  # the settings of this level
                 t0 = time.perf_counter()
                 if level == "bulk":
                     records = {tid: registry.get(pid, tid) for tid in tasks}
-                    retire = bulk_delivery.plan(pid, records, mv, "bench-")
+                    retire = bulk_delivery.plan(ctx, records, mv, "bench-")
                     assert retire == [f"bench-{version - 1}"], retire
-                    importer = bulk_delivery.Importer(pid)  # fed as refresh_project does, batch by batch
-                    posted = sum(importer.add(dict(list(items.items())[k:k + jobs.REFRESH_BATCH]))
-                                 for k in range(0, len(tasks), jobs.REFRESH_BATCH)) + importer.flush()
-                    assert posted == len(tasks) and bulk_delivery.retire(pid, mv, "bench-") == len(tasks)
+                    importer = bulk_delivery.Importer(ctx)  # fed as refresh_project does, batch by batch
+                    posted = sum(importer.add(dict(list(items.items())[k:k + REFRESH_BATCH]))
+                                 for k in range(0, len(tasks), REFRESH_BATCH)) + importer.flush()
+                    assert posted == len(tasks) and bulk_delivery.retire(ctx, mv, "bench-") == len(tasks)
                 else:
-                    counts = jobs._deliver(pid, items)
+                    counts = deliver(ctx, items)
                     assert counts == {"posted": len(tasks), "skipped": 0, "failed": 0}, counts
                 times.append(time.perf_counter() - t0)
                 check(mv)

@@ -8,7 +8,7 @@ HTTP), the real Redis store, the embedded queue for the refresh and real `python
 processes for the throughput. Models are built with random weights (timing does not depend on the
 weight values; what the predictions contain does, so only their counts are reported).
 
-1. cold prediction per image (jobs.predict_task: fetch + propose + match + convert) vs the same task
+1. cold prediction per image (backend.jobs.predict.predict_task: fetch + propose + match + convert) vs the same task
    again (image and proposals from the caches) and their ratio;
 2. ANNOTATION_CREATED webhook (a brush reference) -> updated predictions posted to LS for N cached
    tasks: bank update / re-score / posting, and a linear fit of the total against N. The N tasks
@@ -54,9 +54,13 @@ from rq.worker_registration import WORKERS_BY_QUEUE_KEY  # noqa: E402
 
 from backend import runtime  # noqa: E402
 from backend.delivery import bulk as bulk_delivery
-from backend import jobs
+from backend.jobs import refresh as refresh_job
+from backend.jobs.context import JobContext
+from backend.jobs.predict import predict_task
+from backend.jobs.webhook import apply_webhook
 from backend import queueing
 from backend.settings import Settings  # noqa: E402
+from backend.storage import label_configs  # noqa: E402
 from backend.storage.store import RedisStore  # noqa: E402
 from backend.storage.tasks_registry import result_hash  # noqa: E402
 from bench_model import random_bank, synthetic_image  # noqa: E402
@@ -207,6 +211,10 @@ class Bench:
             if name not in vars(obj):
                 setattr(obj, name, self.sw.wrap(label, getattr(obj, name)))
 
+    def predict_one(self, pid: int, task: dict) -> dict:
+        """predict_task of a fake-LS task, queued as the web queues it (id, image URL, config hash)."""
+        return predict_task(pid, task["id"], task["data"]["image"], label_configs.put(runtime.get_store(), self.config))
+
     def task(self, pid: int, seed: int) -> dict:
         """A new fake-LS task showing a new synthetic image."""
         tid = self._next_task
@@ -227,7 +235,7 @@ class Bench:
         payload = {"action": "ANNOTATION_CREATED", "task": task, "annotation": annotation,
                    "project": {"id": pid, "label_config": self.config}}
         t0 = time.perf_counter()
-        out = jobs.apply_webhook(pid, "ANNOTATION_CREATED", payload)
+        out = apply_webhook(pid, "ANNOTATION_CREATED", payload)
         seconds = time.perf_counter() - t0
         if out.get("refresh_job"):
             self.job_ids.append(out["refresh_job"])
@@ -240,7 +248,7 @@ class Bench:
         out, _, _ = self.reference(pid, annotation_id=1, seed=REF_SEED, label="Cat")
         wait_jobs([out["refresh_job"]], 60)
         self._instrument()
-        jobs.predict_task(pid, self.task(pid, seed=9_999), self.config)  # warm-up, not counted
+        self.predict_one(pid, self.task(pid, seed=9_999))  # warm-up, not counted
         tasks = [self.task(pid, seed=i) for i in range(n)]
         rows = {}
         for phase in ("cold", "hit"):
@@ -248,7 +256,7 @@ class Bench:
             for task in tasks:
                 self.sw.reset()
                 t0 = time.perf_counter()
-                items.append(jobs.predict_task(pid, task, self.config))
+                items.append(self.predict_one(pid, task))
                 times.append(time.perf_counter() - t0)
                 parts.append(dict(self.sw.seconds))
             rows[phase] = (times, parts, items)
@@ -291,7 +299,7 @@ class Bench:
 
         self.sw.reset()
         writes0 = self.ls.writes()
-        timed = [(jobs, "rescore_cached", "rescore"), (jobs, "_deliver", "post"), (bulk_delivery, "plan", "post"),
+        timed = [(refresh_job, "rescore_cached", "rescore"), (refresh_job, "deliver", "post"), (bulk_delivery, "plan", "post"),
                  (bulk_delivery, "post", "post"), (bulk_delivery, "retire", "post")]
         with ExitStack() as stack:
             for obj, name, label in timed:
@@ -309,7 +317,7 @@ class Bench:
                 "patches": writes["PATCH"], "posts": writes["POST"] + writes["IMPORT"], "proposes": self.sw.calls.get("propose", 0)}
 
     def rescore_threads(self, pid: int) -> dict:
-        """jobs.rescore_cached over every registered task of `pid` (cache read + match + regions, no
+        """backend.jobs.refresh.rescore_cached over every registered task of `pid` (cache read + match + regions, no
         posting) with REFRESH_THREADS = 1 and = --refresh-threads, alternated, best of 2 each."""
         records = runtime.get_registry().all(pid)
         bank = runtime.get_bank_store().get(pid)
@@ -319,7 +327,7 @@ class Bench:
             for threads in (1, self.args.refresh_threads) * 2:
                 runtime.configure(settings=replace(settings, refresh_threads=threads))
                 t0 = time.perf_counter()
-                done = jobs.rescore_cached(pid, bank, records)
+                done = refresh_job.rescore_cached(JobContext.for_project(pid), bank, records)
                 best[threads] = min(best.get(threads, math.inf), time.perf_counter() - t0)
                 if len(done) != len(records):
                     raise RuntimeError(f"{len(records) - len(done)} tasks were not re-scored")
@@ -367,7 +375,8 @@ class Bench:
             def submit(task: dict, tag: str) -> str:
                 jid = f"{qprefix}-{tag}-{task['id']}"
                 self.job_ids.append(jid)
-                return queueing.enqueue("backend.jobs.predict_task", pid, task, self.config, queue="predict",
+                return queueing.enqueue("backend.jobs.predict.predict_task", pid, task["id"], task["data"]["image"],
+                                        label_configs.put(runtime.get_store(), self.config), queue="predict",
                                         job_id=jid, retries=0)
 
             seed0 = 1_000 * (count + 1)

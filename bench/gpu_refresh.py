@@ -95,7 +95,7 @@ def main() -> None:
 def run(cache: ProposalCache, keys: list[str], bank: MemoryBank, opts: MethodOptions, device: str,
         threads: int) -> tuple[float, float, int, float, int]:
     """(cache read s, re-match s, detections, wall s, stored mask bytes) of re-scoring every task on
-    `threads` threads, as backend.jobs.rescore_cached does (REFRESH_THREADS): cache.get + get_masks,
+    `threads` threads, as backend.jobs.refresh.rescore_cached does (REFRESH_THREADS): cache.get + get_masks,
     match on the worker's device, put_masks."""
     lock = threading.Lock()
     totals = [0.0, 0.0, 0]

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import TYPE_CHECKING
 
-from backend import runtime
 from backend.errors import LabelStudioAPIError
 from backend.ls.ls_client import LabelStudioClient
 from backend.storage.tasks_registry import TaskRecord, result_hash
+
+if TYPE_CHECKING:
+    from backend.jobs.context import JobContext
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +52,15 @@ def _holders(client: LabelStudioClient, pid: int, counts: dict[str, int]) -> dic
     return holders
 
 
-def plan(pid: int, records: dict[int, TaskRecord], model_version: str, prefix: str) -> list[str] | None:
+def plan(ctx: "JobContext", records: dict[int, TaskRecord], model_version: str, prefix: str) -> list[str] | None:
     """Older model versions of ours (`prefix`) that a bulk re-post of `records` will make
     retirable, or None when this refresh must go task by task. `records`: the tasks about to be
     re-scored."""
-    settings = runtime.get_settings()
-    if not settings.ls_bulk_refresh or len(records) < BULK_MIN_TASKS:
+    pid = ctx.pid
+    if not ctx.settings.ls_bulk_refresh or len(records) < BULK_MIN_TASKS:
         return None
     try:
-        client = runtime.get_ls_client(pid)
+        client = ctx.ls_client
         counts = client.model_version_counts(pid)
         if sum(counts.values()) > BULK_MAX_PREDICTIONS:
             return None
@@ -78,16 +81,16 @@ def plan(pid: int, records: dict[int, TaskRecord], model_version: str, prefix: s
     return old
 
 
-def post(pid: int, items: dict[int, dict]) -> dict:
+def post(ctx: "JobContext", items: dict[int, dict]) -> dict:
     """Import every item as a new prediction in one request and record them (prediction ids are
     not returned by LS: the records get None, and a later per-task post finds ours by version)."""
-    client = runtime.get_ls_client(pid)
+    pid = ctx.pid
     payload = [{"task": int(tid), "result": item["result"], "score": item["score"],
                 "model_version": item["model_version"]} for tid, item in items.items()]
-    created = client.import_predictions(pid, payload)
+    created = ctx.ls_client.import_predictions(pid, payload)
     if created != len(payload):
         raise LabelStudioAPIError(f"project {pid}: Label Studio created {created} of {len(payload)} predictions")
-    runtime.get_registry().update(pid, {tid: {"prediction_id": None, "result_hash": result_hash(item["result"]),
+    ctx.registry.update(pid, {tid: {"prediction_id": None, "result_hash": result_hash(item["result"]),
                                               "model_version": item["model_version"]}
                                         for tid, item in items.items()})
     return {"posted": len(payload)}
@@ -99,8 +102,8 @@ class Importer:
     `add` and `flush` return how many predictions they posted; when one raises, the items not
     imported stay pending, and `drain` hands them back so the caller can post them task by task."""
 
-    def __init__(self, pid: int, max_items: int | None = None, max_bytes: int | None = None) -> None:
-        self.pid = pid
+    def __init__(self, ctx: "JobContext", max_items: int | None = None, max_bytes: int | None = None) -> None:
+        self.ctx = ctx
         self.max_items = max_items or BULK_IMPORT_ITEMS
         self.max_bytes = max_bytes or BULK_IMPORT_BYTES
         self.pending: dict[int, dict] = {}
@@ -114,7 +117,7 @@ class Importer:
     def flush(self) -> int:
         if not self.pending:
             return 0
-        posted = post(self.pid, self.pending)["posted"]
+        posted = post(self.ctx, self.pending)["posted"]
         self.pending, self.bytes = {}, 0
         return posted
 
@@ -123,11 +126,11 @@ class Importer:
         return out
 
 
-def retire(pid: int, model_version: str, prefix: str) -> int:
+def retire(ctx: "JobContext", model_version: str, prefix: str) -> int:
     """Delete each older model version of ours (`prefix`) whose every prediction sits on a task that
     holds `model_version`; returns how many predictions went. Cheap when there is none (one
     aggregate GET)."""
-    client = runtime.get_ls_client(pid)
+    pid, client = ctx.pid, ctx.ls_client
     counts = client.model_version_counts(pid)
     old = [v for v in counts if v.startswith(prefix) and v != model_version]
     if not old or not counts.get(model_version) or sum(counts.values()) > BULK_MAX_PREDICTIONS:

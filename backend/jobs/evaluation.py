@@ -27,6 +27,7 @@ import numpy as np
 
 from backend import runtime
 from backend import queueing
+from backend.jobs.context import JobContext
 from backend.storage.bank_store import FAITHFUL_VARIANT, Tuning
 from backend.regions.label_config import LabelConfig, parse_label_config
 from backend.settings import VARIANTS
@@ -106,44 +107,47 @@ def evaluate_project(pid: int) -> dict:
 
 
 def _evaluate(pid: int) -> dict:
-    from backend import jobs  # the models: workers only
+    # the models: workers only
+    from backend.jobs.bank import schedule_refresh
+    from backend.jobs.inference import current_bank, match_cached, proposals, variant_options
     from backend.storage.bank_store import bank_version
     from backend.quality.evaluation import EvaluationSettings, evaluate_project
     from model.engine import match_pool
 
     t0 = time.monotonic()
-    banks, s = runtime.get_bank_store(), runtime.get_settings()
+    ctx = JobContext.for_project(pid)
+    banks, s = ctx.banks, ctx.settings
     xml = banks.label_config(pid)
     if not xml:
         return {"status": "project was never set up"}
     config = parse_label_config(xml)
-    bank = jobs._current_bank(pid)
+    bank = current_bank(ctx)
     version = bank_version(bank)
-    tasks, sources, failed = _annotated_tasks(pid, config)
-    cache = runtime.get_proposal_cache()
+    tasks, sources, failed = _annotated_tasks(ctx, config)
+    cache = ctx.proposal_cache
 
     def match(task_id: int, fold_bank, options):  # noqa: ANN001, ANN202 - evaluation.Matcher
         url, key = sources[task_id]
-        proposals = cache.get(key)
-        if proposals is None:  # evicted meanwhile: proposed again, through the cache
-            proposals, key = jobs._proposals(runtime.get_fetcher(pid).fetch(url, task_id=task_id))
-        return jobs.match_cached(proposals, key, fold_bank, 0.0, options)
+        found = cache.get(key)
+        if found is None:  # evicted meanwhile: proposed again, through the cache
+            found, key = proposals(ctx, ctx.fetcher.fetch(url, task_id=task_id))
+        return match_cached(ctx, found, key, fold_bank, 0.0, options)
 
     pinned = s.variant
     names = list(VARIANTS) if pinned == "auto" else [pinned]
     settings = EvaluationSettings(default_threshold=s.score_threshold, control_thresholds=_control_thresholds(config),
                                   faithful=FAITHFUL_VARIANT if pinned == "auto" else pinned)
     with match_pool(max(1, s.refresh_threads)) as pool:
-        result = evaluate_project(tasks, bank, match, {n: jobs.variant_options(n) for n in names}, settings,
+        result = evaluate_project(tasks, bank, match, {n: variant_options(ctx, n) for n in names}, settings,
                                   map_fn=pool.map)
     if pinned != "auto":
         result["variant_reason"] = f"pinned by NTT_VARIANT={pinned}"
     result.update(bank_version=version, failed_tasks=failed, finished_at=time.time())
-    thumbnails = _thumbnails(pid, {m["task_id"] for m in result.get("misses", [])}, sources)
+    thumbnails = _thumbnails(ctx, {m["task_id"] for m in result.get("misses", [])}, sources)
     banks.set_evaluation(pid, result, thumbnails)
     tuning = Tuning(result["variant_in_use"], {k: float(v) for k, v in result["thresholds"].items() if v is not None})
     changed = banks.set_tuning(pid, tuning)
-    refresh_job = jobs._schedule_refresh(pid, f"{version}-{tuning.version or 'ntt'}") if changed else None
+    refresh_job = schedule_refresh(pid, f"{version}-{tuning.version or 'ntt'}") if changed else None
     mean_ap = result["variants"][result["variant_in_use"]]["mean_ap"]
     log.info("project %s: evaluation of %d annotated tasks (%d failed) done in %.1f s: mean AP %s with variant %s, "
              "%d calibrated thresholds%s; report: GET /report?project=%s on this backend", pid, len(tasks), failed,
@@ -154,30 +158,32 @@ def _evaluate(pid: int) -> dict:
             "refresh_job": refresh_job, "seconds": round(time.monotonic() - t0, 3)}
 
 
-def _annotated_tasks(pid: int, config: LabelConfig) -> tuple[list, dict[int, tuple[str, str]], int]:
+def _annotated_tasks(ctx: JobContext, config: LabelConfig) -> tuple[list, dict[int, tuple[str, str]], int]:
     """(AnnotatedTask list, task id -> (image URL, proposal-cache key), tasks that failed): the
     ground truth of a task is its newest submitted annotation; its bank groups are all of its
     annotations. A task whose image or proposals cannot be had is skipped (logged)."""
-    from backend import jobs
+    from backend.jobs.inference import image_url, proposals
     from backend.quality.evaluation import AnnotatedTask, TruthRegion
+    from backend.regions.annotations import annotation_references
 
+    pid, fetcher = ctx.pid, ctx.fetcher
     tasks, sources, failed = [], {}, 0
-    fetcher = runtime.get_fetcher(pid)
-    for task in runtime.get_ls_client(pid).iter_tasks(pid):
+    for task in ctx.ls_client.iter_tasks(pid):
         annotations = [a for a in task.get("annotations") or [] if isinstance(a.get("id"), int)]
         submitted = [a for a in annotations if not a.get("was_cancelled")]
         if not submitted or not isinstance(task.get("id"), int):
             continue
         try:
-            url = jobs._image_url(task, config)
+            url = image_url(task, config)
             image = fetcher.fetch(url, task_id=task["id"])
-            _, key = jobs._proposals(image)
+            _, key = proposals(ctx, image)
         except Exception as exc:  # noqa: BLE001 - one task must not stop the evaluation
             failed += 1
             log.warning("project %s task %s: left out of the evaluation: %s", pid, task.get("id"), exc)
             continue
         newest = max(submitted, key=lambda a: a["id"])
-        refs = jobs.annotation_references(newest, config, (image.width, image.height))
+        refs = annotation_references(newest, config, (image.width, image.height),
+                                     max_pixels=ctx.settings.max_image_pixels)
         truth = tuple(TruthRegion(r.label, box=r.box, mask=r.mask) for r in refs)
         tasks.append(AnnotatedTask(task["id"], (image.height, image.width), truth,
                                    frozenset(str(a["id"]) for a in annotations)))
@@ -185,10 +191,10 @@ def _annotated_tasks(pid: int, config: LabelConfig) -> tuple[list, dict[int, tup
     return tasks, sources, failed
 
 
-def _thumbnails(pid: int, task_ids: set, sources: dict[int, tuple[str, str]]) -> dict[str, str]:
+def _thumbnails(ctx: JobContext, task_ids: set, sources: dict[int, tuple[str, str]]) -> dict[str, str]:
     """{task id: base64 JPEG} of the gallery's tasks (images from the image cache)."""
     out = {}
-    fetcher = runtime.get_fetcher(pid)
+    pid, fetcher = ctx.pid, ctx.fetcher
     for task_id in sorted(task_ids):
         try:
             data = _thumbnail(fetcher.fetch(sources[task_id][0], task_id=task_id).array)

@@ -18,7 +18,7 @@ workers take them first, and a job that runs many tasks calls `serve_interactive
 tasks, which runs the interactive jobs queued meanwhile inline, so a click waits for one task's
 work at most.
 
-Job functions are referenced by import path ("backend.jobs.predict_task") so the web process never
+Job functions are referenced by import path ("backend.jobs.predict.predict_task") so the web process never
 imports torch. They must be idempotent: retries and replays may run a job twice.
 
 Nothing on the queue is pickled: job arguments, meta and results are JSON data (ids, URLs, hashes,

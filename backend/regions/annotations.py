@@ -9,6 +9,9 @@ Sizes: percent coordinates are converted with the size of the image actually loa
 (`image_size`, EXIF-transposed) when given, else with the region's original_width/height. A brush
 RLE always describes original_height x original_width pixels; when the loaded image has another
 size the decoded mask is resized to it (nearest neighbour).
+
+Annotations arrive from webhooks and the LS API: `annotation_references` bounds every number
+before the rasterisers see it (`region_problem`).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from backend.regions.label_config import LabelConfig
 log = logging.getLogger(__name__)
 
 _SUPPORTED = ("brushlabels", "polygonlabels", "rectanglelabels")
+MAX_COORDINATE = 1e4  # |percent| beyond which region coordinates are garbage (LS uses 0..100)
 
 
 @dataclass
@@ -151,3 +155,60 @@ def regions_to_references(annotation_result: list[dict], config: LabelConfig,
         if ref is not None:
             refs.append(ref)
     return refs
+
+
+def annotation_regions(annotation: dict) -> list:
+    """The annotation's `result` list ([] when it is not a list)."""
+    result = annotation.get("result")
+    return result if isinstance(result, list) else []
+
+
+def region_problem(region: object, max_pixels: int) -> str | None:
+    """Why an annotation's `result` entry is unsafe to hand to the rasterisers (None if it is not).
+
+    The entries come straight from Label Studio (or a webhook payload). pycocotools' polygon
+    rasteriser crashes the whole process (SIGSEGV) on NaN or huge coordinates, and a brush RLE is
+    decoded into original_width x original_height pixels, so both are bounded here (`max_pixels`:
+    MAX_IMAGE_PIXELS), before any decoding.
+    """
+    if not isinstance(region, dict):
+        return "not a region object"
+    if not all(isinstance(region.get(k), (str, type(None))) for k in ("type", "from_name", "to_name")):
+        return "type, from_name and to_name must be strings"
+    value = region.get("value")
+    if not isinstance(value, dict):
+        return None  # regions_to_references skips it as malformed
+    try:
+        numbers = [float(value[k]) for k in ("x", "y", "width", "height", "rotation") if value.get(k) is not None]
+        if value.get("points") is not None:
+            numbers += np.asarray(value["points"], dtype=np.float64).ravel().tolist()
+        size = [float(region[k]) for k in ("original_width", "original_height") if region.get(k) is not None]
+    except (TypeError, ValueError):
+        return "coordinates or size are not numbers"
+    if not all(math.isfinite(n) and abs(n) <= MAX_COORDINATE for n in numbers):
+        return f"coordinates are not finite numbers within +-{MAX_COORDINATE:g} percent"
+    if not all(math.isfinite(n) and n >= 0 for n in size) or math.prod(size) > max_pixels:
+        return "original_width x original_height is not a size within MAX_IMAGE_PIXELS"
+    rle = value.get("rle")
+    if rle is not None and not (isinstance(rle, list)
+                                and all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in rle)):
+        return "brush RLE is not a list of byte values"
+    return None
+
+
+def annotation_references(annotation: dict, config: LabelConfig, image_size: tuple[int, int], *,
+                          max_pixels: int) -> list[Reference]:
+    """References of one annotation's regions (image_size: W, H of the loaded image).
+
+    Entries that are not region objects, or whose numbers could crash or exhaust the rasterisers
+    (`region_problem`), are skipped with a warning, like every other unusable region.
+    """
+    usable = []
+    for n, region in enumerate(annotation_regions(annotation)):
+        problem = region_problem(region, max_pixels)
+        if problem:
+            rid = region.get("id") if isinstance(region, dict) else None
+            log.warning("skipping region %s of annotation %s: %s", rid or n, annotation.get("id"), problem)
+            continue
+        usable.append(region if region.get("id") else {**region, "id": str(n)})  # ids as before filtering
+    return regions_to_references(usable, config, image_size=image_size, annotation_id=annotation["id"])

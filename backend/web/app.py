@@ -49,6 +49,7 @@ from backend import runtime
 from backend.jobs import evaluation as evaluation_job
 from backend.web import openapi
 from backend import queueing
+from backend.storage import label_configs
 from backend.storage.bank_store import EMPTY_VERSION
 from backend.errors import BadRequest
 from backend.regions.interactive import is_interactive, read_context
@@ -285,7 +286,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         task = {"id": int(tasks[0]["id"]), "data": {config.value_key: tasks[0]["data"][config.value_key]}}
         mv = runtime.model_version(pid)
         expires_at = time.time() + settings.predict_budget_s
-        job_id = queueing.enqueue("backend.jobs.segment_task", pid, task, xml, prompt.to_json(), expires_at,
+        config_hash = label_configs.put(runtime.get_store(), xml)
+        job_id = queueing.enqueue("backend.jobs.interactive.segment_task", pid, task["id"],
+                                  task["data"][config.value_key], config_hash, prompt.to_json(), expires_at,
                                   queue="interactive", retries=0, timeout=max(60, int(settings.predict_budget_s) + 30),
                                   meta={"project": pid, "task": task["id"], "interactive": True})
         metrics.inc("jobs_enqueued interactive")
@@ -323,10 +326,12 @@ def create_app(settings: Settings | None = None) -> Flask:
 
         deadline = time.monotonic() + settings.predict_budget_s
         pending: dict[int, tuple[str, str]] = {}  # task index -> (job id, delivery key)
+        config_hash = label_configs.put(runtime.get_store(), xml)
         for n, i in enumerate(todo):
             key = f"delivery:{pid}:{uuid.uuid4().hex}"
             try:
-                job_id = queueing.enqueue("backend.jobs.predict_task", pid, tasks[i], xml, delivery_key=key,
+                job_id = queueing.enqueue("backend.jobs.predict.predict_task", pid, int(tasks[i]["id"]),
+                                          tasks[i]["data"][value_key], config_hash, delivery_key=key,
                                           queue="predict", retries=1, **({"warm": True} if warm else {}),
                                           meta={"project": pid, "task": tasks[i]["id"]})
             except queueing.QueueUnavailable as exc:  # one timeout, not one per remaining task
@@ -347,7 +352,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         it: the bank is empty); best effort."""
         task = {"id": int(task["id"]), "data": {value_key: task["data"][value_key]}}
         try:
-            queueing.enqueue("backend.jobs.warm_task", pid, task, xml, queue="predict", retries=0,
+            queueing.enqueue("backend.jobs.interactive.warm_task", pid, task["id"], task["data"][value_key],
+                             label_configs.put(runtime.get_store(), xml), queue="predict", retries=0,
                              meta={"project": pid, "task": task["id"]})
         except queueing.QueueUnavailable as exc:
             log.info("project %s task %s: not warmed (%s)", pid, task["id"], exc)
@@ -427,9 +433,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         metrics.inc(f"webhooks {action}")
         pid = _webhook_project(body)
         if action == "START_TRAINING":
-            func, args, timeout = "backend.jobs.train_project", [pid], TRAIN_TIMEOUT_S
+            func, args, timeout = "backend.jobs.train.train_project", [pid], TRAIN_TIMEOUT_S
         else:
-            func, args, timeout = "backend.jobs.apply_webhook", [pid, action, _webhook_hint(body)], None
+            func, args, timeout = "backend.jobs.webhook.apply_webhook", [pid, action, _webhook_hint(body)], None
         job_kwargs = {"timeout": timeout, "meta": {"project": pid, "event": action}}
         try:
             if replayer is not None and spool.pending():  # in order: none may overtake spooled events

@@ -1,6 +1,6 @@
 """backend.web.app over Flask's test client, with the exact payloads Label Studio 1.23 sends.
 
-The job functions are replaced by a fake `backend.jobs` module (the web layer only queues them by
+The job functions are replaced by fake `backend.jobs.<module>` modules (the web layer only queues them by
 import path), so these tests need no model; the embedded worker thread runs the fakes.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ from backend import queueing
 from backend.web.app import create_app
 from backend.errors import ImageError
 from backend.settings import Settings
+from backend.storage import label_configs
 from backend.storage.tasks_registry import result_hash
 from tests.backend.fixtures import (CONFIG_XML, LEGACY_TOKEN, PREDICT_BODY, PROJECT_UID, RECT_REGION,
                                     SETUP_BODY, WEBHOOK_ANNOTATION_CREATED, WEBHOOK_ANNOTATION_UPDATED,
@@ -41,30 +42,32 @@ CHOICES_ONLY_XML = ('<View><Image name="image" value="$image"/>'
 
 # ------------------------------------------------------------------------------- fake job functions
 class FakeJobs:
-    """Stands in for backend.jobs: records calls, can block, fail or deliver late like the real jobs."""
+    """Stands in for the backend.jobs modules: records calls, can block, fail or deliver late like the jobs."""
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
         self.holds: dict[int, threading.Event] = {}    # task id -> wait for this before answering
         self.claim_first: set[int] = set()             # claim "web" delivery before the slow part
         self.posted: list[int] = []                    # tasks "posted through the LS API"
-        self.module = types.ModuleType("backend.jobs")
-        for name in ("predict_task", "apply_webhook", "train_project"):
-            setattr(self.module, name, getattr(self, name))
+        self.modules = {}  # backend.jobs.<module> -> a module of fakes, as queueing imports them
+        for module, name in (("predict", "predict_task"), ("webhook", "apply_webhook"), ("train", "train_project")):
+            self.modules[f"backend.jobs.{module}"] = types.ModuleType(f"backend.jobs.{module}")
+            setattr(self.modules[f"backend.jobs.{module}"], name, getattr(self, name))
 
-    def predict_task(self, pid, task, label_config, delivery_key=None):
-        self.calls.append(("predict_task", pid, task["id"]))
-        if task["id"] == 13:
-            raise ImageError(task["data"]["image"], "not found", status=404)
+    def predict_task(self, pid, task_id, image_url, config_hash, delivery_key=None, warm=False):
+        self.calls.append(("predict_task", pid, task_id))
+        assert label_configs.get(runtime.get_store(), config_hash)  # the web stored the config it names
+        if task_id == 13:
+            raise ImageError(image_url, "not found", status=404)
         claimed = None
-        if task["id"] in self.claim_first:
+        if task_id in self.claim_first:
             claimed = runtime.get_store().claim(delivery_key, "web")
-        if task["id"] in self.holds:
-            assert self.holds[task["id"]].wait(10)
-        item = {"result": [{**RECT_REGION, "id": f"r{task['id']}"}], "score": 0.9,
+        if task_id in self.holds:
+            assert self.holds[task_id].wait(10)
+        item = {"result": [{**RECT_REGION, "id": f"r{task_id}"}], "score": 0.9,
                 "model_version": runtime.model_version(pid)}
         if (claimed or runtime.get_store().claim(delivery_key, "web")) == "api":
-            self.posted.append(task["id"])
+            self.posted.append(task_id)
             return {"delivered": "api"}
         return item
 
@@ -88,7 +91,8 @@ class FakeJobs:
 @pytest.fixture
 def jobs(monkeypatch):
     fake = FakeJobs()
-    monkeypatch.setitem(sys.modules, "backend.jobs", fake.module)
+    for name, module in fake.modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
     yield fake
     fake.release()
 
@@ -434,7 +438,7 @@ def test_webhooks_queue_behind_spooled_ones(make_app, jobs):
     app = make_app(redis_url=os.environ["NTT_TEST_REDIS_URL"], queue_prefix=prefix)
     app.extensions["ntt"]["replayer"].stop()  # replayed by hand below
     spool = app.extensions["ntt"]["spool"]
-    spool.append("backend.jobs.apply_webhook", [PID, "ANNOTATION_UPDATED", {"n": 1}], "bank")  # Redis was down
+    spool.append("backend.jobs.webhook.apply_webhook", [PID, "ANNOTATION_UPDATED", {"n": 1}], "bank")  # Redis was down
     c = app.test_client()
     try:
         resp = c.post("/webhook", json=WEBHOOK_ANNOTATIONS_DELETED)  # Redis is up, but the spool is not empty
@@ -457,7 +461,7 @@ def test_webhook_is_spooled_while_redis_is_down(make_app, jobs):
     assert (resp.status_code, resp.get_json()) == (202, {"status": "spooled"})
     lines = (app.extensions["ntt"]["settings"].spool_dir / "jobs.jsonl").read_text().splitlines()
     record = json.loads(lines[0])
-    assert len(lines) == 1 and record["func"] == "backend.jobs.apply_webhook"
+    assert len(lines) == 1 and record["func"] == "backend.jobs.webhook.apply_webhook"
     assert record["args"] == [PID, "ANNOTATION_CREATED", {"annotations": [], "tasks": [],
                                                        "annotation": {"id": WEBHOOK_ANNOTATION_CREATED["annotation"]["id"]}}]
     metrics = c.get("/metrics").get_json()
@@ -505,7 +509,7 @@ def test_jobs_route_lists_jobs_with_progress(client, jobs):
     wait_job(job_id)
     listed = client.get("/jobs").get_json()["jobs"]
     assert [j["id"] for j in listed] == [job_id]
-    assert listed[0]["status"] == "finished" and listed[0]["func"] == "backend.jobs.train_project"
+    assert listed[0]["status"] == "finished" and listed[0]["func"] == "backend.jobs.train.train_project"
     assert listed[0]["meta"] == {"project": PID, "event": "START_TRAINING", "done": 3, "total": 3}
     one = client.get(f"/jobs?id={job_id}").get_json()
     assert one["result"] == {"tasks": 3} and one["meta"]["done"] == 3

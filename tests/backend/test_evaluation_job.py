@@ -13,7 +13,10 @@ import pytest
 
 from backend import runtime
 from backend.jobs import evaluation as evaluation_job
-from backend import jobs
+from backend.jobs.bank import rebuild_bank
+from backend.jobs.context import JobContext
+from backend.jobs.inference import variant_options
+from backend.jobs.webhook import apply_webhook
 from backend import queueing
 from backend.web.app import create_app
 from backend.storage.bank_store import Tuning
@@ -70,8 +73,8 @@ def test_tuning_is_part_of_model_version_and_ntt_variant_pins(env, monkeypatch):
     # NTT_VARIANT=ntt: the faithful method whatever the evaluation chose (thresholds still apply)
     runtime.configure(settings=replace(runtime.get_settings(), variant="ntt"))
     assert runtime.get_tuning(PID) == Tuning("ntt", {"Cat": 0.43})
-    assert jobs.variant_options("ntt") is None
-    assert jobs.variant_options("graph").merge == "graph"
+    assert variant_options(JobContext.for_project(PID), "ntt") is None
+    assert variant_options(JobContext.for_project(PID), "graph").merge == "graph"
     with pytest.raises(Exception, match="NTT_VARIANT"):
         Settings.from_env({"NTT_VARIANT": "bogus"})
 
@@ -164,7 +167,7 @@ def test_a_correction_makes_negatives_and_deleting_it_removes_them(env, ls, engi
     assert len(bank.refs("Cat")) == 3   # the annotation's references as before
 
     ls.delete_annotation(30)
-    out = jobs.apply_webhook(PID, "ANNOTATIONS_DELETED", {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 30}]})
+    out = apply_webhook(PID, "ANNOTATIONS_DELETED", {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 30}]})
     assert out["changed"] is True
     bank = runtime.get_bank_store().get(PID)
     assert bank.negatives() == [] and len(bank.refs("Cat")) == 1
@@ -181,12 +184,12 @@ def test_a_rebuild_keeps_the_negatives_of_annotations_label_studio_still_holds(e
     before = runtime.get_bank_store().get(PID)
     assert [n.ref_id for n in before.negatives()] == ["30:neg:p900:p3"]
 
-    out = jobs.rebuild_bank(PID, refresh=False)
+    out = rebuild_bank(PID, refresh=False)
     assert out["changed"] is False   # same references, same negatives: same version
     assert [n.ref_id for n in runtime.get_bank_store().get(PID).negatives()] == ["30:neg:p900:p3"]
 
     ls.delete_annotation(30)   # gone from LS (its webhook lost): the next rebuild drops its negatives
-    jobs.rebuild_bank(PID, refresh=False)
+    rebuild_bank(PID, refresh=False)
     assert runtime.get_bank_store().get(PID).negatives() == []
 
 

@@ -20,10 +20,13 @@ from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
 from backend import runtime
-from backend import jobs
+from backend.jobs import interactive as interactive_job, train as train_job
+from backend.jobs.context import JobContext
+from backend.jobs.inference import proposals
 from backend import queueing
 from backend.web.app import create_app
 from backend.settings import Settings
+from backend.storage import label_configs
 from bench.fake_ls import FakeLabelStudio
 from model.engine import Engine, EngineConfig
 from model.options import MethodOptions
@@ -205,7 +208,7 @@ def test_opening_a_task_warms_its_embedding_for_the_first_click(client, ls):
               "params": {"login": None, "password": None, "context": None}}
     resp = web.post("/predict", json=opened)
     assert resp.status_code == 200 and resp.get_json()["results"][0]["result"] == []
-    warm = [j for j in queueing.list_jobs(10) if j.func == "backend.jobs.warm_task"]
+    warm = [j for j in queueing.list_jobs(10) if j.func == "backend.jobs.interactive.warm_task"]
     assert len(warm) == 1
     done = _wait_done(warm[0].id)
     assert (done.status, done.result) == ("finished", {"computed": True}) and spy.encodes == 1
@@ -269,29 +272,28 @@ def test_train_serves_a_click_before_its_next_task(engine, tmp_path, monkeypatch
     monkeypatch.setattr(queueing, "_backend_settings", settings)
     order: list[str] = []
     first_task, clicked = threading.Event(), threading.Event()
-    real_predict, real_segment = jobs._predict_one, jobs.segment_task
+    real_predict, real_segment = train_job.predict_one, interactive_job.segment_task
 
-    def predict_one(pid, task_id, *args, **kwargs):
+    def predict_one(ctx, task_id, *args, **kwargs):
         order.append(f"task {task_id}")
         if len(order) == 1:
             first_task.set()
             assert clicked.wait(30)  # the click is queued now, while this task is at work
-        return real_predict(pid, task_id, *args, **kwargs)
+        return real_predict(ctx, task_id, *args, **kwargs)
 
     def segment(*args, **kwargs):
         order.append("click")
         return real_segment(*args, **kwargs)
 
-    monkeypatch.setattr(jobs, "_predict_one", predict_one)
-    monkeypatch.setattr(jobs, "segment_task", segment)
+    monkeypatch.setattr(train_job, "predict_one", predict_one)
+    monkeypatch.setattr(interactive_job, "segment_task", segment)
     try:
-        train = queueing.enqueue("backend.jobs.train_project", PID, queue="bank", retries=0)
+        train = queueing.enqueue("backend.jobs.train.train_project", PID, queue="bank", retries=0)
         assert first_task.wait(120)
-        xml = runtime.get_bank_store().label_config(PID)
+        digest = label_configs.put(runtime.get_store(), runtime.get_bank_store().label_config(PID))
         prompt = {"points": [[30.0, 40.0, True]], "box": None, "label": "Cat", "control": "poly"}
-        task = {"id": 2, "data": {"image": fake.tasks[2]["data"]["image"]}}
-        click_id = queueing.enqueue("backend.jobs.segment_task", PID, task, xml, prompt, queue="interactive",
-                                    retries=0)
+        click_id = queueing.enqueue("backend.jobs.interactive.segment_task", PID, 2, fake.tasks[2]["data"]["image"],
+                                    digest, prompt, queue="interactive", retries=0)
         clicked.set()
         info = _wait_done(train, 300)
         assert info.status == "finished", info.error
@@ -308,7 +310,8 @@ def test_a_pre_annotated_image_is_warm_for_clicks(client, ls):
     """The proposals of a prediction job and the clicks share the image's embedding: one key."""
     web, spy = client
     task = ls.add_task(PID, 1, "a.png", png_bytes(1, DISPLAYED))
-    jobs._proposals(runtime.get_fetcher(PID).fetch(task["data"]["image"], task_id=1))
+    ctx = JobContext.for_project(PID)
+    proposals(ctx, ctx.fetcher.fetch(task["data"]["image"], task_id=1))
     assert spy.encodes == 1
     click(web, task, keypoint(30.0, 40.0))
     assert spy.encodes == 1

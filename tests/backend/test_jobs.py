@@ -21,11 +21,20 @@ import torch
 
 from backend import runtime
 from backend.delivery import bulk as bulk_delivery
-from backend import jobs
 from backend import queueing
+from backend.delivery.post import deliver
+from backend.jobs import train as train_job
+from backend.jobs.bank import rebuild_bank
+from backend.jobs.context import JobContext
+from backend.jobs.inference import basis, match_item
+from backend.jobs.predict import predict_task
+from backend.jobs.refresh import refresh_project, rescore_cached
+from backend.jobs.train import train_project
+from backend.jobs.webhook import apply_webhook
 from backend.errors import LabelStudioAPIError
 from backend.regions.label_config import parse_label_config
 from backend.settings import Settings
+from backend.storage import label_configs
 from backend.storage.store import RedisStore
 from backend.storage.tasks_registry import result_hash
 from bench.fake_http import Reply, Request, RouteServer
@@ -161,12 +170,22 @@ def annotation(aid: int, tid: int, regions, cancelled=False) -> dict:
 def webhook(ls: FakeLS, event: str, ann: dict) -> dict:
     """Save `ann` in the fake LS, as a user's submit does, then apply the webhook LS sends for it."""
     ls.save_annotation(ann)
-    return jobs.apply_webhook(PID, event, {"action": event, "annotation": ann, "task": ls.tasks[ann["task"]],
+    return apply_webhook(PID, event, {"action": event, "annotation": ann, "task": ls.tasks[ann["task"]],
                                            "project": {"id": PID, "label_config": LABEL_CONFIG}})
 
 
 def refresh_calls(enqueued) -> list[tuple]:
-    return [e for e in enqueued if e[0] == "backend.jobs.refresh_project"]
+    return [e for e in enqueued if e[0] == "backend.jobs.refresh.refresh_project"]
+
+
+def predict(task: dict, **kwargs) -> dict:
+    """predict_task of a task of the fake LS, queued as the web queues it (id, image URL, config hash)."""
+    digest = label_configs.put(runtime.get_store(), LABEL_CONFIG)
+    return predict_task(PID, task["id"], task["data"]["image"], digest, **kwargs)
+
+
+def ctx() -> JobContext:
+    return JobContext.for_project(PID)
 
 
 # ------------------------------------------------------------------------------ tests
@@ -208,12 +227,12 @@ def test_webhooks_create_update_delete_and_cancel(env, ls, engine):
     assert [r.ref_id for c in banks.get(PID).classes for r in banks.get(PID).refs(c)] == ["11:c"]
 
     ls.delete_annotation(11)
-    out = jobs.apply_webhook(PID, "ANNOTATIONS_DELETED", {"action": "ANNOTATIONS_DELETED",
+    out = apply_webhook(PID, "ANNOTATIONS_DELETED", {"action": "ANNOTATIONS_DELETED",
                                                           "annotations": [{"id": 11}, {"id": 99}]})
     assert out["changed"] is True and len(banks.get(PID)) == 0 and banks.version(PID) == "empty"
     assert len(refresh_calls(env)) == 5  # created, updated, created, cancelled, deleted (not the no-op retry)
 
-    assert jobs.apply_webhook(PID, "TASKS_CREATED", {"action": "TASKS_CREATED"})["status"] == "ignored"
+    assert apply_webhook(PID, "TASKS_CREATED", {"action": "TASKS_CREATED"})["status"] == "ignored"
 
 
 def test_project_updated_rebuilds_only_when_the_config_changes(env, ls):
@@ -222,11 +241,11 @@ def test_project_updated_rebuilds_only_when_the_config_changes(env, ls):
                                         annotation(23, 2, [polygon_region("c", "Dog", CAT)], cancelled=True)])
     ls.add_task(3, seed=3)
     payload = {"action": "PROJECT_UPDATED", "project": {"id": PID, "label_config": LABEL_CONFIG}}
-    out = jobs.apply_webhook(PID, "PROJECT_UPDATED", payload)  # first sight: build from LS
+    out = apply_webhook(PID, "PROJECT_UPDATED", payload)  # first sight: build from LS
     assert out["rebuild"]["references"] == 2 and out["rebuild"]["tasks"] == 2
     bank = runtime.get_bank_store().get(PID)
     assert sorted(r.ref_id for c in bank.classes for r in bank.refs(c)) == ["21:a", "22:b"]
-    assert jobs.apply_webhook(PID, "PROJECT_UPDATED", payload)["status"] == "label config unchanged"
+    assert apply_webhook(PID, "PROJECT_UPDATED", payload)["status"] == "label config unchanged"
 
 
 OTHER_CONFIG = LABEL_CONFIG.replace('"Dog"', '"Horse"')
@@ -243,7 +262,7 @@ def test_a_forged_annotation_webhook_changes_nothing(env, ls, caplog):
     forged = [annotation(55, 1, [polygon_region("f", "Dog", DOG)]),   # LS never had it
               annotation(60, 1, [polygon_region("x", "Dog", DOG)])]   # LS has it, in project 8
     for ann in forged:
-        out = jobs.apply_webhook(PID, "ANNOTATION_CREATED", {
+        out = apply_webhook(PID, "ANNOTATION_CREATED", {
             "action": "ANNOTATION_CREATED", "annotation": ann, "task": ls.tasks[1],
             "project": {"id": PID, "label_config": OTHER_CONFIG}})
         assert out["status"] == "annotation not in Label Studio", out
@@ -253,7 +272,7 @@ def test_a_forged_annotation_webhook_changes_nothing(env, ls, caplog):
 
     # a real annotation: its regions as LS holds them, not as the payload claims
     ls.tasks[1]["annotations"] = [annotation(12, 1, [polygon_region("a", "Cat", CAT)])]
-    out = jobs.apply_webhook(PID, "ANNOTATION_UPDATED", {
+    out = apply_webhook(PID, "ANNOTATION_UPDATED", {
         "action": "ANNOTATION_UPDATED", "annotation": annotation(12, 1, [polygon_region("z", "Dog", DOG)]),
         "task": {"id": 1, "data": {"image": "http://elsewhere.example/x.png"}}, "project": {"id": PID}})
     assert out["references"] == 1 and out["changed"] is True
@@ -261,11 +280,11 @@ def test_a_forged_annotation_webhook_changes_nothing(env, ls, caplog):
 
     # deletions LS did not make remove nothing; a project LS does not have is left alone
     v1 = banks.version(PID)
-    out = jobs.apply_webhook(PID, "ANNOTATIONS_DELETED", {"action": "ANNOTATIONS_DELETED",
+    out = apply_webhook(PID, "ANNOTATIONS_DELETED", {"action": "ANNOTATIONS_DELETED",
                                                           "annotations": [{"id": 12}]})
     assert out["removed"] == 0 and out["changed"] is False and banks.version(PID) == v1
     assert len(refresh_calls(env)) == 1
-    out = jobs.apply_webhook(99, "ANNOTATION_CREATED", {"action": "ANNOTATION_CREATED", "annotation": forged[0],
+    out = apply_webhook(99, "ANNOTATION_CREATED", {"action": "ANNOTATION_CREATED", "annotation": forged[0],
                                                         "project": {"id": 99, "label_config": LABEL_CONFIG}})
     assert out["status"] == "project not in Label Studio" and banks.label_config(99) is None
 
@@ -275,15 +294,15 @@ def test_project_events_act_on_label_studio_not_the_payload(env, ls):
     have does nothing (and does not fail)."""
     ls.add_task(1, seed=1, annotations=[annotation(21, 1, [polygon_region("a", "Cat", CAT)])])
     banks = runtime.get_bank_store()
-    jobs.rebuild_bank(PID)
+    rebuild_bank(PID)
     v1 = banks.version(PID)
     forged = {"action": "PROJECT_UPDATED", "project": {"id": PID, "label_config": OTHER_CONFIG}}
-    assert jobs.apply_webhook(PID, "PROJECT_UPDATED", forged)["status"] == "label config unchanged"
+    assert apply_webhook(PID, "PROJECT_UPDATED", forged)["status"] == "label config unchanged"
     assert banks.label_config(PID) == LABEL_CONFIG and banks.version(PID) == v1
     ls.add_task(2, seed=2, annotations=[annotation(22, 2, [polygon_region("b", "Dog", DOG)])])  # imported
-    out = jobs.apply_webhook(PID, "ANNOTATIONS_CREATED", {"action": "ANNOTATIONS_CREATED", "project": {"id": PID}})
+    out = apply_webhook(PID, "ANNOTATIONS_CREATED", {"action": "ANNOTATIONS_CREATED", "project": {"id": PID}})
     assert out["rebuild"]["references"] == 2 and banks.version(PID) != v1
-    out = jobs.train_project(99)
+    out = train_project(99)
     assert out["status"] == "project not in Label Studio" and ls.writes() == []
 
 
@@ -294,14 +313,14 @@ def test_tasks_deleted_forgets_only_tasks_label_studio_deleted(env, ls):
         ls.add_task(tid, seed=tid)
     registry.update(PID, {tid: {"image_url": f"/data/upload/7/img{tid}.png"} for tid in (2, 3, 4)})
     del ls.tasks[3]
-    out = jobs.apply_webhook(PID, "TASKS_DELETED", {"action": "TASKS_DELETED", "project": {"id": PID},
+    out = apply_webhook(PID, "TASKS_DELETED", {"action": "TASKS_DELETED", "project": {"id": PID},
                                                     "tasks": [{"id": 2}, {"id": 3}, {"id": 77}]})
     assert out["forgotten"] == 1 and sorted(registry.all(PID)) == [2, 4]
 
 
 def test_predict_task_empty_bank_runs_no_model(env, ls, engine):
     task = ls.add_task(1, seed=1)
-    item = jobs.predict_task(PID, task, LABEL_CONFIG)
+    item = predict(task)
     assert item == {"result": [], "score": 0.0, "model_version": f"ntt-sam2.1-t+dinov2-s@{engine.fingerprint[:8]}-empty"}
     assert engine.propose_calls == 0
     assert runtime.get_registry().get(PID, 1).image_url == task["data"]["image"]
@@ -316,13 +335,13 @@ def _bank_from(ls, env):
 def test_predict_task_cold_then_cache_hit_identical(env, ls, engine):
     _bank_from(ls, env)
     task = ls.add_task(2, seed=2)
-    cold = jobs.predict_task(PID, task, LABEL_CONFIG)
+    cold = predict(task)
     assert engine.propose_calls == 1
     assert cold["model_version"] == runtime.model_version(PID)
     assert len(cold["result"]) >= 2  # polygons and rectangles (threshold 0)
     assert {r["from_name"] for r in cold["result"]} == {"poly", "box"}
     assert all(r["value"][r["type"]] == ["Cat"] for r in cold["result"])
-    hit = jobs.predict_task(PID, task, LABEL_CONFIG)
+    hit = predict(task)
     assert engine.propose_calls == 1  # proposals came from the cache
     assert result_hash(hit["result"]) == result_hash(cold["result"]) and hit["score"] == cold["score"]
     record = runtime.get_registry().get(PID, 2)
@@ -348,7 +367,7 @@ def test_a_display_cap_cuts_the_methods_top_k_and_does_not_set_k(env):
     proposals = Proposals(logits, torch.linspace(0.99, 0.5, n), descriptors, (60, 80))
     bank = MemoryBank()
     bank.add("Cat", "r", [1.0, 0.0])
-    item = jobs._match_item(proposals, "ab" * 32, bank, parse_label_config(LABEL_CONFIG), "mv")
+    item = match_item(ctx(), proposals, "ab" * 32, bank, parse_label_config(LABEL_CONFIG), "mv")
     by_control = {}
     for region in item["result"]:
         by_control.setdefault(region["from_name"], []).append(round(region["score"], 4))
@@ -360,18 +379,18 @@ def test_late_delivery_posts_through_the_api_exactly_once(env, ls):
     store = runtime.get_store()
     task = ls.add_task(3, seed=3)
     # in time: the job wins the claim, the web returns the item, nothing is posted
-    item = jobs.predict_task(PID, task, LABEL_CONFIG, delivery_key="delivery:a")
+    item = predict(task, delivery_key="delivery:a")
     assert store.claim("delivery:a", "api") == "web" and ls.writes() == []
     # too late: the web claimed first, so the job posts it itself
     assert store.claim("delivery:b", "api") == "api"
-    late = jobs.predict_task(PID, task, LABEL_CONFIG, delivery_key="delivery:b")
+    late = predict(task, delivery_key="delivery:b")
     writes = ls.writes()
     assert [w[0] for w in writes] == ["POST"]
     assert writes[0][2] == {"task": 3, "result": late["result"], "score": late["score"],
                             "model_version": late["model_version"]}
     assert result_hash(late["result"]) == result_hash(item["result"])
     # a retry of the same job posts nothing more
-    jobs.predict_task(PID, task, LABEL_CONFIG, delivery_key="delivery:b")
+    predict(task, delivery_key="delivery:b")
     assert len(ls.writes()) == 1
     assert runtime.get_registry().get(PID, 3).prediction_id == 100
 
@@ -379,7 +398,7 @@ def test_late_delivery_posts_through_the_api_exactly_once(env, ls):
 def test_refresh_rescores_cached_tasks_without_proposing(env, ls, engine):
     _bank_from(ls, env)
     for tid in (2, 3, 4):
-        jobs.predict_task(PID, ls.add_task(tid, seed=tid), LABEL_CONFIG)  # delivered by the web
+        predict(ls.add_task(tid, seed=tid))  # delivered by the web
     uncached = ls.add_task(5, seed=5)
     runtime.get_registry().update(PID, {5: {"image_url": uncached["data"]["image"]}})
     # LS stored the web's answers: one of them is already ours in LS
@@ -391,7 +410,7 @@ def test_refresh_rescores_cached_tasks_without_proposing(env, ls, engine):
     webhook(ls, "ANNOTATION_UPDATED", annotation(11, 1, [polygon_region("a", "Dog", CAT)]))
     bank = runtime.get_bank_store().get(PID)
     assert bank.classes == ["Dog"]
-    rescored = {tid: (item, changed) for tid, item, changed in jobs.rescore_cached(PID, bank)}
+    rescored = {tid: (item, changed) for tid, item, changed in rescore_cached(ctx(), bank)}
     assert set(rescored) == {2, 3, 4}
     assert engine.propose_calls == 3
     for item, changed in rescored.values():
@@ -403,7 +422,7 @@ def test_refresh_rescores_cached_tasks_without_proposing(env, ls, engine):
     changed_results = {tid for tid, (_, changed) in rescored.items() if changed and tid != 4}
     assert changed_results, "the Dog reference should change at least one result"
 
-    summary = jobs.refresh_project(PID)
+    summary = refresh_project(PID)
     assert engine.propose_calls == 3  # no SAM2/DINOv2 run for cached tasks
     assert summary["rescored"] == 3 and summary["enqueued"] == 1
     assert summary["changed"] == len(changed_results) and summary["posted"] == 3
@@ -419,12 +438,13 @@ def test_refresh_rescores_cached_tasks_without_proposing(env, ls, engine):
     assert [p for m, p, _ in writes if m == "PATCH"] == ["/api/predictions/500/"]
     assert not any(m == "POST" and b["task"] == 2 for m, _, b in writes)
     # the uncached task is queued as a predict job that delivers through the API
-    (func, args, queue, job_id, _), = [e for e in env if e[0] == "backend.jobs.predict_task"]
-    assert queue == "predict" and args[0] == PID and args[1]["id"] == 5 and args[1]["data"]["image"] == uncached["data"]["image"]
-    assert runtime.get_store().claim(args[3], "web") == "api"
+    (func, args, queue, job_id, _), = [e for e in env if e[0] == "backend.jobs.predict.predict_task"]
+    assert queue == "predict" and args[:3] == (PID, 5, uncached["data"]["image"])
+    assert label_configs.get(runtime.get_store(), args[3]) == LABEL_CONFIG
+    assert runtime.get_store().claim(args[4], "web") == "api"
 
     # a second refresh for the same bank has nothing left to do
-    again = jobs.refresh_project(PID)
+    again = refresh_project(PID)
     assert again["posted"] == 0 and again["enqueued"] == 0
     assert len(ls.writes()) == len(writes)
 
@@ -433,7 +453,7 @@ def test_rescore_threads_give_the_same_items_in_task_order(env, ls, engine):
     """REFRESH_THREADS re-scores several tasks at once: same items, same order, as one thread."""
     _bank_from(ls, env)
     for tid in (2, 3, 4, 5):
-        jobs.predict_task(PID, ls.add_task(tid, seed=tid), LABEL_CONFIG)
+        predict(ls.add_task(tid, seed=tid))
     records = dict(sorted(runtime.get_registry().all(PID).items(), reverse=True))  # not id order
     bank = runtime.get_bank_store().get(PID)
     settings = runtime.get_settings()
@@ -441,7 +461,7 @@ def test_rescore_threads_give_the_same_items_in_task_order(env, ls, engine):
     for threads in (1, 3):
         runtime.configure(settings=replace(settings, refresh_threads=threads))
         out[threads] = [(tid, result_hash(item["result"]), item["score"], item["model_version"], changed)
-                        for tid, item, changed in jobs.rescore_cached(PID, bank, records=records)]
+                        for tid, item, changed in rescore_cached(ctx(), bank, records=records)]
     assert out[1] == out[3]
     assert [(row[0], row[-1]) for row in out[3]] == [(tid, False) for tid in records]  # as delivered
     assert any(row[1] != result_hash([]) for row in out[3])  # something was found to compare
@@ -456,25 +476,25 @@ def test_refresh_moves_unchanged_predictions_to_the_new_version(env, ls, engine)
     registry = runtime.get_registry()
     for tid in (2, 3):  # delivered through the API: our prediction ids are known
         assert runtime.get_store().claim(f"delivery:{tid}", "api") == "api"
-        jobs.predict_task(PID, ls.add_task(tid, seed=tid), LABEL_CONFIG, delivery_key=f"delivery:{tid}")
+        predict(ls.add_task(tid, seed=tid), delivery_key=f"delivery:{tid}")
     webhook(ls, "ANNOTATION_CREATED", annotation(12, 1, [polygon_region("b", "Dog", DOG)]))
     mv = runtime.model_version(PID)
     # what LS holds under the old version is what the new bank finds: unchanged results
-    for tid, item, _ in jobs.rescore_cached(PID, runtime.get_bank_store().get(PID)):
+    for tid, item, _ in rescore_cached(ctx(), runtime.get_bank_store().get(PID)):
         ls.predictions[registry.get(PID, tid).prediction_id]["result"] = item["result"]
         registry.update(PID, {tid: {"result_hash": result_hash(item["result"])}})
     before = len(ls.writes())
-    summary = jobs.refresh_project(PID)
+    summary = refresh_project(PID)
     assert summary["rescored"] == 2 and summary["changed"] == 0 and summary["posted"] == 2
     assert [(kind, body) for kind, _, body in ls.writes()[before:]] == [("PATCH", {"model_version": mv})] * 2
     assert sorted((p["task"], p["model_version"]) for p in ls.predictions.values()) == [(2, mv), (3, mv)]
-    assert jobs.refresh_project(PID)["rescored"] == 0
+    assert refresh_project(PID)["rescored"] == 0
 
 
 def _many_cached_tasks(ls, n: int, first: int = 100) -> str:
     """n registered tasks sharing the cached proposals of one predicted image, each holding our
     prediction in LS under the current (soon old) model_version. Returns that version."""
-    base = jobs.predict_task(PID, ls.add_task(first, seed=3), LABEL_CONFIG)
+    base = predict(ls.add_task(first, seed=3))
     record = runtime.get_registry().get(PID, first)
     old = base["model_version"]
     for k, tid in enumerate(range(first, first + n)):
@@ -494,7 +514,7 @@ def test_refresh_of_many_tasks_replaces_predictions_in_bulk(env, ls, engine, mon
     old = _many_cached_tasks(ls, 60)
     webhook(ls, "ANNOTATION_CREATED", annotation(12, 1, [polygon_region("b", "Dog", DOG)]))
     mv = runtime.model_version(PID)
-    summary = jobs.refresh_project(PID)
+    summary = refresh_project(PID)
     assert summary["bulk"] is True and summary["rescored"] == summary["posted"] == 60
     assert summary["retired"] == 60 and summary["failed"] == 0 and engine.propose_calls == 1
     assert [(c[0], len(c[2]) if c[0] == "IMPORT" else c[2]) for c in ls.writes()] == [
@@ -505,13 +525,13 @@ def test_refresh_of_many_tasks_replaces_predictions_in_bulk(env, ls, engine, mon
     assert all(held[tid] == [mv] for tid in range(100, 160))
     assert held[1] == ["someone-else"]                              # not ours: untouched
     assert all(runtime.get_registry().get(PID, tid).model_version == mv for tid in range(100, 160))
-    again = jobs.refresh_project(PID)
+    again = refresh_project(PID)
     assert again["rescored"] == 0 and len(ls.writes()) == 2
 
     # at most BULK_IMPORT_ITEMS per request: 60 tasks with a cap of 25 -> 50 (two refresh batches) + 10
     monkeypatch.setattr(bulk_delivery, "BULK_IMPORT_ITEMS", 25)
     webhook(ls, "ANNOTATION_CREATED", annotation(13, 1, [polygon_region("c", "Cat", CAT)]))
-    summary = jobs.refresh_project(PID)
+    summary = refresh_project(PID)
     assert [len(c[2]) for c in ls.writes()[2:] if c[0] == "IMPORT"] == [50, 10] and summary["retired"] == 60
 
 
@@ -531,13 +551,13 @@ def test_bulk_refresh_survives_label_studio_refusing_the_bulk_routes(env, ls, en
         return handle
 
     monkeypatch.setattr(ls, "handle", refuse("/model-versions/"))
-    summary = jobs.refresh_project(PID)
+    summary = refresh_project(PID)
     assert summary["bulk"] is True and summary["posted"] == 25 and summary["retired"] == 0
     assert f"deleting our model versions older than {runtime.model_version(PID)} failed" in caplog.text
     assert sum(p["model_version"] == old for p in ls.predictions.values()) == 25   # left for later
     # the job's retry (or any later refresh) finds nothing stale and retires the old version
     monkeypatch.setattr(ls, "handle", real)
-    again = jobs.refresh_project(PID)
+    again = refresh_project(PID)
     assert again["rescored"] == 0 and again["retired"] == 25
     assert {p["model_version"] for p in ls.predictions.values() if p["task"] >= 100} == {runtime.model_version(PID)}
 
@@ -546,7 +566,7 @@ def test_bulk_refresh_survives_label_studio_refusing_the_bulk_routes(env, ls, en
     runtime.get_registry().update(PID, {t: {"result_hash": "from-an-older-bank"} for t in range(100, 125)})
     monkeypatch.setattr(ls, "handle", refuse("/import/predictions"))
     before = len(ls.writes())
-    summary = jobs.refresh_project(PID)
+    summary = refresh_project(PID)
     assert summary["bulk"] is True and "bulk import failed" in caplog.text
     assert summary["failed"] == 0 and summary["posted"] == summary["changed"] == 25 and summary["retired"] == 0
     assert [c[0] for c in ls.writes()[before:]] == ["PATCH"] * 25
@@ -559,20 +579,20 @@ def test_bulk_plan_guards(env, ls, engine, monkeypatch):
     old = _many_cached_tasks(ls, 30)
     records = runtime.get_registry().all(PID)
     mv = "ntt-new"
-    assert bulk_delivery.plan(PID, records, mv, "ntt-") == [old]
-    assert bulk_delivery.plan(PID, dict(list(records.items())[:bulk_delivery.BULK_MIN_TASKS - 1]), mv, "ntt-") is None
+    assert bulk_delivery.plan(ctx(), records, mv, "ntt-") == [old]
+    assert bulk_delivery.plan(ctx(), dict(list(records.items())[:bulk_delivery.BULK_MIN_TASKS - 1]), mv, "ntt-") is None
     # an old prediction outside the re-posted tasks, on a task that already holds the new version
     ls.predictions[990] = {"id": 990, "task": 555, "result": [], "model_version": old}
     ls.predictions[991] = {"id": 991, "task": 555, "result": [], "model_version": mv}
-    assert bulk_delivery.plan(PID, records, mv, "ntt-") == [old]
+    assert bulk_delivery.plan(ctx(), records, mv, "ntt-") == [old]
     ls.predictions[992] = {"id": 992, "task": 100, "result": [], "model_version": mv}   # would duplicate
-    assert bulk_delivery.plan(PID, records, mv, "ntt-") is None
+    assert bulk_delivery.plan(ctx(), records, mv, "ntt-") is None
     del ls.predictions[992]
     monkeypatch.setattr(bulk_delivery, "BULK_MAX_PREDICTIONS", 10)
-    assert bulk_delivery.plan(PID, records, mv, "ntt-") is None
+    assert bulk_delivery.plan(ctx(), records, mv, "ntt-") is None
     monkeypatch.setattr(bulk_delivery, "BULK_MAX_PREDICTIONS", 20_000)
     runtime.configure(settings=replace(runtime.get_settings(), ls_bulk_refresh=False))
-    assert bulk_delivery.plan(PID, records, mv, "ntt-") is None
+    assert bulk_delivery.plan(ctx(), records, mv, "ntt-") is None
 
 
 def test_bulk_needs_a_complete_listing_and_never_resends_an_import(env, ls, engine, monkeypatch, caplog):
@@ -592,12 +612,12 @@ def test_bulk_needs_a_complete_listing_and_never_resends_an_import(env, ls, engi
 
     caplog.set_level(logging.INFO, logger="backend.delivery.bulk")
     monkeypatch.setattr(ls, "handle", short_listing)
-    assert bulk_delivery.plan(PID, records, "ntt-new", "ntt-") is None and "25 counted" in caplog.text
+    assert bulk_delivery.plan(ctx(), records, "ntt-new", "ntt-") is None and "25 counted" in caplog.text
     for k, tid in enumerate(range(100, 125)):   # every task holds the new version: retirable...
         ls.predictions[2000 + k] = {"id": 2000 + k, "task": tid, "result": [], "model_version": "ntt-new"}
-    assert bulk_delivery.retire(PID, "ntt-new", "ntt-") == 0                  # ... but not on a partial list
+    assert bulk_delivery.retire(ctx(), "ntt-new", "ntt-") == 0                  # ... but not on a partial list
     monkeypatch.setattr(ls, "handle", real)
-    assert bulk_delivery.retire(PID, "ntt-new", "ntt-") == 25                 # complete list: retired
+    assert bulk_delivery.retire(ctx(), "ntt-new", "ntt-") == 25                 # complete list: retired
     assert not any(p["model_version"] == old for p in ls.predictions.values())
     for k, tid in enumerate(range(100, 125)):   # back to one old prediction per task, known by id
         ls.predictions[2000 + k]["model_version"] = old
@@ -617,19 +637,19 @@ def test_bulk_needs_a_complete_listing_and_never_resends_an_import(env, ls, engi
     runtime.get_registry().update(PID, {t: {"result_hash": "from-an-older-bank"} for t in range(100, 125)})
     webhook(ls, "ANNOTATION_CREATED", annotation(12, 1, [polygon_region("b", "Dog", DOG)]))
     mv = runtime.model_version(PID)
-    summary = jobs.refresh_project(PID)
+    summary = refresh_project(PID)
     assert len(imports) == 1 and summary["failed"] == 0 and summary["posted"] == 25
     for tid in range(100, 125):   # the imported prediction was updated; the old one is still there
         held = sorted(p["model_version"] for p in ls.predictions.values() if p["task"] == tid)
         assert held == sorted([mv, old]), (tid, held)
     monkeypatch.setattr(ls, "handle", real)
-    assert jobs.refresh_project(PID)["retired"] == 25   # nothing stale: the cleanup retires the old one
+    assert refresh_project(PID)["retired"] == 25   # nothing stale: the cleanup retires the old one
     assert {p["model_version"] for p in ls.predictions.values() if p["task"] >= 100} == {mv}
 
 
 def test_importer_caps_requests_by_bytes(env, ls):
     """Big results (brush RLE of large images) are imported in several requests, none above the cap."""
-    importer = bulk_delivery.Importer(PID, max_items=1000, max_bytes=20_000)
+    importer = bulk_delivery.Importer(ctx(), max_items=1000, max_bytes=20_000)
     runtime.get_registry().update(PID, {t: {"image_url": f"/x/{t}.png"} for t in range(1, 11)})
     for t in range(1, 11):
         ls.tasks[t] = {"id": t, "project": PID, "data": {}}
@@ -648,7 +668,7 @@ def test_failed_bulk_import_moves_unchanged_predictions_too(env, ls, engine, mon
     webhook(ls, "ANNOTATION_CREATED", annotation(12, 1, [polygon_region("b", "Dog", DOG)]))
     mv = runtime.model_version(PID)
     registry = runtime.get_registry()
-    for tid, item, _ in jobs.rescore_cached(PID, runtime.get_bank_store().get(PID)):  # results unchanged
+    for tid, item, _ in rescore_cached(ctx(), runtime.get_bank_store().get(PID)):  # results unchanged
         registry.update(PID, {tid: {"result_hash": result_hash(item["result"])}})
     real = ls.handle
 
@@ -658,7 +678,7 @@ def test_failed_bulk_import_moves_unchanged_predictions_too(env, ls, engine, mon
         return real(req, method, path, query)
 
     monkeypatch.setattr(ls, "handle", refuse_import)
-    summary = jobs.refresh_project(PID)
+    summary = refresh_project(PID)
     assert summary["bulk"] is True and summary["changed"] == 0 and summary["posted"] == 25
     for tid in range(100, 125):
         assert [p["model_version"] for p in ls.predictions.values() if p["task"] == tid] == [mv], tid
@@ -673,7 +693,7 @@ def test_refresh_goes_task_by_task_when_an_old_prediction_would_be_stranded(env,
     # whatever the random model makes of the new reference, every task's result counts as changed
     runtime.get_registry().update(PID, {t: {"result_hash": "from-an-older-bank"} for t in range(100, 130)})
     webhook(ls, "ANNOTATION_CREATED", annotation(12, 1, [polygon_region("b", "Dog", DOG)]))
-    summary = jobs.refresh_project(PID)
+    summary = refresh_project(PID)
     assert summary["bulk"] is False and summary["retired"] == 0
     assert summary["posted"] == summary["changed"] == 30
     assert {c[0] for c in ls.writes()} == {"PATCH"}
@@ -706,7 +726,7 @@ def test_delivery_keeps_several_posts_in_flight_and_isolates_a_failure(env):
         registry = runtime.get_registry()
         registry.update(PID, {t: {"image_url": f"/x/{t}.png", "prediction_id": 1000 + t} for t in range(1, 9)})
         items = {t: {"result": [{"t": t}], "score": 0.5, "model_version": "mv-2"} for t in range(1, 9)}
-        counts = jobs._deliver(PID, items)
+        counts = deliver(ctx(), items)
     assert counts == {"posted": 7, "skipped": 0, "failed": 1}
     assert peak[0] == 3
     assert registry.get(PID, 5).model_version != "mv-2"
@@ -719,13 +739,13 @@ def test_train_project_posts_every_unlabelled_task_once(env, ls, engine, caplog)
     ls.add_task(3, seed=3)
     ls.tasks[3]["data"]["image"] = "/data/upload/7/missing.png"  # 404: this task fails alone
     ls.add_task(4, seed=4, annotations=[annotation(32, 4, [], cancelled=True)])  # skipped = unlabelled
-    out = jobs.train_project(PID)
+    out = train_project(PID)
     assert out["rebuild"]["references"] == 1
     assert out["tasks"] == 3 and out["posted"] == 2 and out["failed"] == 1
     posted = sorted(body["task"] for method, _, body in ls.writes() if method == "POST")
     assert posted == [2, 4]
     assert engine.propose_calls == 2
-    again = jobs.train_project(PID)  # pressing the button twice posts nothing new
+    again = train_project(PID)  # pressing the button twice posts nothing new
     assert again["posted"] == 0 and again["skipped"] == 2 and len(ls.writes()) == 2
     assert "task 3" in caplog.text and TOKEN not in caplog.text
 
@@ -737,9 +757,9 @@ def test_train_project_posts_while_it_predicts_the_next_tasks(env, ls, engine, m
     for tid in range(2, 8):
         ls.add_task(tid, seed=tid % 3 + 2)  # 3 distinct images: later tasks are cache hits
     in_flight, peak, lock, gate = [0], [0], threading.Lock(), threading.Event()
-    real = jobs._deliver
+    real = deliver
 
-    def slow_deliver(pid, items):
+    def slow_deliver(job_ctx, items):
         with lock:
             in_flight[0] += 1
             peak[0] = max(peak[0], in_flight[0])
@@ -748,14 +768,14 @@ def test_train_project_posts_while_it_predicts_the_next_tasks(env, ls, engine, m
         gate.wait(30)  # the first post waits for the next one (serial posting: 30 s, then a failure)
         gate.set()
         try:
-            return real(pid, items)
+            return real(job_ctx, items)
         finally:
             with lock:
                 in_flight[0] -= 1
 
-    monkeypatch.setattr(jobs, "_deliver", slow_deliver)
+    monkeypatch.setattr(train_job, "deliver", slow_deliver)
     caplog.set_level(logging.INFO, logger="backend.jobs")
-    out = jobs.train_project(PID)
+    out = train_project(PID)
     assert out["tasks"] == 6 and out["posted"] == 6 and out["failed"] == 0
     assert peak[0] > 1 and in_flight[0] == 0
     # the last progress line is written once posting ended, with the final counts
@@ -812,10 +832,10 @@ def test_bank_of_another_engine_is_rebuilt_not_matched(env, ls, engine):
     banks.update(PID, lambda bank: None, basis={"engine": "sam2-l+dinov2-l", "config": "x"})
     task = ls.add_task(2, seed=2)
     for _ in range(2):
-        item = jobs.predict_task(PID, task, LABEL_CONFIG)
+        item = predict(task)
         assert item["result"] == [] and item["model_version"].endswith("-empty")
     assert engine.propose_calls == 0
-    assert [(e[0], e[2]) for e in env] == [("backend.jobs.rebuild_bank", "bank")]  # queued once
+    assert [(e[0], e[2]) for e in env] == [("backend.jobs.bank.rebuild_bank", "bank")]  # queued once
 
 
 # ------------------------------------------------------------------------------ swapped weights
@@ -825,7 +845,7 @@ def _bank_of_first_weights(ls, env, engine) -> str:
     ann = annotation(11, 1, [polygon_region("a", "Cat", CAT)])
     ls.add_task(1, seed=1, annotations=[ann])
     webhook(ls, "ANNOTATION_CREATED", ann)
-    jobs.predict_task(PID, ls.add_task(2, seed=2), LABEL_CONFIG)
+    predict(ls.add_task(2, seed=2))
     assert engine.propose_calls == 1 and runtime.get_bank_store().basis(PID)["weights"] == engine.fingerprint
     env.clear()
     return runtime.get_registry().get(PID, 2).proposal_key
@@ -835,15 +855,15 @@ def test_bank_of_other_weights_is_rebuilt_and_model_version_changes(env, ls, eng
     assert other_engine.name == engine.name and other_engine.fingerprint != engine.fingerprint
     _bank_of_first_weights(ls, env, engine)
     banks = runtime.get_bank_store()
-    version, mv, basis = banks.version(PID), runtime.model_version(PID), jobs._basis(LABEL_CONFIG)
+    version, mv, old_basis = banks.version(PID), runtime.model_version(PID), basis(ctx(), LABEL_CONFIG)
 
     runtime.configure(engine=other_engine)  # the workers restarted with a fine-tuned checkpoint
-    assert jobs._basis(LABEL_CONFIG) != basis
+    assert basis(ctx(), LABEL_CONFIG) != old_basis
     assert runtime.model_version(PID) != mv  # LS predicts again
-    item = jobs.predict_task(PID, ls.tasks[2], LABEL_CONFIG)  # the old references are not matched
+    item = predict(ls.tasks[2])  # the old references are not matched
     assert item["result"] == [] and item["model_version"].endswith("-empty")
-    assert [(e[0], e[2]) for e in env] == [("backend.jobs.rebuild_bank", "bank")]
-    out = jobs.rebuild_bank(PID, refresh=False)
+    assert [(e[0], e[2]) for e in env] == [("backend.jobs.bank.rebuild_bank", "bank")]
+    out = rebuild_bank(PID, refresh=False)
     assert out["references"] == 1 and banks.basis(PID)["weights"] == other_engine.fingerprint
     assert banks.version(PID) != version and runtime.model_version(PID) not in (mv, item["model_version"])
 
@@ -851,9 +871,9 @@ def test_bank_of_other_weights_is_rebuilt_and_model_version_changes(env, ls, eng
 def test_proposals_of_other_weights_are_not_reused(env, ls, engine, other_engine):
     first_key = _bank_of_first_weights(ls, env, engine)
     runtime.configure(engine=other_engine)
-    jobs.rebuild_bank(PID, refresh=False)
+    rebuild_bank(PID, refresh=False)
     other_engine.propose_calls = 0
-    item = jobs.predict_task(PID, ls.tasks[2], LABEL_CONFIG)
+    item = predict(ls.tasks[2])
     assert other_engine.propose_calls == 1 and item["result"]  # proposed again, not read from the cache
     assert runtime.get_registry().get(PID, 2).proposal_key != first_key
 
@@ -861,10 +881,10 @@ def test_proposals_of_other_weights_are_not_reused(env, ls, engine, other_engine
 def test_refresh_does_not_rescore_proposals_of_other_weights(env, ls, engine, other_engine):
     _bank_of_first_weights(ls, env, engine)
     runtime.configure(engine=other_engine)
-    jobs.rebuild_bank(PID, refresh=False)
-    out = jobs.refresh_project(PID)
+    rebuild_bank(PID, refresh=False)
+    out = refresh_project(PID)
     assert (out["rescored"], out["enqueued"]) == (0, 1)  # task 2 is predicted again, by the new weights
-    assert [e[1][1]["id"] for e in env if e[0] == "backend.jobs.predict_task"] == [2]
+    assert [e[1][1] for e in env if e[0] == "backend.jobs.predict.predict_task"] == [2]
 
 
 def test_web_model_version_follows_the_weights_the_workers_published(env, engine, other_engine, monkeypatch):
@@ -885,3 +905,91 @@ def test_web_model_version_follows_the_weights_the_workers_published(env, engine
         runtime.configure(settings=settings, store=store)
         assert runtime.get_engine() is eng
         assert web() == f"ntt-sam2.1-t+dinov2-s@{eng.fingerprint[:8]}-empty"
+
+
+# ------------------------------------------------------------------------------ services per job
+def test_a_job_builds_its_context_once_and_looks_each_service_up_once(env, ls, engine, monkeypatch):
+    """Every job builds one JobContext and hands it down (train runs a rebuild and a
+    pre-annotation of every task, refresh re-scores and posts): the LS client, the image
+    fetcher, the engine, the proposal cache and the registry are each looked up once per job."""
+    built, lookups = [], {}
+    real_for_project = JobContext.for_project.__func__
+
+    def counting_for_project(cls, pid):
+        built.append(pid)
+        return real_for_project(cls, pid)
+
+    monkeypatch.setattr(JobContext, "for_project", classmethod(counting_for_project))
+    for name in ("get_ls_client", "get_fetcher", "get_engine", "get_proposal_cache", "get_registry"):
+        def counted(*args, _real=getattr(runtime, name), _name=name):
+            lookups[_name] = lookups.get(_name, 0) + 1
+            return _real(*args)
+        monkeypatch.setattr(runtime, name, counted)
+
+    ls.add_task(1, seed=1, annotations=[annotation(31, 1, [polygon_region("a", "Cat", CAT)])])
+    for tid in (2, 3, 4):
+        ls.add_task(tid, seed=tid)
+    jobs_run = [lambda: train_project(PID),
+                lambda: webhook(ls, "ANNOTATION_UPDATED", annotation(31, 1, [polygon_region("a", "Dog", CAT)])),
+                lambda: refresh_project(PID),
+                lambda: predict(ls.tasks[2], delivery_key="delivery:x")]
+    for run in jobs_run:
+        built.clear()
+        lookups.clear()
+        run()
+        assert built == [PID], built
+        assert lookups and all(n == 1 for n in lookups.values()), lookups
+
+
+def test_train_lists_the_project_once(env, ls, engine, monkeypatch):
+    """The rebuild and the pre-annotation share one listing of the project's tasks."""
+    ls.add_task(1, seed=1, annotations=[annotation(31, 1, [polygon_region("a", "Cat", CAT)])])
+    ls.add_task(2, seed=2)
+    ls.add_task(3, seed=3)
+    listings, real = [], ls.handle
+
+    def counting(req, method, path, query):
+        if method == "GET" and path == "/api/tasks/" and "query" not in query:  # not a get_tasks by id
+            listings.append(query.get("page", ["1"])[0])
+        return real(req, method, path, query)
+
+    monkeypatch.setattr(ls, "handle", counting)
+    out = train_project(PID)
+    assert out["rebuild"]["references"] == 1 and out["tasks"] == 2 and out["posted"] == 2
+    assert listings == ["1"]
+
+
+def test_refresh_reads_each_registry_record_once(env, ls, engine, monkeypatch):
+    """refresh_project reads the project's records in one `all` and hands them to the posting:
+    no record is read again (writes re-read under their lock, which is not counted)."""
+    _bank_from(ls, env)
+    for tid in (2, 3, 4):
+        assert runtime.get_store().claim(f"delivery:{tid}", "api") == "api"
+        predict(ls.add_task(tid, seed=tid), delivery_key=f"delivery:{tid}")  # our prediction ids known
+    webhook(ls, "ANNOTATION_CREATED", annotation(12, 1, [polygon_region("b", "Dog", DOG)]))
+    registry = runtime.get_registry()
+    reads, writing = {"get": 0, "all": 0}, threading.local()
+    real_get, real_all, real_update = registry.get, registry.all, registry.update
+
+    def get(pid, task_id):
+        if not getattr(writing, "on", False):
+            reads["get"] += 1
+        return real_get(pid, task_id)
+
+    def all_records(pid):
+        reads["all"] += 1
+        return real_all(pid)
+
+    def update(pid, changes):
+        writing.on = True
+        try:
+            return real_update(pid, changes)
+        finally:
+            writing.on = False
+
+    monkeypatch.setattr(registry, "get", get)
+    monkeypatch.setattr(registry, "all", all_records)
+    monkeypatch.setattr(registry, "update", update)
+    summary = refresh_project(PID)
+    assert summary["rescored"] == 3 and summary["posted"] == 3 and summary["bulk"] is False
+    assert reads == {"get": 0, "all": 1}

@@ -292,7 +292,7 @@ def test_rq_down_is_reported_fast_and_refuses_jobs():
 def test_spool_keeps_order_and_stops_at_the_first_refusal(tmp_path):
     spool = queueing.Spool(tmp_path / "spool")
     for i in range(4):
-        spool.append("backend.jobs.apply_webhook", [7, "ANNOTATION_CREATED", {"n": i}], "bank")
+        spool.append("backend.jobs.webhook.apply_webhook", [7, "ANNOTATION_CREATED", {"n": i}], "bank")
     assert len(spool) == 4
     seen = []
 

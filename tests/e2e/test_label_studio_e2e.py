@@ -470,7 +470,7 @@ def test_webhooks_are_hints_and_refreshes_leave_one_current_prediction(
     v4 = settled_version(project, backend, {v3})
     ours_everywhere(v4, names[:3])
     refreshes = [finished_job(backend, j["id"]) for j in backend.jobs()
-                 if j["func"] == "backend.jobs.refresh_project" and j["meta"].get("project") == project.id]
+                 if j["func"] == "backend.jobs.refresh.refresh_project" and j["meta"].get("project") == project.id]
     latest = max(refreshes, key=lambda j: j["ended_at"])["result"]
     assert (latest["model_version"], latest["tasks"], latest["failed"]) == (v4, 3, 0), latest
 
@@ -538,7 +538,7 @@ def test_click_to_segment_through_label_studio(label_studio: LabelStudio,
     assert r.status_code == 400, (r.status_code, r.text)  # validation is really on
     project.annotate(pic.name, [region])
     settled_version(project, backend, {v0})  # the accepted mask is a reference: a new bank version
-    clicks = [j for j in backend.jobs() if j["func"] == "backend.jobs.segment_task"]
+    clicks = [j for j in backend.jobs() if j["func"] == "backend.jobs.interactive.segment_task"]
     assert len(clicks) == 2 and all(j["status"] == "finished" for j in clicks), clicks
     assert backend.metrics()["clicks"] == 2
 

@@ -267,22 +267,24 @@ def fake_ls():
 
 # ------------------------------------------------------------------------------------------ fake jobs
 class FakeJobs:
-    """Stands in for backend.jobs in web-layer tests: every job is fast and recorded."""
+    """Stands in for the backend.jobs modules in web-layer tests: every job is fast and recorded."""
 
     def __init__(self, delay_s: float = 0.0) -> None:
         self.delay_s = delay_s
         self.calls: list[tuple] = []
         self.lock = threading.Lock()
-        self.module = types.ModuleType("backend.jobs")
-        for name in ("predict_task", "apply_webhook", "train_project", "rebuild_bank", "refresh_project"):
-            setattr(self.module, name, getattr(self, name))
+        self.modules = {}  # backend.jobs.<module> -> a module of fakes, as queueing imports them
+        for module, name in (("predict", "predict_task"), ("webhook", "apply_webhook"), ("train", "train_project"),
+                             ("bank", "rebuild_bank"), ("refresh", "refresh_project")):
+            self.modules[f"backend.jobs.{module}"] = types.ModuleType(f"backend.jobs.{module}")
+            setattr(self.modules[f"backend.jobs.{module}"], name, getattr(self, name))
 
     def _record(self, *call) -> None:
         with self.lock:
             self.calls.append(call)
 
-    def predict_task(self, pid, task, label_config, delivery_key=None):
-        self._record("predict_task", pid, task["id"])
+    def predict_task(self, pid, task_id, image_url, config_hash, delivery_key=None, warm=False):
+        self._record("predict_task", pid, task_id)
         if self.delay_s:
             time.sleep(self.delay_s)
         if delivery_key is not None and runtime.get_store().claim(delivery_key, "web") == "api":
@@ -310,7 +312,8 @@ class FakeJobs:
 @pytest.fixture
 def fake_jobs(monkeypatch):
     fake = FakeJobs()
-    monkeypatch.setitem(sys.modules, "backend.jobs", fake.module)
+    for name, module in fake.modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
     return fake
 
 

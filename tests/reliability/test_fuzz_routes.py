@@ -26,7 +26,7 @@ from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
 from backend import runtime
-from backend import jobs
+from backend.regions.annotations import annotation_references
 from backend.web import openapi
 from backend.regions.label_config import parse_label_config
 from tests.reliability.conftest import (CAT, CONFIG_XML, DOG, fill_bank, mark_bank_filled, png_bytes,
@@ -225,7 +225,8 @@ def test_other_methods_get_405_json(fuzz_client, method):
 def test_any_annotation_result_yields_references_or_warnings_never_an_exception(result, size):
     """What a webhook's annotation holds reaches the rasterisers only through this function: a
     crash here (pycocotools segfaults on NaN or huge coordinates) would kill the worker."""
-    refs = jobs.annotation_references({"id": 5, "result": result}, parse_label_config(CONFIG_XML), size)
+    refs = annotation_references({"id": 5, "result": result}, parse_label_config(CONFIG_XML), size,
+                                 max_pixels=runtime.get_settings().max_image_pixels)
     for ref in refs:
         assert ref.label and (ref.mask is not None) != (ref.box is not None)
         if ref.mask is not None:

@@ -58,7 +58,7 @@ def rq_worker(settings: Settings, conn):
         yield worker
     finally:
         worker._stop_requested = True
-        queueing.enqueue("backend.jobs.refresh_project", PID, queue="predict")  # wakes it up to stop
+        queueing.enqueue("backend.jobs.refresh.refresh_project", PID, queue="predict")  # wakes it up to stop
         thread.join(10)
 
 
@@ -202,11 +202,11 @@ def test_health_answers_while_sixteen_slow_predict_calls_are_held(make_app, fake
     mark_bank_filled(PID)
     gate = threading.Event()
 
-    def slow_predict(pid, task, label_config, delivery_key=None):
+    def slow_predict(pid, task_id, image_url, config_hash, delivery_key=None, warm=False):
         assert gate.wait(120), "the test never released the jobs"
-        return FakeJobs.predict_task(fake_jobs, pid, task, label_config, delivery_key)
+        return FakeJobs.predict_task(fake_jobs, pid, task_id, image_url, config_hash, delivery_key, warm)
 
-    monkeypatch.setattr(fake_jobs.module, "predict_task", slow_predict)
+    monkeypatch.setattr(fake_jobs.modules["backend.jobs.predict"], "predict_task", slow_predict)
     answers: dict[int, dict] = {}
     lock = threading.Lock()
 

@@ -15,7 +15,7 @@ import pytest
 import urllib3.util.retry
 
 from backend import runtime
-from backend import jobs
+from backend.jobs.train import train_project
 from backend import queueing
 from backend.errors import ImageError, LabelStudioAPIError
 from backend.ls.images import ImageFetcher
@@ -169,7 +169,7 @@ def test_prediction_post_when_label_studio_is_unreachable(sleeps):
 # ------------------------------------------------------------------------------------ jobs
 @pytest.fixture
 def job_env(tmp_path, engine, fake_ls, monkeypatch):
-    """runtime for calling backend.jobs directly (embedded store); follow-up jobs recorded, not run."""
+    """runtime for calling the backend.jobs modules directly (embedded store); follow-up jobs recorded, not run."""
     from dataclasses import replace
 
     from backend.settings import Settings
@@ -192,7 +192,7 @@ def test_training_survives_failing_tasks_and_logs_them_clearly(job_env, fake_ls,
     fake_ls.fail("POST", r"^/api/predictions/$", 401)      # the first post (task 3) is refused
     del fake_ls.images["img5.png"]                         # 404
     with caplog.at_level(logging.DEBUG):
-        out = jobs.train_project(PID)
+        out = train_project(PID)
     assert out["rebuild"]["references"] == 1
     assert (out["tasks"], out["posted"], out["failed"]) == (4, 1, 3)
     assert [len(fake_ls.ours(t)) for t in (2, 3, 4, 5)] == [0, 0, 1, 0]  # the healthy task got through
