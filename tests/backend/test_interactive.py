@@ -205,7 +205,7 @@ def test_opening_a_task_warms_its_embedding_for_the_first_click(client, ls):
               "params": {"login": None, "password": None, "context": None}}
     resp = web.post("/predict", json=opened)
     assert resp.status_code == 200 and resp.get_json()["results"][0]["result"] == []
-    warm = [j for j in queueing.list_jobs(10) if j.func == "backend.jobs.warm_task"]
+    warm = [j for j in queueing.list_jobs(10) if j.func == "backend.jobs.interactive.warm_task"]
     assert len(warm) == 1
     done = _wait_done(warm[0].id)
     assert (done.status, done.result) == ("finished", {"computed": True}) and spy.encodes == 1

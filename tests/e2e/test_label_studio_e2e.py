@@ -538,7 +538,7 @@ def test_click_to_segment_through_label_studio(label_studio: LabelStudio,
     assert r.status_code == 400, (r.status_code, r.text)  # validation is really on
     project.annotate(pic.name, [region])
     settled_version(project, backend, {v0})  # the accepted mask is a reference: a new bank version
-    clicks = [j for j in backend.jobs() if j["func"] == "backend.jobs.segment_task"]
+    clicks = [j for j in backend.jobs() if j["func"] == "backend.jobs.interactive.segment_task"]
     assert len(clicks) == 2 and all(j["status"] == "finished" for j in clicks), clicks
     assert backend.metrics()["clicks"] == 2
 

@@ -274,15 +274,17 @@ class FakeJobs:
         self.calls: list[tuple] = []
         self.lock = threading.Lock()
         self.module = types.ModuleType("backend.jobs")
-        for name in ("predict_task", "apply_webhook", "train_project", "rebuild_bank", "refresh_project"):
+        self.predict_module = types.ModuleType("backend.jobs.predict")
+        for name in ("apply_webhook", "train_project", "rebuild_bank", "refresh_project"):
             setattr(self.module, name, getattr(self, name))
+        self.predict_module.predict_task = self.predict_task
 
     def _record(self, *call) -> None:
         with self.lock:
             self.calls.append(call)
 
-    def predict_task(self, pid, task, label_config, delivery_key=None):
-        self._record("predict_task", pid, task["id"])
+    def predict_task(self, pid, task_id, image_url, config_hash, delivery_key=None, warm=False):
+        self._record("predict_task", pid, task_id)
         if self.delay_s:
             time.sleep(self.delay_s)
         if delivery_key is not None and runtime.get_store().claim(delivery_key, "web") == "api":
@@ -311,6 +313,7 @@ class FakeJobs:
 def fake_jobs(monkeypatch):
     fake = FakeJobs()
     monkeypatch.setitem(sys.modules, "backend.jobs", fake.module)
+    monkeypatch.setitem(sys.modules, "backend.jobs.predict", fake.predict_module)
     return fake
 
 
@@ -337,7 +340,7 @@ def make_app(tmp_path):
 
     yield make
     for app in apps:
-        replayer = app.extensions["ntt"]["replayer"]
+        replayer = app.extensions["ntt"].replayer
         if replayer is not None:
             replayer.stop()
     runtime.reset()

@@ -113,7 +113,7 @@ def test_sixty_seconds_of_concurrent_traffic(make_app, fake_jobs, private_redis,
     fake_jobs.delay_s = 0.02
     server = private_redis()
     app = make_app(redis_url=server.url)
-    settings = app.extensions["ntt"]["settings"]
+    settings = app.extensions["ntt"].settings
     mark_bank_filled(PID)
 
     latencies: dict[str, list[float]] = defaultdict(list)
@@ -197,15 +197,15 @@ def test_health_answers_while_sixteen_slow_predict_calls_are_held(make_app, fake
     WEB_THREADS - 2 calls wait for results; the others answer at once with "deferred" items
     (the workers post those predictions through the LS API later)."""
     server = private_redis()
-    settings = make_app(redis_url=server.url).extensions["ntt"]["settings"]
+    settings = make_app(redis_url=server.url).extensions["ntt"].settings
     mark_bank_filled(PID)
     gate = threading.Event()
 
-    def slow_predict(pid, task, label_config, delivery_key=None):
+    def slow_predict(pid, task_id, image_url, config_hash, delivery_key=None, warm=False):
         assert gate.wait(120), "the test never released the jobs"
-        return FakeJobs.predict_task(fake_jobs, pid, task, label_config, delivery_key)
+        return FakeJobs.predict_task(fake_jobs, pid, task_id, image_url, config_hash, delivery_key)
 
-    monkeypatch.setattr(fake_jobs.module, "predict_task", slow_predict)
+    monkeypatch.setattr(fake_jobs.predict_module, "predict_task", slow_predict)
     answers: dict[int, dict] = {}
     lock = threading.Lock()
 
