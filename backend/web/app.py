@@ -9,7 +9,8 @@ Routes (protocol: LS 1.23; timeouts LS applies: /health 1 s, /setup 3 s, /predic
 * GET / and /health  liveness + queue/Redis status; always 200 and fast (reads a snapshot).
 * POST /setup        validates and stores the project's label config and LS connection; returns
                      the project's model_version (changes whenever its memory bank changes).
-* POST /predict      one item per task, in order. Each task is a "predict" job; the request waits up
+* POST /predict      one item per task, in order. Each task is a "predict" job (ids, image URL and
+                     the label config's hash: backend/web/routes_predict.py); the request waits up
                      to PREDICT_BUDGET_S. A job still running then is handed over to the workers
                      (store.claim(delivery_key, "api")), which post its prediction through the LS API
                      later; its item here has no "result" key, and so has a failed task's item
