@@ -21,7 +21,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from backend.web import app as app_module
+from backend.web import predict_wait
 from backend import runtime
 from backend import queueing
 from backend.web.app import create_app
@@ -29,7 +29,7 @@ from backend.errors import ImageError
 from backend.settings import Settings
 from backend.storage import label_configs
 from backend.storage.tasks_registry import result_hash
-from tests.backend.fixtures import (CONFIG_XML, LEGACY_TOKEN, PREDICT_BODY, PROJECT_UID, RECT_REGION,
+from tests.backend.fixtures import (ANNOTATION, CONFIG_XML, LEGACY_TOKEN, PREDICT_BODY, PROJECT_UID, RECT_REGION,
                                     SETUP_BODY, WEBHOOK_ANNOTATION_CREATED, WEBHOOK_ANNOTATION_UPDATED,
                                     WEBHOOK_ANNOTATIONS_DELETED, WEBHOOK_PROJECT_UPDATED,
                                     WEBHOOK_START_TRAINING, WEBHOOK_TASKS_DELETED)
@@ -53,6 +53,8 @@ class FakeJobs:
         for module, name in (("predict", "predict_task"), ("webhook", "apply_webhook"), ("train", "train_project")):
             self.modules[f"backend.jobs.{module}"] = types.ModuleType(f"backend.jobs.{module}")
             setattr(self.modules[f"backend.jobs.{module}"], name, getattr(self, name))
+        self.modules["backend.jobs.interactive"] = types.ModuleType("backend.jobs.interactive")
+        self.modules["backend.jobs.interactive"].warm_task = self.warm_task
 
     def predict_task(self, pid, task_id, image_url, config_hash, delivery_key=None, warm=False):
         self.calls.append(("predict_task", pid, task_id))
@@ -70,6 +72,10 @@ class FakeJobs:
             self.posted.append(task_id)
             return {"delivered": "api"}
         return item
+
+    def warm_task(self, pid, task_id, image_url, config_hash):
+        self.calls.append(("warm_task", pid, task_id))
+        return {"computed": True}
 
     def apply_webhook(self, pid, event, payload):
         self.calls.append(("apply_webhook", pid, event, payload))
@@ -116,8 +122,8 @@ def make_app(tmp_path, jobs):
            and time.monotonic() < end):
         time.sleep(0.01)
     for app in apps:
-        if app.extensions["ntt"]["replayer"] is not None:
-            app.extensions["ntt"]["replayer"].stop()
+        if app.extensions["ntt"].replayer is not None:
+            app.extensions["ntt"].replayer.stop()
     runtime.reset()
 
 
@@ -141,12 +147,12 @@ def wait_job(job_id: str, timeout: float = 10.0) -> queueing.JobInfo:
 
 
 def budget_clock(monkeypatch, ready) -> None:
-    """backend.web.app's clock stands still until ready() is true: /predict's budget counts only from
+    """backend.web.predict_wait's clock stands still until ready() is true: /predict's budget counts only from
     then on, however slowly a busy machine runs the jobs before that point."""
     frozen = time.monotonic()
     shim = types.SimpleNamespace(perf_counter=time.perf_counter, sleep=time.sleep,
                                  monotonic=lambda: time.monotonic() if ready() else frozen)
-    monkeypatch.setattr(app_module, "time", shim)
+    monkeypatch.setattr(predict_wait, "time", shim)
 
 
 def task_done(task_id: int) -> bool:
@@ -230,6 +236,40 @@ def test_predict_one_item_per_task_in_order(client, jobs):
     assert [r["result"][0]["id"] for r in results] == ["r5", "r3", "r8", "r1"]
     assert all(r["model_version"] == mv and r["score"] == 0.9 for r in results)
     assert sorted(c[2] for c in jobs.calls) == [1, 3, 5, 8]
+
+
+def test_predict_queues_ids_url_and_config_hash_only(client, jobs, monkeypatch):
+    """A predict job carries the task id, its image URL and the label config's hash (the XML is
+    stored once under it): none of the task's annotations or predictions, nor the XML, whatever
+    their size."""
+    fill_bank()
+    queued, enqueue = [], queueing.enqueue
+
+    def recording(func, *args, **kwargs):
+        queued.append((func, args, kwargs))
+        return enqueue(func, *args, **kwargs)
+
+    monkeypatch.setattr(queueing, "enqueue", recording)
+    labels = "".join(f'<Label value="class-{n:04d}"/>' for n in range(500))
+    xml = CONFIG_XML.replace('<Label value="Dog"/>', '<Label value="Dog"/>' + labels)
+    body = copy.deepcopy(PREDICT_BODY)
+    body["label_config"] = xml
+    body["tasks"] = [dict(body["tasks"][i % 2], id=tid) for i, tid in enumerate(range(21, 41))]
+    for task in body["tasks"]:
+        task["annotations"] = [ANNOTATION] * 10
+        task["predictions"] = [{"id": 7, "model_version": "other", "score": 0.5, "result": [RECT_REGION] * 50}]
+    assert len(json.dumps(body)) > 20 * 20_000  # tens of kilobytes per task
+    results = client.post("/predict", json=body).get_json()["results"]
+    assert [r["result"][0]["id"] for r in results] == [f"r{tid}" for tid in range(21, 41)]
+    digest = label_configs.config_hash(xml)
+    assert label_configs.get(runtime.get_store(), digest) == xml
+    assert len(queued) == 20
+    for (func, args, kwargs), task in zip(queued, body["tasks"]):
+        assert func == "backend.jobs.predict.predict_task"
+        assert list(args) == [PID, task["id"], task["data"]["image"], digest]
+        job = {k: v for k, v in kwargs.items() if k not in ("queue", "retries", "meta")}
+        assert set(job) == {"delivery_key"}
+        assert len(json.dumps([args, job, kwargs["meta"]])) < 300
 
 
 def test_predict_stops_enqueueing_at_the_first_queue_failure(client, jobs, monkeypatch):
@@ -436,8 +476,8 @@ def test_predict_and_setup_while_redis_is_down(make_app, jobs):
 def test_webhooks_queue_behind_spooled_ones(make_app, jobs):
     prefix = f"apptest-{uuid.uuid4().hex[:8]}"
     app = make_app(redis_url=os.environ["NTT_TEST_REDIS_URL"], queue_prefix=prefix)
-    app.extensions["ntt"]["replayer"].stop()  # replayed by hand below
-    spool = app.extensions["ntt"]["spool"]
+    app.extensions["ntt"].replayer.stop()  # replayed by hand below
+    spool = app.extensions["ntt"].spool
     spool.append("backend.jobs.webhook.apply_webhook", [PID, "ANNOTATION_UPDATED", {"n": 1}], "bank")  # Redis was down
     c = app.test_client()
     try:
@@ -459,7 +499,7 @@ def test_webhook_is_spooled_while_redis_is_down(make_app, jobs):
     c = app.test_client()
     resp = c.post("/webhook", json=WEBHOOK_ANNOTATION_CREATED)
     assert (resp.status_code, resp.get_json()) == (202, {"status": "spooled"})
-    lines = (app.extensions["ntt"]["settings"].spool_dir / "jobs.jsonl").read_text().splitlines()
+    lines = (app.extensions["ntt"].settings.spool_dir / "jobs.jsonl").read_text().splitlines()
     record = json.loads(lines[0])
     assert len(lines) == 1 and record["func"] == "backend.jobs.webhook.apply_webhook"
     assert record["args"] == [PID, "ANNOTATION_CREATED", {"annotations": [], "tasks": [],
@@ -562,7 +602,7 @@ def test_unexpected_error_is_500_json_without_details(client, monkeypatch, caplo
     def broken(pid, bank_version=None):
         raise RuntimeError("internal detail xyz")
     monkeypatch.setattr(runtime, "model_version", broken)
-    with caplog.at_level(logging.ERROR, logger="backend.web.app"):
+    with caplog.at_level(logging.ERROR, logger="backend.web.errors"):
         resp = client.post("/setup", json=SETUP_BODY)
     assert resp.status_code == 500
     assert resp.get_json() == {"error": "internal error; see the backend log"}

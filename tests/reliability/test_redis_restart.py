@@ -142,7 +142,7 @@ def test_webhooks_keep_their_order_while_the_spool_drains(make_app, fake_jobs, p
     spooled ones (else ANNOTATION_UPDATED + ANNOTATIONS_DELETED could be applied in reverse)."""
     server = private_redis()
     app = make_app(redis_url=server.url)
-    replayer = app.extensions["ntt"]["replayer"]
+    replayer = app.extensions["ntt"].replayer
     replayer.stop()  # this test replays by hand, at a chosen moment
     client = app.test_client()
     mark_bank_filled(PID)
@@ -156,7 +156,7 @@ def test_webhooks_keep_their_order_while_the_spool_drains(make_app, fake_jobs, p
                                          "annotations": [{"id": 1}]})
     assert resp.status_code == 202  # behind the spooled two, not ahead of them
     assert replayer.run_once() == 3
-    queue = Queue(app.extensions["ntt"]["settings"].queue_name("bank"), connection=server.client(),
+    queue = Queue(app.extensions["ntt"].settings.queue_name("bank"), connection=server.client(),
                   serializer=queueing.SERIALIZER)
     jobs = [Job.fetch(j, connection=server.client(), serializer=queueing.SERIALIZER) for j in queue.get_job_ids()]
     assert [(j.args[1], j.args[2].get("annotation", {}).get("id")) for j in jobs] == [
