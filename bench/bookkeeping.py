@@ -15,8 +15,10 @@ has received a prediction for each of the N tasks and /jobs says the job finishe
 Measured for the backend (every process of its session: the gunicorn master and its worker):
 `write_bytes` of /proc/<pid>/io read just before the webhook and at the end (bytes the processes
 caused to be written to the storage layer), wall time from the webhook to the job seen finished,
-and the disk usage of MODEL_DIR at the end. The backend only talks to the bench over HTTP, so any
-checkout of this repository can be measured. Versions alternate for each N (they share the
+and the disk usage of MODEL_DIR at the end ("fake LS s": the time the fake spent handling the
+prediction writes, on the bench's share of the CPU). The backend only talks to the bench over HTTP,
+so any checkout of this repository can be measured; each is byte-compiled before its runs, so no
+.pyc written by a late import counts. Versions alternate for each N (they share the
 machine's load); `--max-seconds` stops a run early: its row says how many tasks were done, and a
 line below gives an extrapolation to N, labelled as such (least-squares quadratic fit of the
 bytes and seconds sampled once a second during the run).
