@@ -24,7 +24,8 @@ from model import catalog
 
 if TYPE_CHECKING:
     from backend.ls.images import ImageFetcher
-    from backend.ls.ls_client import LabelStudioClient, LSAuth
+    from backend.ls.auth import LSAuth
+    from backend.ls.ls_client import LabelStudioClient
     from backend.storage.proposal_cache import ProposalCache
     from model.engine import Engine
 
@@ -167,7 +168,7 @@ def _connection(pid: int) -> tuple[str | None, "LSAuth | None"]:
     with it, so a /setup call can never make the backend send the operator's key to a host it names.
     LABEL_STUDIO_URL wins; without LABEL_STUDIO_API_KEY it uses /setup's token only when /setup's
     hostname is the same origin. One LSAuth per (URL, key), so a PAT's access token is shared."""
-    from backend.ls.ls_client import LSAuth, origin
+    from backend.ls.auth import LSAuth, origin
 
     s = get_settings()
     url, key = s.label_studio_url, s.label_studio_api_key

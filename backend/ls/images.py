@@ -33,7 +33,8 @@ import requests
 from PIL import Image, ImageOps
 
 from backend.errors import ImageError, LabelStudioAPIError, redact_url
-from backend.ls.ls_client import LSAuth, origin, retrying_session
+from backend.ls.auth import LSAuth, origin
+from backend.ls.session import retrying_session
 from backend.storage.disk_lru import DiskLRU
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from PIL import Image
 from backend.errors import ImageError
 from backend.ls.images import ImageFetcher
 from backend.regions.label_config import parse_label_config
-from backend.ls.ls_client import LSAuth
+from backend.ls.auth import LSAuth
 from backend.regions.results import detections_to_regions
 from tests.backend.fixtures import CONFIG_XML, LEGACY_TOKEN, FakeHTTPServer
 from tests.backend.test_results import make_detections
