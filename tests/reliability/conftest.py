@@ -340,7 +340,7 @@ def make_app(tmp_path):
 
     yield make
     for app in apps:
-        replayer = app.extensions["ntt"]["replayer"]
+        replayer = app.extensions["ntt"].replayer
         if replayer is not None:
             replayer.stop()
     runtime.reset()

@@ -113,7 +113,7 @@ def test_sixty_seconds_of_concurrent_traffic(make_app, fake_jobs, private_redis,
     fake_jobs.delay_s = 0.02
     server = private_redis()
     app = make_app(redis_url=server.url)
-    settings = app.extensions["ntt"]["settings"]
+    settings = app.extensions["ntt"].settings
     mark_bank_filled(PID)
 
     latencies: dict[str, list[float]] = defaultdict(list)
@@ -198,7 +198,7 @@ def test_health_answers_while_sixteen_slow_predict_calls_are_held(make_app, fake
     WEB_THREADS - 2 calls wait for results; the others answer at once with "deferred" items
     (the workers post those predictions through the LS API later)."""
     server = private_redis()
-    settings = make_app(redis_url=server.url).extensions["ntt"]["settings"]
+    settings = make_app(redis_url=server.url).extensions["ntt"].settings
     mark_bank_filled(PID)
     gate = threading.Event()
 
