@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -87,3 +88,21 @@ class WorkerProcess:
         except (ProcessLookupError, PermissionError):
             pass
         self._log.close()
+
+
+def claim_race(stores: list, contenders: int = 8) -> list[str]:
+    """The winner each of `contenders` threads, released together, gets from claiming the same key
+    through `stores` in turn (one store, or several on one backing database)."""
+    winners: list[str] = []
+    barrier = threading.Barrier(contenders)
+
+    def contend(i: int) -> None:
+        barrier.wait()
+        winners.append(stores[i % len(stores)].claim("race", f"w{i}", ttl=60))
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(contenders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return winners

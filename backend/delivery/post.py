@@ -29,18 +29,14 @@ def our_prediction(client: LabelStudioClient, task_id: int) -> dict | None:
     return max(ours, key=lambda p: p["id"]) if ours else None
 
 
-def find_ours(client: LabelStudioClient, task_id: int) -> int | None:
-    """Id of our newest prediction on a task (one LS stored from a /predict answer)."""
-    ours = [p for p in client.list_predictions(task_id)
-            if str(p.get("model_version") or "").startswith(OUR_VERSION_PREFIX) and p.get("id") is not None]
-    return max(int(p["id"]) for p in ours) if ours else None
-
-
 def post(client: LabelStudioClient, task_id: int, item: dict, known_id: int | None,
          version_only: bool = False) -> int:
     """PATCH our prediction of the task when there is one, else create it; returns its id.
     `version_only`: prediction `known_id` holds this result already; only its model_version is sent."""
-    prediction_id = known_id if known_id is not None else find_ours(client, task_id)
+    prediction_id = known_id
+    if prediction_id is None:  # e.g. one LS stored from a /predict answer, whose id we never learn
+        ours = our_prediction(client, task_id)
+        prediction_id = ours["id"] if ours else None
     if prediction_id is not None:
         try:
             if version_only:

@@ -65,10 +65,6 @@ class JobContext:
         """The project's model_version (see backend.runtime.model_version)."""
         return runtime.model_version(self.pid, bank_version, tuning)
 
-    def engine_name(self) -> str:
-        """The model names of the workers' engine, from the settings (no model is loaded)."""
-        return runtime.engine_name()
-
 
 def progress(done: int, total: int | None, **fields: object) -> None:
     """Progress in the running job's meta (GET /jobs); a no-op outside a job."""

@@ -31,7 +31,7 @@ REBUILD_DEDUP_S = 600  # at most one engine-change rebuild queued per project in
 
 def engine_basis(ctx: JobContext) -> dict:
     """The workers' engine as a bank's basis records it: model names and weights fingerprint."""
-    return {"engine": ctx.engine_name(), "weights": ctx.engine.fingerprint}
+    return {"engine": ctx.engine.name, "weights": ctx.engine.fingerprint}
 
 
 def basis(ctx: JobContext, xml: str) -> dict:

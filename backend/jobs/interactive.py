@@ -18,9 +18,9 @@ from backend.regions.results import mask_regions, prediction_item
 from backend.storage import label_configs
 
 
-def warm_task(pid: int, task_id: int, image_url: str, config_hash: str) -> dict:
+def warm_task(pid: int, task_id: int, image_url: str) -> dict:
     """A task was opened in the editor of a project with smart tools: its image's SAM2 embedding is
-    computed now. (`config_hash`: the project's label config, as every task job carries it.)"""
+    computed now."""
     ctx = JobContext.for_project(pid)
     return {"computed": warm(ctx, int(task_id), checked_url(task_id, image_url))}
 

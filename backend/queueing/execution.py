@@ -1,6 +1,7 @@
 """The one way a job runs, in an RQ worker, inline in a long job, or on the embedded worker thread:
-import the function by path, call it with the JSON copy of its arguments, keep the JSON copy of its
-result (a result that is not JSON data fails the job with the same TypeError in both modes)."""
+import the function by path, call it with its arguments (JSON data already: `enqueue` checked them
+and both modes store them as JSON), keep the JSON copy of its result (a result that is not JSON
+data fails the job with the same TypeError in both modes)."""
 from __future__ import annotations
 
 import importlib
@@ -22,7 +23,6 @@ def import_func(func_path: str) -> Callable:
 def perform(func_path: str, args: Any, kwargs: Any, timeout: int | None = None) -> Any:
     """Run one job; with `timeout` (s), raise rq's JobTimeoutException in the calling thread once it
     has run that long (rq's TimerDeathPenalty; an RQ worker enforces its own timeout around this)."""
-    args, kwargs = json_data(args, "job arguments"), json_data(kwargs, "job arguments")
     func = import_func(func_path)
     if timeout is None:
         result = func(*args, **kwargs)

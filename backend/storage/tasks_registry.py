@@ -68,7 +68,7 @@ class TaskRegistry:
         if unknown:
             raise ValueError(f"unknown task record fields {sorted(unknown)}")
         out: dict[int, TaskRecord] = {}
-        with self.store.lock(f"tasks:{int(pid)}", timeout=30, blocking_timeout=60):
+        with self.store.lock(self._key(pid), timeout=30, blocking_timeout=60):
             current_records = self.get_many(pid, list(changes))
             for tid, change in changes.items():
                 current = current_records.get(int(tid))

@@ -96,7 +96,8 @@ def _segment(state: WebState, pid: int, tasks: list, xml: str, context: dict) ->
 
 def _predict_tasks(state: WebState, pid: int, tasks: list, xml: str) -> list[dict]:
     """Items of a page of tasks: a "predict" job per valid task, waited for, then handed over."""
-    value_key = parse_label_config(xml).value_key
+    config = parse_label_config(xml)
+    value_key = config.value_key
     version = runtime.get_bank_store().version(pid)
     mv = runtime.model_version(pid, version)
     items: list[dict | None] = [None] * len(tasks)
@@ -108,10 +109,11 @@ def _predict_tasks(state: WebState, pid: int, tasks: list, xml: str) -> list[dic
     if not todo:
         return items
     # one task: it was opened in the editor, where clicks may follow (a page of tasks is not)
-    warm = len(tasks) == 1 and bool(parse_label_config(xml).prompts)
+    warm = len(tasks) == 1 and bool(config.prompts)
     if version == EMPTY_VERSION:
         if warm:
-            _warm(pid, _job_args(pid, tasks[todo[0]], value_key, label_configs.put(runtime.get_store(), xml)))
+            task = tasks[todo[0]]
+            _warm(pid, [pid, int(task["id"]), task["data"][value_key]])
         return _empty_items(pid, tasks, todo, items, value_key, mv)
     config_hash = label_configs.put(runtime.get_store(), xml)
     deadline = state.waiter.deadline()
@@ -156,8 +158,8 @@ def _empty_items(pid: int, tasks: list, todo: list[int], items: list, value_key:
 
 
 def _warm(pid: int, args: list) -> None:
-    """Queue the SAM2 embedding of an opened task's image (no prediction job runs a model for it:
-    the bank is empty); best effort."""
+    """Queue the SAM2 embedding of an opened task's image (pid, task id, image URL: no prediction
+    job runs a model for it, the bank is empty); best effort."""
     try:
         queueing.enqueue("backend.jobs.interactive.warm_task", *args, queue="predict", retries=0,
                          meta={"project": pid, "task": args[1]})

@@ -73,7 +73,7 @@ class FakeJobs:
             return {"delivered": "api"}
         return item
 
-    def warm_task(self, pid, task_id, image_url, config_hash):
+    def warm_task(self, pid, task_id, image_url):
         self.calls.append(("warm_task", pid, task_id))
         return {"computed": True}
 

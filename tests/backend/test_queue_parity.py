@@ -18,58 +18,8 @@ from backend import queueing, runtime
 from backend.queueing.worker import NTTWorker
 from backend.settings import Settings
 from tests.backend.fixtures import purge_queues
+from tests.backend.queue_jobs import CALLS, GATE, ORDER, PATH as MOD, STARTED, FakeClock
 from tests.helpers import wait_for
-
-MOD = __name__
-ORDER: list[str] = []
-CALLS: dict[str, int] = {}
-GATE = threading.Event()
-STARTED = threading.Event()
-
-
-def record(name: str) -> str:
-    ORDER.append(name)
-    return name
-
-
-def hold(name: str) -> str:
-    STARTED.set()
-    assert GATE.wait(30)
-    return record(name)
-
-
-def boom(message: str) -> None:
-    raise ValueError(message)
-
-
-def flaky(key: str, failures: int) -> str:
-    """Fails `failures` times per key, then succeeds."""
-    CALLS[key] = CALLS.get(key, 0) + 1
-    if CALLS[key] <= failures:
-        raise RuntimeError(f"attempt {CALLS[key]} failed")
-    return f"ok after {CALLS[key]}"
-
-
-def progress(total: int) -> int:
-    for done in range(1, total + 1):
-        queueing.update_meta(done=done, total=total)
-    return total
-
-
-def sleepy(seconds: float) -> str:
-    """Runs `seconds` unless its timeout stops it (short sleeps: the timeout lands between two)."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        time.sleep(0.02)
-    return "slept"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Embedded:

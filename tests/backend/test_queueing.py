@@ -23,47 +23,23 @@ from backend import queueing
 from backend.settings import Settings
 from backend.queueing.worker import NTTWorker
 from tests.backend.fixtures import purge_queues
+from tests.backend.queue_jobs import CALLS, GATE, ORDER, PATH as JOBS, STARTED, FakeClock, record
 from tests.helpers import wait_for
 
 MOD = __name__  # jobs below are referenced by import path, like backend.jobs functions
 
-ORDER: list[str] = []
-GATE = threading.Event()
-STARTED = threading.Event()  # block_then_record is running
-CALLS: dict[str, int] = {}
 
 
-def record(name: str) -> str:
-    ORDER.append(name)
-    return name
 
 
-def block_then_record(name: str) -> str:
-    STARTED.set()
-    assert GATE.wait(10)
-    return record(name)
 
 
-def add(a: int, b: int = 0) -> int:
-    return a + b
 
 
-def boom(message: str) -> None:
-    raise ValueError(message)
 
 
-def flaky(key: str, failures: int) -> str:
-    """Fails `failures` times per key, then succeeds."""
-    CALLS[key] = CALLS.get(key, 0) + 1
-    if CALLS[key] <= failures:
-        raise RuntimeError(f"attempt {CALLS[key]} failed")
-    return f"ok after {CALLS[key]}"
 
 
-def progress(total: int) -> int:
-    for done in range(1, total + 1):
-        queueing.update_meta(done=done, total=total)
-    return total
 
 
 def wait_done(job_id: str, timeout: float = 10.0) -> queueing.JobInfo:
@@ -76,14 +52,6 @@ def wait_done(job_id: str, timeout: float = 10.0) -> queueing.JobInfo:
     raise AssertionError(f"job {job_id} not done after {timeout} s: {queueing.fetch(job_id)}")
 
 
-class FakeClock:
-    """The embedded backend's clock (epoch s), moved by the tests: backoffs pass without sleeping."""
-
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # --------------------------------------------------------------------------------------- embedded
@@ -102,21 +70,21 @@ def embedded(monkeypatch):
 
 def test_embedded_worker_starts_lazily_and_runs_by_import_path(embedded):
     assert queueing.health()["worker_started"] is False
-    job_id = queueing.enqueue(f"{MOD}.add", 2, b=3, queue="predict", meta={"project": 7})
+    job_id = queueing.enqueue(f"{JOBS}.add", 2, b=3, queue="predict", meta={"project": 7})
     info = wait_done(job_id)
     assert (info.status, info.result, info.error, info.meta) == ("finished", 5, None, {"project": 7})
-    assert info.func == f"{MOD}.add" and info.enqueued_at <= info.ended_at
+    assert info.func == f"{JOBS}.add" and info.enqueued_at <= info.ended_at
     assert [m.result if m else None for m in queueing.fetch_many([job_id, "nope"])] == [5, None]
     assert queueing.health() == {"mode": "embedded", "ok": True, "queued": {"interactive": 0, "bank": 0, "predict": 0, "evaluate": 0},
                                  "worker_started": True}
 
 
 def test_embedded_bank_jobs_run_before_waiting_predict_jobs(embedded):
-    first = queueing.enqueue(f"{MOD}.block_then_record", "busy", queue="predict")
+    first = queueing.enqueue(f"{JOBS}.hold", "busy", queue="predict")
     assert STARTED.wait(10)  # the thread is now inside `first`
-    p1 = queueing.enqueue(f"{MOD}.record", "p1", queue="predict")
-    p2 = queueing.enqueue(f"{MOD}.record", "p2", queue="predict")
-    b1 = queueing.enqueue(f"{MOD}.record", "b1", queue="bank")
+    p1 = queueing.enqueue(f"{JOBS}.record", "p1", queue="predict")
+    p2 = queueing.enqueue(f"{JOBS}.record", "p2", queue="predict")
+    b1 = queueing.enqueue(f"{JOBS}.record", "b1", queue="bank")
     assert queueing.health()["queued"] == {"interactive": 0, "bank": 1, "predict": 2, "evaluate": 0}
     assert queueing.fetch(first).status == "started" and queueing.fetch(b1).status == "queued"
     GATE.set()
@@ -126,19 +94,19 @@ def test_embedded_bank_jobs_run_before_waiting_predict_jobs(embedded):
 
 
 def test_embedded_failure_keeps_only_the_error_line(embedded):
-    info = wait_done(queueing.enqueue(f"{MOD}.boom", "bad input", retries=0))
+    info = wait_done(queueing.enqueue(f"{JOBS}.boom", "bad input", retries=0))
     assert (info.status, info.error, info.result) == ("failed", "ValueError: bad input", None)
 
 
 def test_embedded_progress_meta(embedded):
-    info = wait_done(queueing.enqueue(f"{MOD}.progress", 4, queue="bank", meta={"event": "START_TRAINING"}))
+    info = wait_done(queueing.enqueue(f"{JOBS}.progress", 4, queue="bank", meta={"event": "START_TRAINING"}))
     assert info.meta == {"event": "START_TRAINING", "done": 4, "total": 4}
 
 
 def test_embedded_history_is_bounded_newest_first(monkeypatch):
     monkeypatch.setattr(queueing, "_backend", queueing.EmbeddedBackend(history=3))
     monkeypatch.setattr(queueing, "_backend_settings", runtime.get_settings())
-    ids = [queueing.enqueue(f"{MOD}.add", i) for i in range(5)]
+    ids = [queueing.enqueue(f"{JOBS}.add", i) for i in range(5)]
     wait_done(ids[-1])
     jobs = queueing.list_jobs(10)
     assert [j.id for j in jobs] == ids[:-4:-1]
@@ -148,7 +116,7 @@ def test_embedded_history_is_bounded_newest_first(monkeypatch):
 
 def test_unknown_queue_is_refused(embedded):
     with pytest.raises(ValueError, match="unknown queue 'gpu'"):
-        queueing.enqueue(f"{MOD}.add", 1, queue="gpu")
+        queueing.enqueue(f"{JOBS}.add", 1, queue="gpu")
 
 
 # --------------------------------------------------------------------------------------- RQ
@@ -172,9 +140,9 @@ def run_burst(settings: Settings) -> None:
 
 def test_rq_enqueue_fetch_health_and_meta(rq_settings):
     assert queueing.backend().mode == "rq"
-    ok = queueing.enqueue(f"{MOD}.add", 20, b=22, queue="predict", meta={"project": 3})
-    bad = queueing.enqueue(f"{MOD}.boom", "no image", queue="bank", retries=0)
-    prog = queueing.enqueue(f"{MOD}.progress", 3, queue="bank")
+    ok = queueing.enqueue(f"{JOBS}.add", 20, b=22, queue="predict", meta={"project": 3})
+    bad = queueing.enqueue(f"{JOBS}.boom", "no image", queue="bank", retries=0)
+    prog = queueing.enqueue(f"{JOBS}.progress", 3, queue="bank")
     health = queueing.health(max_age=0)
     assert health["ok"] is True and health["queued"] == {"interactive": 0, "bank": 2, "predict": 1, "evaluate": 0}
     assert queueing.fetch(ok).status == "queued"
@@ -195,13 +163,13 @@ def test_rq_enqueue_fetch_health_and_meta(rq_settings):
 
 def test_rq_job_options(rq_settings):
     wanted = f"fixed-{uuid.uuid4().hex}"
-    job_id = queueing.enqueue(f"{MOD}.add", 1, queue="bank", retries=2, timeout=77, job_id=wanted)
+    job_id = queueing.enqueue(f"{JOBS}.add", 1, queue="bank", retries=2, timeout=77, job_id=wanted)
     job = Job.fetch(job_id, connection=queueing.backend().redis, serializer=queueing.SERIALIZER)
     assert job_id == wanted
     assert (job.retries_left, job.retry_intervals, job.timeout) == (2, [5, 30], 77)
     assert (job.result_ttl, job.failure_ttl) == (queueing.RESULT_TTL_S, queueing.FAILURE_TTL_S)
     assert job.origin == f"{rq_settings.queue_prefix}-bank"
-    default = Job.fetch(queueing.enqueue(f"{MOD}.add", 1, retries=0), connection=queueing.backend().redis,
+    default = Job.fetch(queueing.enqueue(f"{JOBS}.add", 1, retries=0), connection=queueing.backend().redis,
                         serializer=queueing.SERIALIZER)
     assert (default.timeout, default.retries_left, default.origin) == (
         rq_settings.job_timeout_s, None, f"{rq_settings.queue_prefix}-predict")
@@ -221,7 +189,7 @@ def execution_deadline(job_id: str, queue: str) -> int:
 
 
 def test_abandoned_job_is_requeued_without_spending_a_retry(rq_settings):
-    job_id = queueing.enqueue(f"{MOD}.add", 1, 2, queue="bank", retries=1)
+    job_id = queueing.enqueue(f"{JOBS}.add", 1, 2, queue="bank", retries=1)
     dead = _worker()
     job, _ = dead.dequeue_job_and_maintain_ttl(timeout=1)
     before = current_timestamp()
@@ -249,7 +217,7 @@ def test_heartbeat_keeps_a_long_job_from_looking_abandoned(rq_settings):
     deadline forward: judged at the earlier deadline, the job does not look abandoned."""
     STARTED.clear()
     GATE.clear()
-    job_id = queueing.enqueue(f"{MOD}.block_then_record", "long", queue="predict", retries=0)
+    job_id = queueing.enqueue(f"{JOBS}.hold", "long", queue="predict", retries=0)
     other = _worker()
     seen = []
 
@@ -283,7 +251,7 @@ def test_rq_down_is_reported_fast_and_refuses_jobs():
         assert seconds < 1.0  # LS's /health timeout; a few ms here, no retries with backoff
         assert health == {"mode": "rq", "ok": False, "error": "ConnectionError"}
         with pytest.raises(queueing.QueueUnavailable, match="Redis unavailable"):
-            queueing.enqueue(f"{MOD}.add", 1)
+            queueing.enqueue(f"{JOBS}.add", 1)
     finally:
         runtime.reset()
 
@@ -319,8 +287,8 @@ def test_spool_drops_a_torn_line(tmp_path):
 
 def test_spool_replayer_enqueues_when_redis_answers(rq_settings, tmp_path):
     spool = queueing.Spool(tmp_path)
-    spool.append(f"{MOD}.add", [1, 2], "bank", timeout=50, meta={"project": 7, "event": "ANNOTATION_CREATED"})
-    spool.append(f"{MOD}.add", [3, 4], "bank")
+    spool.append(f"{JOBS}.add", [1, 2], "bank", timeout=50, meta={"project": 7, "event": "ANNOTATION_CREATED"})
+    spool.append(f"{JOBS}.add", [3, 4], "bank")
     replayer = queueing.SpoolReplayer(spool, rq_settings)
     assert replayer.run_once() == 2
     assert len(spool) == 0 and replayer.replayed == 2
@@ -353,9 +321,9 @@ class _Planted:
 
 def test_rq_job_hash_holds_json_not_pickle(rq_settings):
     conn = queueing.backend().redis
-    job_id = queueing.enqueue(f"{MOD}.add", 1, b=2, queue="bank", meta={"project": 3})
+    job_id = queueing.enqueue(f"{JOBS}.add", 1, b=2, queue="bank", meta={"project": 3})
     data, meta = conn.hmget(f"rq:job:{job_id}", "data", "meta")
-    assert json.loads(zlib.decompress(data)) == [f"{MOD}.add", None, [1], {"b": 2}]  # rq zips the call
+    assert json.loads(zlib.decompress(data)) == [f"{JOBS}.add", None, [1], {"b": 2}]  # rq zips the call
     assert json.loads(meta) == {"project": 3}
     _worker().work(burst=True)
     assert queueing.fetch(job_id).result == 3
@@ -370,8 +338,8 @@ def test_a_pickle_planted_in_redis_is_never_unpickled(rq_settings, tmp_path, cap
     conn = queueing.backend().redis
     marker = tmp_path / "unpickled"
     evil = pickle.dumps(_Planted(str(marker)))
-    job_id = queueing.enqueue(f"{MOD}.add", 1, queue="bank", retries=0)
-    done_id = queueing.enqueue(f"{MOD}.add", 1, queue="bank")
+    job_id = queueing.enqueue(f"{JOBS}.add", 1, queue="bank", retries=0)
+    done_id = queueing.enqueue(f"{JOBS}.add", 1, queue="bank")
     conn.hset(f"rq:job:{job_id}", mapping={"data": zlib.compress(evil), "meta": evil})
     conn.hset(f"rq:job:{done_id}", "meta", evil)
 
@@ -380,7 +348,7 @@ def test_a_pickle_planted_in_redis_is_never_unpickled(rq_settings, tmp_path, cap
         assert (info.status, info.error, info.meta) == ("queued", queueing.UNREADABLE, {})
     assert f"job {job_id}: {queueing.UNREADABLE}" in caplog.text
 
-    ok_id = queueing.enqueue(f"{MOD}.add", 2, b=3, queue="bank")
+    ok_id = queueing.enqueue(f"{JOBS}.add", 2, b=3, queue="bank")
     _worker().work(burst=True)
     assert not marker.exists()
     failed = queueing.fetch(job_id)
@@ -443,8 +411,8 @@ def test_a_click_queued_behind_a_long_job_runs_before_its_next_task(either_mode)
     def click_while_busy() -> None:  # beside the worker (RQ: it runs in this test's thread)
         try:
             assert STARTED.wait(30)
-            clicks.append(queueing.enqueue(f"{MOD}.record", "click", queue="interactive", retries=0))
-            clicks.append(queueing.enqueue(f"{MOD}.boom", "bad click", queue="interactive", retries=0))
+            clicks.append(queueing.enqueue(f"{JOBS}.record", "click", queue="interactive", retries=0))
+            clicks.append(queueing.enqueue(f"{JOBS}.boom", "bad click", queue="interactive", retries=0))
         finally:
             GATE.set()
 
@@ -463,7 +431,7 @@ def test_a_click_queued_behind_a_long_job_runs_before_its_next_task(either_mode)
 def test_workers_take_interactive_jobs_first(rq_settings):
     ORDER.clear()
     for name, queue in (("predict", "predict"), ("bank", "bank"), ("click", "interactive")):
-        queueing.enqueue(f"{MOD}.record", name, queue=queue)
+        queueing.enqueue(f"{JOBS}.record", name, queue=queue)
     assert queueing.health(max_age=0)["queued"] == {"interactive": 1, "bank": 1, "predict": 1, "evaluate": 0}
     from backend.queueing.worker import main
     with pytest.MonkeyPatch.context() as mp:  # the worker's default queue list, without loading models

@@ -10,7 +10,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from backend.storage.legacy_state import IMPORTED, import_json_state
 from backend.storage.sqlite_store import SQLiteStore
 from backend.storage.store import LockTimeout
 from backend.storage.tasks_registry import TaskRegistry
+from tests.helpers import claim_race
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -130,18 +130,7 @@ def test_lock_of_a_holder_elsewhere_expires(tmp_path):
 
 
 def test_claim_race_between_two_stores_on_one_file(tmp_path):
-    stores = [SQLiteStore(tmp_path / "store.sqlite3") for _ in range(2)]
-    winners, barrier = [], threading.Barrier(8)
-
-    def contend(i: int) -> None:
-        barrier.wait()
-        winners.append(stores[i % 2].claim("race", f"w{i}", ttl=60))
-
-    threads = [threading.Thread(target=contend, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    winners = claim_race([SQLiteStore(tmp_path / "store.sqlite3") for _ in range(2)])
     assert len(winners) == 8 and len(set(winners)) == 1
 
 

@@ -11,6 +11,7 @@ import redis
 from backend.storage.sqlite_store import SQLiteStore
 from backend.storage.store import LockTimeout, RedisStore
 from backend.storage.tasks_registry import TaskRecord, TaskRegistry
+from tests.helpers import claim_race
 
 
 @pytest.fixture
@@ -138,18 +139,7 @@ def test_claim_first_caller_wins(store):
 
 
 def test_claim_race_has_one_winner(store):
-    winners = []
-    barrier = threading.Barrier(8)
-
-    def contend(i):
-        barrier.wait()
-        winners.append(store.claim("race", f"w{i}", ttl=60))
-
-    threads = [threading.Thread(target=contend, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    winners = claim_race([store])
     assert len(winners) == 8 and len(set(winners)) == 1
 
 
