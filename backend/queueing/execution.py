@@ -13,10 +13,24 @@ from rq.timeouts import JobTimeoutException, TimerDeathPenalty
 from backend.queueing.jobinfo import json_data
 
 
+# Job paths of the release before the jobs/ package -> today's, so that jobs it queued in Redis or
+# spooled still run after an upgrade (backend/jobs/upgrade.py adapts the arguments that changed).
+MOVED_JOBS = {
+    "backend.jobs.apply_webhook": "backend.jobs.webhook.apply_webhook",
+    "backend.jobs.rebuild_bank": "backend.jobs.bank.rebuild_bank",
+    "backend.jobs.train_project": "backend.jobs.train.train_project",
+    "backend.jobs.refresh_project": "backend.jobs.refresh.refresh_project",
+    "backend.evaluation_job.evaluate_project": "backend.jobs.evaluation.evaluate_project",
+    "backend.jobs.predict_task": "backend.jobs.upgrade.predict_task",
+    "backend.jobs.segment_task": "backend.jobs.upgrade.segment_task",
+    "backend.jobs.warm_task": "backend.jobs.upgrade.warm_task",
+}
+
+
 def import_func(func_path: str) -> Callable:
     """The function named by "package.module.name" (job functions are referenced by path, so the
-    web process never imports torch)."""
-    module, _, name = func_path.rpartition(".")
+    web process never imports torch), or by its path in an older release (MOVED_JOBS)."""
+    module, _, name = MOVED_JOBS.get(func_path, func_path).rpartition(".")
     return getattr(importlib.import_module(module), name)
 
 

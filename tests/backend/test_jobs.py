@@ -993,3 +993,27 @@ def test_refresh_reads_each_registry_record_once(env, ls, engine, monkeypatch):
     summary = refresh_project(PID)
     assert summary["rescored"] == 3 and summary["posted"] == 3 and summary["bulk"] is False
     assert reads == {"get": 0, "all": 1}
+
+
+def test_jobs_queued_by_the_previous_release_still_run(env, ls, engine):
+    """An upgrade finds jobs the release before the jobs/ package queued (Redis, the spool) under
+    its paths, some with its arguments (the whole task and the XML): they run as today's jobs."""
+    from backend.queueing.execution import MOVED_JOBS, import_func, perform
+    assert all(callable(import_func(old)) for old in MOVED_JOBS)
+    ls.add_task(1, seed=1)
+    ann = annotation(11, 1, [polygon_region("a", "Cat", CAT)])
+    ls.save_annotation(ann)
+    applied = perform("backend.jobs.apply_webhook", [PID, "ANNOTATION_CREATED", {
+        "action": "ANNOTATION_CREATED", "annotation": ann, "task": ls.tasks[1],
+        "project": {"id": PID, "label_config": LABEL_CONFIG}}], {})
+    assert applied["references"] == 1 and applied["changed"]
+    task = ls.add_task(2, seed=2)
+    old = perform("backend.jobs.predict_task", [PID, task, LABEL_CONFIG], {})
+    today = predict(task)
+    assert old["result"] and result_hash(old["result"]) == result_hash(today["result"])
+    assert old["model_version"] == today["model_version"]
+    assert runtime.get_registry().get(PID, 2).image_url == task["data"]["image"]
+    assert perform("backend.jobs.warm_task", [PID, task, LABEL_CONFIG], {}) == {"computed": False}  # propose kept it
+    expired = perform("backend.jobs.segment_task", [PID, task, LABEL_CONFIG, {}, 0.0], {})
+    assert "longer than the /predict budget" in expired["error"]
+    assert perform("backend.jobs.refresh_project", [PID], {})["tasks"] == 1
