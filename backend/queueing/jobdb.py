@@ -1,9 +1,15 @@
 """The embedded queue's durable state: one SQLite table (WAL, one small row write per state change)
 of the jobs queued, scheduled for a retry, running and done, trimmed to a history bound. Queued
-jobs survive a restart; a job that was running when the process died is queued again."""
+jobs survive a restart; a job that was running when the process died is queued again.
+
+One process owns the file (it holds `<file>.lock` for its lifetime): a second process on the same
+MODEL_DIR would requeue the jobs the first is running, so it is refused with QueueInUse.
+"""
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -34,6 +40,33 @@ CREATE INDEX IF NOT EXISTS jobs_waiting ON jobs (status, queue, pos);
 CREATE INDEX IF NOT EXISTS jobs_seq ON jobs (seq);
 """
 _DONE = tuple(sorted(TERMINAL))
+_OWNED: dict[str, int] = {}  # lock files this process holds (for its lifetime): path -> fd
+_OWNED_LOCK = threading.Lock()
+
+
+class QueueInUse(RuntimeError):
+    """Another process owns the embedded queue's file."""
+
+
+def own(path: Path) -> None:
+    """Hold `<path>.lock` for the rest of this process (again and again: a no-op once held);
+    QueueInUse when another process holds it."""
+    lock_path = str(path) + ".lock"
+    with _OWNED_LOCK:
+        if lock_path in _OWNED:
+            return
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise QueueInUse(f"{path} is in use by another process (pid {other}): the embedded queue (no REDIS_URL) "
+                             "serves one process. Run one backend per MODEL_DIR, or set REDIS_URL to run "
+                             "several processes") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _OWNED[lock_path] = fd
 
 
 class JobDB:
@@ -43,6 +76,7 @@ class JobDB:
     def __init__(self, path: str | Path, history: int) -> None:
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            own(Path(path))
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")

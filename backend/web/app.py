@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from backend import runtime
+from backend import queueing, runtime
 from backend.settings import Settings
 from backend.web import routes_admin, routes_predict, routes_quality, routes_webhook
 from backend.web.errors import register_error_handlers
@@ -49,6 +49,9 @@ from backend.web.state import WebState
 
 def create_app(settings: Settings | None = None) -> Flask:
     """The WSGI app; loads no model, opens no connection until the first request needs one.
+    Without REDIS_URL it opens the embedded queue now: jobs queued before a restart resume at
+    once, and a second process on the same MODEL_DIR fails to start (QueueInUse) instead of
+    running the first one's jobs again.
 
     `settings` (tests) become the process settings (runtime.configure), which the queue and the
     embedded jobs read too.
@@ -60,6 +63,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = int(settings.max_request_mb * 2**20)
     app.json.sort_keys = False
     app.extensions["ntt"] = WebState.build(settings)
+    if not settings.redis_url:
+        queueing.backend()
     register_hooks(app)
     register_error_handlers(app)
     for routes in (routes_admin, routes_predict, routes_webhook, routes_quality):

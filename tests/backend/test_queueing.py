@@ -29,19 +29,6 @@ from tests.helpers import wait_for
 MOD = __name__  # jobs below are referenced by import path, like backend.jobs functions
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
 def wait_done(job_id: str, timeout: float = 10.0) -> queueing.JobInfo:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -52,9 +39,34 @@ def wait_done(job_id: str, timeout: float = 10.0) -> queueing.JobInfo:
     raise AssertionError(f"job {job_id} not done after {timeout} s: {queueing.fetch(job_id)}")
 
 
-
-
 # --------------------------------------------------------------------------------------- embedded
+def test_a_second_process_on_the_same_queue_file_is_refused(tmp_path):
+    """Two processes on one embedded queue would requeue each other's running jobs: the second
+    one is refused, with a message that says what to do, and takes the file once the first exits."""
+    import subprocess
+    import sys
+    from backend.queueing.jobdb import QueueInUse
+    from backend.web.app import create_app
+    path = tmp_path / "state" / "queue.sqlite3"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from backend.queueing.embedded import "
+         f"EmbeddedBackend; EmbeddedBackend(Path({str(path)!r})); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(QueueInUse, match=rf"pid {holder.pid}\).*set REDIS_URL"):
+            queueing.EmbeddedBackend(path)
+        with pytest.raises(QueueInUse):
+            create_app(Settings.from_env({"MODEL_DIR": str(tmp_path)}))
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+        runtime.reset()
+    backend = queueing.EmbeddedBackend(path)  # the first process is gone: its lock with it
+    assert backend.health()["ok"]
+    assert queueing.EmbeddedBackend(path).health()["ok"]  # this process holds it: opening it again is fine
+
+
 @pytest.fixture
 def embedded(monkeypatch):
     monkeypatch.setattr(queueing, "_backend", queueing.EmbeddedBackend(clock=FakeClock()))
