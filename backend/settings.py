@@ -63,7 +63,8 @@ class Settings:
     basic_auth_pass: str | None = _var(
         "BASIC_AUTH_PASS", None, "HTTP Basic auth password.", secret=True, default_doc="unset")
     model_dir: Path = _var(
-        "MODEL_DIR", Path("./data"), "Backend state: checkpoints, webhook spool, embedded-mode store.",
+        "MODEL_DIR", Path("./data"),
+        "Backend state: checkpoints, the embedded store and queue (`state/`), webhook spool.",
         env.path, default_doc="`./data`")
     cache_dir: Path | None = _var(
         "CACHE_DIR", None, "Image and proposal caches (local disk shared by the workers of one host).",
