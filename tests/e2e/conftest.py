@@ -50,14 +50,17 @@ def label_studio(label_studio_factory: Callable[[], LabelStudio]) -> LabelStudio
 
 @pytest.fixture
 def start_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Backend]]:
-    """Start our backend (gunicorn web + one RQ worker on the real Redis) against a Label Studio."""
+    """Start our backend (gunicorn web + one RQ worker on the real Redis, or `embedded`: the web
+    process alone) against a Label Studio; `work` and `port` of an earlier one restart it."""
     started: list[Backend] = []
     logs = request.node.stash.setdefault(_TEST_LOGS, [])
 
-    def start(ls: LabelStudio, api_key: str = LEGACY_TOKEN, basic_auth: tuple[str, str] | None = None) -> Backend:
-        work = tmp_path / f"backend-{len(started)}"
-        logs.extend([work / "logs" / "backend-web.log", work / "logs" / "backend-worker.log"])
-        backend = Backend.start(work, ls.url, api_key, basic_auth=basic_auth)
+    def start(ls: LabelStudio, api_key: str = LEGACY_TOKEN, basic_auth: tuple[str, str] | None = None,
+              embedded: bool = False, work: Path | None = None, port: int | None = None) -> Backend:
+        work = work or tmp_path / f"backend-{len(started)}"
+        logs.extend(log for log in (work / "logs" / "backend-web.log", work / "logs" / "backend-worker.log")
+                    if log not in logs)
+        backend = Backend.start(work, ls.url, api_key, basic_auth=basic_auth, embedded=embedded, port=port)
         started.append(backend)
         return backend
 

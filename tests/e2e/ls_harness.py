@@ -306,32 +306,35 @@ class LabelStudio:
 # ------------------------------------------------------------------------------------ our backend
 @dataclass
 class Backend:
-    """Our backend as deployed with Redis: one gunicorn web process and one RQ worker process."""
+    """Our backend as deployed with Redis: one gunicorn web process and one RQ worker process; or,
+    `embedded`, as the README's first command runs it: the gunicorn web process alone, no Redis."""
 
     url: str
     web: ManagedProcess
-    worker: ManagedProcess
-    redis_url: str
+    worker: ManagedProcess | None
+    redis_url: str | None
     queue_prefix: str
     auth: tuple[str, str] | None = None   # (BASIC_AUTH_USER, BASIC_AUTH_PASS) the web process requires
 
     @property
     def processes(self) -> list[ManagedProcess]:
-        return [self.web, self.worker]
+        return [self.web] + ([self.worker] if self.worker else [])
 
     @classmethod
     def start(cls, work_dir: Path, ls_url: str, api_key: str, timeout: float = 180,
-              basic_auth: tuple[str, str] | None = None) -> "Backend":
-        port = free_port()
+              basic_auth: tuple[str, str] | None = None, embedded: bool = False,
+              port: int | None = None) -> "Backend":
+        """`work_dir` holds MODEL_DIR and the logs: start again on it (and on the same `port`, which
+        Label Studio knows) to restart the same deployment."""
+        port = port or free_port()
         prefix = f"e2e-{uuid.uuid4().hex[:10]}"
-        redis_url = f"redis://{REDIS_HOST_PORT}/{os.environ.get('NTT_E2E_REDIS_DB', '12')}"
+        redis_url = None if embedded else f"redis://{REDIS_HOST_PORT}/{os.environ.get('NTT_E2E_REDIS_DB', '12')}"
         env = _scrubbed_environ(("LABEL_STUDIO_", "NTT_", "BASIC_AUTH_"),
                                 ("REDIS_URL", "MODEL_DIR", "CACHE_DIR", "LOCAL_FILES_DOCUMENT_ROOT",
                                  "SCORE_THRESHOLD", "MAX_DETECTIONS", "ALLOWED_IMAGE_HOSTS"))
         env.update({
             "LABEL_STUDIO_URL": ls_url,
             "LABEL_STUDIO_API_KEY": api_key,
-            "REDIS_URL": redis_url,
             "NTT_QUEUE_PREFIX": prefix,
             "MODEL_DIR": str(work_dir / "model-dir"),
             # small random-weight models: the pipeline is real, the numbers are meaningless
@@ -348,11 +351,13 @@ class Backend:
             "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
         })
+        if redis_url:
+            env["REDIS_URL"] = redis_url
         if basic_auth:
             env.update({"BASIC_AUTH_USER": basic_auth[0], "BASIC_AUTH_PASS": basic_auth[1]})
         logs = work_dir / "logs"
-        worker = ManagedProcess.spawn("rq-worker", [sys.executable, "-m", "backend.queueing.worker"], env,
-                                      logs / "backend-worker.log")
+        worker = None if embedded else ManagedProcess.spawn(
+            "rq-worker", [sys.executable, "-m", "backend.queueing.worker"], env, logs / "backend-worker.log")
         gunicorn = ["gunicorn", "--bind", f"127.0.0.1:{port}", "--config", "python:backend.web.gunicorn_conf",
                     "--no-control-socket", "_wsgi:app"]  # the README's command
         web = ManagedProcess.spawn("web", [sys.executable, "-m", *gunicorn], env, logs / "backend-web.log")
@@ -360,7 +365,7 @@ class Backend:
         try:
             wait_for(lambda: http_ok(f"{backend.url}/health", basic_auth), timeout, "backend /health",
                      alive=backend.check_alive)
-            wait_for(backend.ready, timeout, "an RQ worker (backend /health ready)", interval=0.5,
+            wait_for(backend.ready, timeout, "a worker (backend /health ready)", interval=0.5,
                      alive=backend.check_alive)
         except BaseException:
             backend.stop()
@@ -372,7 +377,7 @@ class Backend:
             proc.check_alive()
 
     def ready(self) -> bool:
-        """The web process sees Redis and at least one worker on its queues."""
+        """The web process sees Redis and at least one worker on its queues (embedded: at once)."""
         return bool(requests.get(f"{self.url}/health", timeout=2, auth=self.auth).json().get("ready"))
 
     def metrics(self) -> dict:
@@ -390,7 +395,8 @@ class Backend:
     def stop(self) -> None:
         for proc in self.processes:
             proc.stop()
-        self.cleanup_redis()
+        if self.redis_url:
+            self.cleanup_redis()
 
     def cleanup_redis(self) -> None:
         """Drop this deployment's keys (store, queues, registries) and its jobs from the shared Redis."""

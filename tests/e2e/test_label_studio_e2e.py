@@ -309,6 +309,41 @@ def test_legacy_token_full_flow(label_studio: LabelStudio, start_backend: Callab
     assert_no_failed_jobs(backend)
 
 
+def test_embedded_default_survives_a_restart_and_owns_its_state(label_studio: LabelStudio,
+                                                                  start_backend: Callable[..., Backend]) -> None:
+    """The README's first command: gunicorn alone, no Redis, jobs on the embedded worker thread.
+    Banks, task registry and queue are SQLite files under MODEL_DIR: a restart keeps the model
+    version and the predictions it refreshes; a second process on the same MODEL_DIR is refused."""
+    ls = label_studio
+    pics = [make_picture(ls.work_dir / "upload", f"emb-{i}.png", 80, 60, 20 + i) for i in range(3)]
+    project = create_project(ls, ls.client(), pics, [], [])
+    backend = start_backend(ls, embedded=True)
+    assert requests.get(f"{backend.url}/health", timeout=5).json()["queue"]["mode"] == "embedded"
+    connect(project, backend)
+    p = project.pictures
+    project.annotate("emb-0.png", [brush_region(p["emb-0.png"], "Cat", "a1"),
+                                   rect_region(p["emb-0.png"], p["emb-0.png"].dog, "Dog", "a2")])
+    before = settled_version(project, backend, {project.ml_version()})
+    project.dm_action("retrieve_tasks_predictions")
+    for name in ("emb-1.png", "emb-2.png"):
+        (pred,) = project.predictions(name)
+        check_prediction(pred, p[name], before)
+
+    work = Path(backend.web.log_path).parents[1]
+    with pytest.raises(RuntimeError, match="is in use by another process"):
+        start_backend(ls, embedded=True, work=work)  # same MODEL_DIR, other port: refused at start
+
+    backend.stop()
+    port = int(backend.url.rsplit(":", 1)[1])
+    backend = start_backend(ls, embedded=True, work=work, port=port)  # where Label Studio knows it
+    assert project.ml_version() == before  # the bank came back from state/store.sqlite3
+    project.annotate("emb-1.png", [polygon_region(p["emb-1.png"], p["emb-1.png"].dog, "Dog", "b1")])
+    after = settled_version(project, backend, {before})
+    (pred,) = project.predictions("emb-2.png")  # refreshed from the registry kept across the restart
+    check_prediction(pred, p["emb-2.png"], after)
+    assert_no_failed_jobs(backend)
+
+
 def test_personal_access_token(label_studio_factory: Callable[[], LabelStudio],
                                start_backend: Callable[..., Backend]) -> None:
     """The backend authenticates with a PAT (refresh -> Bearer) while legacy tokens are disabled
