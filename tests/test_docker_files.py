@@ -213,9 +213,10 @@ def test_entry_points_are_the_documented_ones() -> None:
     assert SERVER_ARGS in README
 
 
-def test_gunicorn_threads_are_web_threads() -> None:
+def test_gunicorn_threads_are_web_threads(tmp_path: Path) -> None:
     """The web process's thread count is WEB_THREADS, which /predict's bound on waiting calls is
-    derived from; a contradicting --threads is refused at start."""
+    derived from; a contradicting --threads is refused at start, and so is --preload (the embedded
+    queue's SQLite file must be opened after the fork)."""
     env = {**os.environ, "WEB_THREADS": "5"}
     gunicorn = [sys.executable, "-m", "gunicorn", "--config", "python:backend.web.gunicorn_conf"]
     shown = subprocess.run([*gunicorn, "--print-config", "_wsgi:app"], cwd=ROOT, env=env, capture_output=True,
@@ -224,3 +225,7 @@ def test_gunicorn_threads_are_web_threads() -> None:
     refused = subprocess.run([*gunicorn, "--threads", "8", "--bind", "127.0.0.1:0", "--no-control-socket",
                               "_wsgi:app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "differs from WEB_THREADS=5" in refused.stderr
+    preloaded = subprocess.run([*gunicorn, "--preload", "--bind", "127.0.0.1:0", "--no-control-socket", "_wsgi:app"],
+                               cwd=ROOT, env={**env, "MODEL_DIR": str(tmp_path)}, capture_output=True, text=True,
+                               timeout=120)
+    assert preloaded.returncode != 0 and "--preload is not supported" in preloaded.stderr
