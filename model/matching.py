@@ -5,7 +5,7 @@ Steps, as the reference does them:
   2. Class-aware box NMS on the low-res masks ranked by SAM's predicted IoU, keep the first
      pre_merge_factor × K survivors, drop score <= 0.
   3. Full-resolution masks: bilinear (antialias, align_corners=False) upsampling of the logits,
-     > 0 — done only in `upsample_mask_crops`.
+     > 0 — done only in model.mask_crops, on demand.
   4. Soft merging in NMS order: IoS(i) = max_{j before i, same label} |M_i ∩ M_j| / |M_i| ·
      max(0, f_i · f_j); score_i *= (1 - IoS(i)) ** merge_exponent.
   5. Sort by decayed score (stable, ties keep NMS order), top K, then the score threshold.
@@ -38,21 +38,19 @@ the MatchStats counters show the work saved.
 from __future__ import annotations
 
 import heapq
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
 from .bank import MemoryBank
 from .graph_diffusion import DINO_PATCH, diffusion_decay, feature_masks, graph_diffusion
+from .mask_crops import MaskCrops, intersection, merge_size, reach_boxes
 from .options import MethodOptions
 from .types import Detections, Proposals
 from .upsampled import Crop, UpsampledMasks
 
-_CHUNK_PIXELS = 1 << 25             # upsampled pixels per interpolate call (memory bound)
 _MIN_ROUND = 8                      # lazy mode: fewest candidates evaluated per upsampling round
 _PARTNER_GROUP = 8                  # partner masks upsampled together while computing one IoS
 
@@ -67,75 +65,6 @@ class MatchStats:
     upsampled: int = 0    # masks upsampled (merge resolution plus output resolution if different)
     pairs: int = 0        # mask intersections counted
     suppressed: int = 0   # proposals whose best class a negative removed (opts.negatives)
-
-
-def upsample_mask_crops(logits: torch.Tensor, size: tuple[int, int], within: np.ndarray | None = None,
-                        max_pixels: int = _CHUNK_PIXELS) -> list[Crop]:
-    """Low-res logits [n, h, w] -> masks at `size` (step 3), as tight crops on the CPU.
-
-    The only place masks change resolution. `within`: optional [n, 4] inclusive boxes at `size`
-    known to contain the masks (see _reach_boxes); thresholding and cropping then only look there,
-    and on the CPU only that window is upsampled (`upsample_window`, bit-identical). Otherwise
-    whole masks are upsampled in chunks so that at most `max_pixels` values exist at once; each
-    mask's result does not depend on the chunking.
-    """
-    H, W = size
-    if within is not None and logits.device.type == "cpu" and W > 1:
-        return [_crop((upsample_window(logits[k], size, *within[k].tolist()) > 0).numpy(),
-                      *within[k][:2].tolist()) for k in range(logits.shape[0])]
-    chunk = max(1, max_pixels // (H * W))
-    crops: list[Crop] = []
-    for start in range(0, logits.shape[0], chunk):
-        x = logits[start:start + chunk, None].float()
-        up = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False, antialias=True)[:, 0]
-        for k in range(up.shape[0]):
-            x0, y0, x1, y1 = (0, 0, W - 1, H - 1) if within is None else within[start + k].tolist()
-            crops.append(_crop((up[k, y0:y1 + 1, x0:x1 + 1] > 0).cpu().numpy(), x0, y0))
-    return crops
-
-
-def _crop(m: np.ndarray, x0: int, y0: int) -> Crop:
-    """Tight crop of a boolean window whose top-left pixel is (x0, y0)."""
-    ys, xs = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))   # numpy's any() is much faster
-    if ys.size == 0:
-        return 0, 0, np.zeros((0, 0), dtype=bool)
-    return x0 + int(xs[0]), y0 + int(ys[0]), m[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1].copy()
-
-
-def upsample_window(logit: torch.Tensor, size: tuple[int, int], x0: int, y0: int, x1: int,
-                    y1: int) -> torch.Tensor:
-    """The inclusive window [y0..y1] x [x0..x1] of the step-3 upsampling of one CPU [h, w] logit
-    map to `size`, computed alone and bit-identical to cropping the full upsampling.
-
-    PyTorch's CPU antialiased bilinear resize is separable: a horizontal pass over each row, then
-    a vertical pass over each column of that result, each skipped when its size does not change.
-    Rows are independent in the first pass and columns in the second, so the window is the first
-    pass on the low-res rows that the window's vertical taps read, then the second pass on the
-    window's columns only (other rows zero: never read). Same kernels, same weights, same sums.
-    A window is widened to >= 2 columns: PyTorch takes another code path for width-1 outputs.
-    """
-    H, W = size
-    h, w = logit.shape
-    s = h / H
-    support = max(s, 1.0)
-    r0 = max(0, math.floor((y0 + 0.5) * s - support) - 2)
-    r1 = min(h - 1, math.ceil((y1 + 0.5) * s + support) + 2)
-    a0, a1 = max(0, x0 - 1), min(W - 1, x1 + 1)
-    rows = F.interpolate(logit[None, None, r0:r1 + 1].float(), size=(r1 - r0 + 1, W), mode="bilinear",
-                         align_corners=False, antialias=True)
-    tall = rows.new_zeros(1, 1, h, a1 - a0 + 1)
-    tall[..., r0:r1 + 1, :] = rows[..., a0:a1 + 1]
-    up = F.interpolate(tall, size=(H, a1 - a0 + 1), mode="bilinear", align_corners=False, antialias=True)
-    return up[0, 0, y0:y1 + 1, x0 - a0:x1 - a0 + 1]
-
-
-def merge_size(image_size: tuple[int, int], max_side: int) -> tuple[int, int]:
-    """Resolution of the soft-merge masks: full size, or longer side = max_side (deviation)."""
-    H, W = image_size
-    if max_side <= 0 or max(H, W) <= max_side:
-        return H, W
-    s = max_side / max(H, W)
-    return max(1, round(H * s)), max(1, round(W * s))
 
 
 @dataclass
@@ -191,6 +120,7 @@ def match_full(proposals: Proposals, bank: MemoryBank, opts: MethodOptions,
     records.sort(key=lambda t: (-t[0], t[1]))
     chosen = [(d, r) for d, r in records[:k] if d > 0 and (threshold <= 0 or d >= threshold)]
     out = [merger.output_crop(r) for _, r in chosen]
+    stats.upsampled = merger.upsampled()
     boxes = np.array([[x, y, x + m.shape[1] - 1, y + m.shape[0] - 1] for x, y, m in out],
                      dtype=np.float32).reshape(-1, 4)
     det = Detections(image_size=tuple(proposals.image_size), boxes=boxes,
@@ -271,70 +201,6 @@ def _classwise_max(cos: torch.Tensor, owner: torch.Tensor, classes: int) -> torc
     return out.scatter_reduce(1, owner.expand(cos.shape[0], -1), cos, reduce="amax")
 
 
-def _reach_boxes(boxes: np.ndarray, low: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-    """Inclusive boxes at `size` that surely contain the upsampled masks of low-res `boxes`.
-
-    An output pixel reads low-res pixels within support + 1 of its centre, support = max(1, scale)
-    (scale = low-res pixels per output pixel); a margin of ceil(support) + 1 plus one output pixel
-    of rounding on each side is therefore safe.
-    """
-    out = np.empty_like(boxes)
-    for lo_col, hi_col, n_low, n_out in ((0, 2, low[1], size[1]), (1, 3, low[0], size[0])):
-        s = n_low / n_out
-        m = math.ceil(max(1.0, s)) + 1
-        out[:, lo_col] = np.clip(np.floor((boxes[:, lo_col] - m) / s) - 1, 0, n_out - 1)
-        out[:, hi_col] = np.clip(np.ceil((boxes[:, hi_col] + 1 + m) / s) + 1, 0, n_out - 1)
-    return out
-
-
-def _intersection(a: Crop, b: Crop) -> int:
-    """|A ∩ B| of two cropped masks, exact."""
-    (ax, ay, am), (bx, by, bm) = a, b
-    x0, y0 = max(ax, bx), max(ay, by)
-    x1, y1 = min(ax + am.shape[1], bx + bm.shape[1]), min(ay + am.shape[0], by + bm.shape[0])
-    if x1 <= x0 or y1 <= y0:
-        return 0
-    return int(np.count_nonzero(am[y0 - ay:y1 - ay, x0 - ax:x1 - ax] & bm[y0 - by:y1 - by, x0 - bx:x1 - bx]))
-
-
-class _MaskCache:
-    """Cropped masks of candidates at one resolution, computed on demand in batches: read from the
-    caller's cache (`known`) when there, else upsampled now and recorded in `new`."""
-
-    def __init__(self, proposals: Proposals, index: torch.Tensor, size: tuple[int, int],
-                 reach: np.ndarray, stats: MatchStats, known: UpsampledMasks, new: UpsampledMasks) -> None:
-        self.proposals, self.index, self.size, self.reach, self.stats = proposals, index, size, reach, stats
-        self.known, self.new = known, new
-        self.crops: dict[int, Crop] = {}
-        self.areas: dict[int, int] = {}
-
-    def ensure(self, ranks: list[int]) -> None:
-        """Crops of these candidates."""
-        missing = sorted(set(ranks) - self.crops.keys())
-        if not missing:
-            return
-        ids = self.index[torch.as_tensor(missing, device=self.index.device)].tolist()
-        todo = []  # (rank, proposal index) of the masks no earlier match upsampled
-        for r, i in zip(missing, ids):
-            crop = self.known.get(i, self.size)
-            if crop is None:
-                todo.append((r, i))
-            else:
-                self._keep(r, crop)
-        if not todo:
-            return
-        ranks, sel = [r for r, _ in todo], torch.as_tensor([i for _, i in todo], device=self.index.device)
-        for (r, i), crop in zip(todo, upsample_mask_crops(self.proposals.logits_of(sel), self.size,
-                                                          self.reach[ranks])):
-            self.new.add(i, self.size, crop)
-            self._keep(r, crop)
-        self.stats.upsampled += len(todo)
-
-    def _keep(self, r: int, crop: Crop) -> None:
-        self.crops[r] = crop
-        self.areas[r] = int(np.count_nonzero(crop[2]))
-
-
 class _Merger:
     """Semantic-aware soft merging (step 4) over the candidates, eager or lazy."""
 
@@ -343,10 +209,10 @@ class _Merger:
         self.cand, self.exponent, self.stats = cand, opts.merge_exponent, stats
         size, msize = tuple(proposals.image_size), merge_size(proposals.image_size, opts.merge_max_side)
         low = proposals.lowres_shape
-        reach = _reach_boxes(cand.boxes, low, msize)
-        self.merge = _MaskCache(proposals, cand.index, msize, reach, stats, known, new)
-        self.out = self.merge if msize == size else _MaskCache(
-            proposals, cand.index, size, _reach_boxes(cand.boxes, low, size), stats, known, new)
+        reach = reach_boxes(cand.boxes, low, msize)
+        self.merge = MaskCrops(proposals, cand.index, msize, reach, known, new)
+        self.out = self.merge if msize == size else MaskCrops(
+            proposals, cand.index, size, reach_boxes(cand.boxes, low, size), known, new)
         overlap = ((reach[:, None, 0] <= reach[None, :, 2]) & (reach[None, :, 0] <= reach[:, None, 2])
                    & (reach[:, None, 1] <= reach[None, :, 3]) & (reach[None, :, 1] <= reach[:, None, 3]))
         same = cand.labels[:, None] == cand.labels[None, :]
@@ -357,6 +223,10 @@ class _Merger:
     def output_crop(self, r: int) -> Crop:
         self.out.ensure([r])
         return self.out.crops[r]
+
+    def upsampled(self) -> int:
+        """Masks upsampled so far (merge resolution plus output resolution if different)."""
+        return self.merge.upsampled + (self.out.upsampled if self.out is not self.merge else 0)
 
     def _decayed(self, r: int) -> float | None:
         """Decayed score of candidate r (a float32 value), None if its mask is empty.
@@ -388,7 +258,7 @@ class _Merger:
             self.merge.ensure(group)
             for j in group:
                 self.stats.pairs += 1
-                inter = _intersection(self.merge.crops[r], self.merge.crops[j])
+                inter = intersection(self.merge.crops[r], self.merge.crops[j])
                 ios = max(ios, inter / area * float(self.cand.sims[r, j]))
         score = float(self.cand.scores[r]) * (1.0 - min(ios, 1.0)) ** self.exponent
         return float(np.float32(score))
@@ -444,8 +314,8 @@ class _GraphMerge:
     def __init__(self, proposals: Proposals, cand: _Candidates, opts: MethodOptions,
                  stats: MatchStats, known: UpsampledMasks, new: UpsampledMasks) -> None:
         size = tuple(proposals.image_size)
-        self.out = _MaskCache(proposals, cand.index, size,
-                              _reach_boxes(cand.boxes, proposals.lowres_shape, size), stats, known, new)
+        self.out = MaskCrops(proposals, cand.index, size,
+                             reach_boxes(cand.boxes, proposals.lowres_shape, size), known, new)
         grid = opts.dino_image_size // DINO_PATCH
         masks = feature_masks(proposals.lowres_masks(cand.index), (grid, grid))
         r = graph_diffusion(masks, torch.as_tensor(cand.labels, device=masks.device), opts.graph_alpha,
@@ -458,6 +328,9 @@ class _GraphMerge:
     def output_crop(self, r: int) -> Crop:
         self.out.ensure([r])
         return self.out.crops[r]
+
+    def upsampled(self) -> int:
+        return self.out.upsampled
 
     def run(self, k: int, threshold: float) -> list[tuple[float, int]]:
         """(decayed score, rank) of the best K candidates whose full-resolution mask is not empty."""

@@ -8,7 +8,7 @@ never changes it; the match returns the masks it had to compute as a new `Upsamp
 the caller merges them in (`update`) and may store them (backend.storage.proposal_cache keeps them beside
 the cached proposals). Each cache names the proposals it belongs to (`owner`, see
 Proposals.checksum) and a match refuses a cache of other proposals. Crops are the tight
-(x0, y0, read-only bool mask) boxes that model.matching computes; stored as packed bits.
+(x0, y0, read-only bool mask) boxes that model.mask_crops computes; stored as packed bits.
 """
 from __future__ import annotations
 

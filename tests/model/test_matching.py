@@ -14,7 +14,8 @@ from torchvision.ops import batched_nms
 
 from model.bank import MemoryBank
 from model.engine import Engine, EngineConfig
-from model.matching import match, match_with_stats, merge_size, upsample_mask_crops, upsample_window
+from model.mask_crops import merge_size, upsample_mask_crops, upsample_window
+from model.matching import match, match_with_stats
 from model.options import MethodOptions
 from model.types import Detections, Proposals
 from model.upsampled import UpsampledMasks
