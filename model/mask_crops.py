@@ -123,7 +123,6 @@ class MaskCrops:
                  reach: np.ndarray, known: UpsampledMasks, new: UpsampledMasks) -> None:
         self.proposals, self.index, self.size, self.reach = proposals, index, size, reach
         self.known, self.new = known, new
-        self.upsampled = 0  # masks this object upsampled (MatchStats.upsampled)
         self.crops: dict[int, Crop] = {}
         self.areas: dict[int, int] = {}
 
@@ -147,7 +146,6 @@ class MaskCrops:
                                                           self.reach[ranks])):
             self.new.add(i, self.size, crop)
             self._keep(r, crop)
-        self.upsampled += len(todo)
 
     def _keep(self, r: int, crop: Crop) -> None:
         self.crops[r] = crop

@@ -120,7 +120,7 @@ def match_full(proposals: Proposals, bank: MemoryBank, opts: MethodOptions,
     records.sort(key=lambda t: (-t[0], t[1]))
     chosen = [(d, r) for d, r in records[:k] if d > 0 and (threshold <= 0 or d >= threshold)]
     out = [merger.output_crop(r) for _, r in chosen]
-    stats.upsampled = merger.upsampled()
+    stats.upsampled = len(new)  # every mask this match upsampled, at each resolution, is recorded there
     boxes = np.array([[x, y, x + m.shape[1] - 1, y + m.shape[0] - 1] for x, y, m in out],
                      dtype=np.float32).reshape(-1, 4)
     det = Detections(image_size=tuple(proposals.image_size), boxes=boxes,
@@ -223,11 +223,6 @@ class _Merger:
     def output_crop(self, r: int) -> Crop:
         self.out.ensure([r])
         return self.out.crops[r]
-
-    def upsampled(self) -> int:
-        """Masks upsampled so far (merge resolution plus output resolution if different)."""
-        return self.merge.upsampled + (self.out.upsampled if self.out is not self.merge else 0)
-
     def _decayed(self, r: int) -> float | None:
         """Decayed score of candidate r (a float32 value), None if its mask is empty.
 
@@ -328,10 +323,6 @@ class _GraphMerge:
     def output_crop(self, r: int) -> Crop:
         self.out.ensure([r])
         return self.out.crops[r]
-
-    def upsampled(self) -> int:
-        return self.out.upsampled
-
     def run(self, k: int, threshold: float) -> list[tuple[float, int]]:
         """(decayed score, rank) of the best K candidates whose full-resolution mask is not empty."""
         order = sorted(range(len(self.decayed)), key=lambda r: (-self.decayed[r], r))

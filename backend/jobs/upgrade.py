@@ -14,23 +14,24 @@ from backend.regions.label_config import parse_label_config
 from backend.storage import label_configs
 
 
-def _today(task: dict, label_config: str) -> tuple[int, str, str]:
-    """(task id, image URL, config hash) of an old job's task and XML (the XML stored by hash)."""
-    url = image_url(task, parse_label_config(label_config))
-    return int(task["id"]), url, label_configs.put(runtime.get_store(), label_config)
+def _task(task: dict, label_config: str) -> tuple[int, str]:
+    """(task id, image URL) of an old job's task."""
+    return int(task["id"]), image_url(task, parse_label_config(label_config))
+
+
+def _stored(label_config: str) -> str:
+    """The hash today's jobs read the XML back by."""
+    return label_configs.put(runtime.get_store(), label_config)
 
 
 def predict_task(pid: int, task: dict, label_config: str, delivery_key: str | None = None,
                  warm: bool = False) -> dict:
-    task_id, url, digest = _today(task, label_config)
-    return predict.predict_task(pid, task_id, url, digest, delivery_key, warm)
+    return predict.predict_task(pid, *_task(task, label_config), _stored(label_config), delivery_key, warm)
 
 
 def segment_task(pid: int, task: dict, label_config: str, prompt: dict, expires_at: float | None = None) -> dict:
-    task_id, url, digest = _today(task, label_config)
-    return interactive.segment_task(pid, task_id, url, digest, prompt, expires_at)
+    return interactive.segment_task(pid, *_task(task, label_config), _stored(label_config), prompt, expires_at)
 
 
 def warm_task(pid: int, task: dict, label_config: str) -> dict:
-    task_id, url, _ = _today(task, label_config)
-    return interactive.warm_task(pid, task_id, url)
+    return interactive.warm_task(pid, *_task(task, label_config))

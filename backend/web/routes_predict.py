@@ -62,9 +62,10 @@ def predict() -> Response:
     return jsonify({"results": results})
 
 
-def _job_args(pid: int, task: dict, value_key: str, config_hash: str) -> list:
-    """The leading arguments of every job /predict queues: pid, task id, image URL, config hash."""
-    return [pid, int(task["id"]), task["data"][value_key], config_hash]
+def _job_args(pid: int, task: dict, value_key: str) -> list:
+    """The leading arguments of every job /predict queues: pid, task id, image URL (the jobs that
+    read the label config add its hash)."""
+    return [pid, int(task["id"]), task["data"][value_key]]
 
 
 def _segment(state: WebState, pid: int, tasks: list, xml: str, context: dict) -> dict:
@@ -77,7 +78,7 @@ def _segment(state: WebState, pid: int, tasks: list, xml: str, context: dict) ->
     if reason:
         raise BadRequest(reason)
     prompt = read_context(context, config)  # BadRequest (400) for a context we cannot use
-    args = _job_args(pid, tasks[0], config.value_key, label_configs.put(runtime.get_store(), xml))
+    args = [*_job_args(pid, tasks[0], config.value_key), label_configs.put(runtime.get_store(), xml)]
     mv = runtime.model_version(pid)
     budget_s = state.settings.predict_budget_s
     job_id = queueing.enqueue("backend.jobs.interactive.segment_task", *args, prompt.to_json(), time.time() + budget_s,
@@ -112,12 +113,11 @@ def _predict_tasks(state: WebState, pid: int, tasks: list, xml: str) -> list[dic
     warm = len(tasks) == 1 and bool(config.prompts)
     if version == EMPTY_VERSION:
         if warm:
-            task = tasks[todo[0]]
-            _warm(pid, [pid, int(task["id"]), task["data"][value_key]])
+            _warm(pid, _job_args(pid, tasks[todo[0]], value_key))
         return _empty_items(pid, tasks, todo, items, value_key, mv)
     config_hash = label_configs.put(runtime.get_store(), xml)
     deadline = state.waiter.deadline()
-    pending = _enqueue_predictions(state, pid, [(i, _job_args(pid, tasks[i], value_key, config_hash))
+    pending = _enqueue_predictions(state, pid, [(i, [*_job_args(pid, tasks[i], value_key), config_hash])
                                                 for i in todo], items, mv, warm)
     state.waiter.wait(pending, items, mv, deadline)
     collect(pending, items, mv)

@@ -310,11 +310,16 @@ class Backend:
     `embedded`, as the README's first command runs it: the gunicorn web process alone, no Redis."""
 
     url: str
+    work_dir: Path                        # MODEL_DIR and logs
     web: ManagedProcess
     worker: ManagedProcess | None
     redis_url: str | None
     queue_prefix: str
     auth: tuple[str, str] | None = None   # (BASIC_AUTH_USER, BASIC_AUTH_PASS) the web process requires
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
 
     @property
     def processes(self) -> list[ManagedProcess]:
@@ -361,7 +366,7 @@ class Backend:
         gunicorn = ["gunicorn", "--bind", f"127.0.0.1:{port}", "--config", "python:backend.web.gunicorn_conf",
                     "--no-control-socket", "_wsgi:app"]  # the README's command
         web = ManagedProcess.spawn("web", [sys.executable, "-m", *gunicorn], env, logs / "backend-web.log")
-        backend = cls(f"http://127.0.0.1:{port}", web, worker, redis_url, prefix, basic_auth)
+        backend = cls(f"http://127.0.0.1:{port}", work_dir, web, worker, redis_url, prefix, basic_auth)
         try:
             wait_for(lambda: http_ok(f"{backend.url}/health", basic_auth), timeout, "backend /health",
                      alive=backend.check_alive)

@@ -329,13 +329,11 @@ def test_embedded_default_survives_a_restart_and_owns_its_state(label_studio: La
         (pred,) = project.predictions(name)
         check_prediction(pred, p[name], before)
 
-    work = Path(backend.web.log_path).parents[1]
     with pytest.raises(RuntimeError, match="is in use by another process"):
-        start_backend(ls, embedded=True, work=work)  # same MODEL_DIR, other port: refused at start
+        start_backend(ls, embedded=True, work=backend.work_dir)  # same MODEL_DIR, other port: refused at start
 
     backend.stop()
-    port = int(backend.url.rsplit(":", 1)[1])
-    backend = start_backend(ls, embedded=True, work=work, port=port)  # where Label Studio knows it
+    backend = start_backend(ls, embedded=True, work=backend.work_dir, port=backend.port)  # where LS knows it
     assert project.ml_version() == before  # the bank came back from state/store.sqlite3
     project.annotate("emb-1.png", [polygon_region(p["emb-1.png"], p["emb-1.png"].dog, "Dog", "b1")])
     after = settled_version(project, backend, {before})
